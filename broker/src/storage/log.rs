@@ -1,0 +1,739 @@
+//! [`LaneLog`]: one append-only log of record batches, with its own dense offsets.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lanes_protocol::record_batch::stamp_base_offset;
+use lanes_protocol::{BatchHeader, Offset, validate_batch};
+
+use super::checkpoint::{CheckpointFile, CleanPoint};
+use super::config::{FsyncPolicy, LogConfig};
+use super::error::StorageError;
+use super::files::{
+    INDEX_SUFFIX, LOG_SUFFIX, SNAPSHOT_SUFFIX, TIME_INDEX_SUFFIX, create_dir_all_durable, fsync_dir,
+    offset_file_name, remove_if_exists, write_file_atomic,
+};
+use super::producer_state::{ProducerStateTable, SequenceCheck};
+use super::recovery::{self, Corruption, RecoveryReport};
+use super::segment::{ScanStop, Segment};
+
+const CHECKPOINT_FILE: &str = "checkpoint";
+/// Corruption offset meaning "none".
+const NOT_CORRUPT: u64 = u64::MAX;
+
+/// Where an appended batch landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub base_offset: Offset,
+    pub last_offset: Offset,
+    /// The batch was a producer's retry of one already in the log; nothing was written
+    /// and the offsets are the original ones.
+    pub duplicate: bool,
+}
+
+/// Whole batches read from one segment, as a slice of its mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadSlice {
+    /// Concatenated batches, exactly as appended; empty if nothing is readable yet.
+    pub bytes: Bytes,
+    /// Offset after the last batch returned: where the next read starts.
+    pub next_offset: Offset,
+}
+
+/// What a lane log looks like right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogStats {
+    pub start_offset: Offset,
+    pub next_offset: Offset,
+    pub durable_offset: Offset,
+    pub segments: usize,
+    pub size_bytes: u64,
+    /// fsync rounds (each covering every append before it) since open.
+    pub sync_rounds: u64,
+    pub corruption: Option<Corruption>,
+}
+
+/// What one retention pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub segments_deleted: usize,
+    pub bytes_deleted: u64,
+}
+
+/// A segment rolled before its data was fsynced, kept open until a flush covers it.
+#[derive(Debug)]
+struct Unsynced {
+    segment: Arc<Segment>,
+    file: Arc<File>,
+}
+
+/// State only the appender touches, under one lock.
+#[derive(Debug)]
+struct Writer {
+    active: Arc<Segment>,
+    file: Arc<File>,
+    last_batch_base: Offset,
+    active_since: Instant,
+    unsynced: VecDeque<Unsynced>,
+    /// When the oldest append not yet covered by an fsync happened.
+    dirty_since: Option<Instant>,
+    producers: ProducerStateTable,
+    closed: bool,
+}
+
+/// One lane log: segments of checksummed batches in a directory, appended by one
+/// writer at a time and read concurrently without copying.
+///
+/// Offsets below [`LaneLog::durable_offset`] are on stable storage; offsets below
+/// [`LaneLog::next_offset`] are written (in the page cache). Callers choose which
+/// limit a reader sees. Dropping a `LaneLog` without [`LaneLog::close`] is a crash as far
+/// as the files are concerned; the next open recovers.
+#[derive(Debug)]
+pub struct LaneLog {
+    dir: PathBuf,
+    config: LogConfig,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    writer: Mutex<Writer>,
+    start_offset: AtomicU64,
+    next_offset: AtomicU64,
+    durable_offset: AtomicU64,
+    /// Whether an fsync round is running; followers wait on `sync_done`.
+    syncing: Mutex<bool>,
+    sync_done: Condvar,
+    checkpoint: Mutex<CheckpointFile>,
+    sync_rounds: AtomicU64,
+    /// Set after a failed write or fsync: the log refuses writes from then on.
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    corrupt_at: AtomicU64,
+    corruption: Mutex<Option<Corruption>>,
+    recovery: RecoveryReport,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().expect("lane log lock poisoned")
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl LaneLog {
+    /// Opens the lane log in `dir` (creating it if missing) and recovers it.
+    pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<LaneLog, StorageError> {
+        config.validate()?;
+        let dir = dir.into();
+        create_dir_all_durable(&dir)?;
+        let checkpoint_path = dir.join(CHECKPOINT_FILE);
+        let created = !checkpoint_path.exists();
+        let (mut checkpoint, clean_point) = CheckpointFile::open(&checkpoint_path)?;
+        if created {
+            fsync_dir(&dir)?;
+        }
+        let recovered = recovery::recover(&dir, &config, clean_point)?;
+        let active = Arc::clone(
+            recovered
+                .segments
+                .last()
+                .expect("recovery leaves an active segment"),
+        );
+        let next_offset = active.next_offset();
+        let start_offset = recovered.segments[0].base_offset();
+        let corruption = recovered.report.corruption.clone();
+        if corruption.is_none() {
+            // Everything kept is fsynced: it is all clean now.
+            checkpoint.write(clean_point_of(&active, false), true)?;
+        }
+        // Only used for the final time-index entry when the segment rolls, which a
+        // corrupt log never does: do not fail the open over it.
+        let last_batch_base = active.last_batch_base().unwrap_or(active.base_offset());
+        let writer = Writer {
+            active,
+            file: Arc::new(recovered.active_file),
+            last_batch_base,
+            active_since: Instant::now(),
+            unsynced: VecDeque::new(),
+            dirty_since: None,
+            producers: recovered.producers,
+            closed: false,
+        };
+        tracing::debug!(dir = %dir.display(), %start_offset, %next_offset, report = ?recovered.report, "lane log opened");
+        Ok(LaneLog {
+            corrupt_at: AtomicU64::new(corruption.as_ref().map_or(NOT_CORRUPT, |c| c.offset.0)),
+            corruption: Mutex::new(corruption),
+            dir,
+            config,
+            segments: RwLock::new(recovered.segments),
+            writer: Mutex::new(writer),
+            start_offset: AtomicU64::new(start_offset.0),
+            next_offset: AtomicU64::new(next_offset.0),
+            durable_offset: AtomicU64::new(next_offset.0),
+            syncing: Mutex::new(false),
+            sync_done: Condvar::new(),
+            checkpoint: Mutex::new(checkpoint),
+            sync_rounds: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            recovery: recovered.report,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// What opening the log found and did.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The oldest offset still in the log.
+    pub fn start_offset(&self) -> Offset {
+        Offset(self.start_offset.load(Ordering::Acquire))
+    }
+
+    /// The offset the next appended record gets; everything below is written.
+    pub fn next_offset(&self) -> Offset {
+        Offset(self.next_offset.load(Ordering::Acquire))
+    }
+
+    /// Everything below this offset is on stable storage.
+    pub fn durable_offset(&self) -> Offset {
+        Offset(self.durable_offset.load(Ordering::Acquire))
+    }
+
+    /// Where the log is corrupt, if it is: nothing at or past it is served.
+    pub fn corruption(&self) -> Option<Corruption> {
+        lock(&self.corruption).clone()
+    }
+
+    /// Checks, stamps and appends one batch (exactly one, in `batch`), or recognizes it
+    /// as a retry. The bytes are in the page cache when this returns; see
+    /// [`LaneLog::flush`] for durability.
+    pub fn append(&self, batch: &mut [u8]) -> Result<AppendOutcome, StorageError> {
+        let header = validate_batch(batch, self.config.batch)?;
+        self.check_writable()?;
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Err(StorageError::Closed {
+                path: self.dir.clone(),
+            });
+        }
+        if let SequenceCheck::Duplicate(meta) = writer.producers.check(&header)? {
+            return Ok(AppendOutcome {
+                base_offset: meta.base_offset,
+                last_offset: meta.last_offset,
+                duplicate: true,
+            });
+        }
+        if self.should_roll(&writer, &header) {
+            self.roll(&mut writer)?;
+        }
+        let base_offset = self.next_offset();
+        stamp_base_offset(batch, base_offset);
+        let header = BatchHeader {
+            base_offset,
+            ..header
+        };
+        let position = writer.active.size();
+        if let Err(error) = writer.file.write_all_at(batch, u64::from(position)) {
+            return Err(self.write_failed(&writer, position, error));
+        }
+        writer
+            .active
+            .publish_append(position, &header, self.config.index_interval_bytes);
+        writer.last_batch_base = base_offset;
+        writer.producers.record(&header);
+        writer.dirty_since.get_or_insert_with(Instant::now);
+        self.next_offset.store(header.next_offset().0, Ordering::Release);
+        Ok(AppendOutcome {
+            base_offset,
+            last_offset: header.last_offset(),
+            duplicate: false,
+        })
+    }
+
+    fn check_writable(&self) -> Result<(), StorageError> {
+        if self.failed.load(Ordering::Acquire) {
+            let reason = lock(&self.failure).clone().unwrap_or_default();
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+                reason,
+            });
+        }
+        if let Some(corruption) = self.corruption() {
+            return Err(StorageError::Corrupt {
+                path: self.dir.clone(),
+                offset: corruption.offset,
+                reason: corruption.reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Undoes a partial write. A full disk leaves the log usable (the write can be
+    /// retried when space is freed); any other write error stops it.
+    fn write_failed(&self, writer: &Writer, position: u32, error: std::io::Error) -> StorageError {
+        let error = StorageError::io(writer.active.log_path(), error);
+        let undone = writer.file.set_len(u64::from(position));
+        if !matches!(error, StorageError::StorageFull { .. }) || undone.is_err() {
+            self.fail(format!("write failed: {error}"));
+        }
+        error
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(dir = %self.dir.display(), %reason, "lane log stops accepting writes");
+        lock(&self.failure).get_or_insert(reason);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn should_roll(&self, writer: &Writer, header: &BatchHeader) -> bool {
+        let active = &writer.active;
+        if active.is_empty() {
+            return false;
+        }
+        let offsets_after = self.next_offset().0 + u64::from(header.record_count) - active.base_offset().0;
+        u64::from(active.size()) + u64::from(header.batch_length) > u64::from(self.config.segment_bytes_max)
+            || active.size() as usize + header.batch_length as usize > active.mapped_len()
+            || writer.active_since.elapsed() >= Duration::from_millis(self.config.segment_ms_max)
+            || active.indexes_full()
+            || offsets_after > u64::from(u32::MAX)
+    }
+
+    /// Seals the active segment and starts a new one at the next offset. Every fallible
+    /// step before the switch leaves the old segment active, so a roll that fails (a full
+    /// disk) can simply be tried again by the next append.
+    fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
+        let base_offset = self.next_offset();
+        let snapshot = offset_file_name(&self.dir, base_offset, SNAPSHOT_SUFFIX);
+        write_file_atomic(&snapshot, &writer.producers.encode_snapshot(base_offset))?;
+        writer.active.seal(Some(writer.last_batch_base))?;
+        let (segment, file) = match Segment::create(&self.dir, base_offset, &self.config) {
+            Ok(created) => created,
+            Err(error) => {
+                for suffix in [LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
+                    let _ = remove_if_exists(&offset_file_name(&self.dir, base_offset, suffix));
+                }
+                return Err(error);
+            }
+        };
+        // The new file's directory entry must survive a crash before any acknowledged
+        // record lives in it.
+        if let Err(error) = fsync_dir(&self.dir) {
+            self.fail(format!("fsync of the directory failed: {error}"));
+            return Err(error);
+        }
+        let segment = Arc::new(segment);
+        let old_segment = std::mem::replace(&mut writer.active, Arc::clone(&segment));
+        let old_file = std::mem::replace(&mut writer.file, Arc::new(file));
+        if self.durable_offset() < base_offset {
+            writer.unsynced.push_back(Unsynced {
+                segment: old_segment,
+                file: old_file,
+            });
+        }
+        if writer.unsynced.len() > self.config.unsynced_segments_max {
+            // Bound the open files: fsync the oldest now; its dirty pages have long been
+            // written back, so this is cheap.
+            let oldest = writer.unsynced.pop_front().expect("over the bound");
+            if let Err(error) = oldest.file.sync_data() {
+                self.fail(format!("fsync failed: {error}"));
+                return Err(StorageError::io(oldest.segment.log_path(), error));
+            }
+        }
+        writer.active_since = Instant::now();
+        writer.last_batch_base = base_offset;
+        self.segments
+            .write()
+            .expect("segments lock poisoned")
+            .push(segment);
+        self.delete_old_snapshots(base_offset);
+        tracing::debug!(dir = %self.dir.display(), %base_offset, "rolled segment");
+        Ok(())
+    }
+
+    /// Keeps the two newest producer snapshots; older ones are never needed.
+    fn delete_old_snapshots(&self, newest: Offset) {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        let rolled: Vec<Offset> = segments
+            .iter()
+            .map(|s| s.base_offset())
+            .filter(|&b| b <= newest)
+            .collect();
+        for base in rolled.iter().rev().skip(2) {
+            let _ = remove_if_exists(&offset_file_name(&self.dir, *base, SNAPSHOT_SUFFIX));
+        }
+    }
+
+    /// Makes every append made before this call durable, then returns the durable
+    /// offset. Group commit: while one caller runs an fsync, others wait and are all
+    /// covered by the next single fsync. After a failed fsync the log stops taking
+    /// writes and this always fails: a failed fsync is never retried, because the
+    /// kernel may have dropped the dirty pages it could not write.
+    pub fn flush(&self) -> Result<Offset, StorageError> {
+        let target = self.next_offset();
+        loop {
+            if self.failed.load(Ordering::Acquire) {
+                self.check_writable()?;
+            }
+            let durable = self.durable_offset();
+            if durable >= target {
+                return Ok(durable);
+            }
+            let mut syncing = lock(&self.syncing);
+            if *syncing {
+                drop(self.sync_done.wait(syncing).expect("sync lock poisoned"));
+                continue;
+            }
+            *syncing = true;
+            drop(syncing);
+            let result = self.sync_round();
+            *lock(&self.syncing) = false;
+            self.sync_done.notify_all();
+            result?;
+        }
+    }
+
+    /// One fsync round: takes the files with unsynced data, fsyncs them outside the
+    /// writer lock (appends go on), then publishes the durable offset.
+    fn sync_round(&self) -> Result<(), StorageError> {
+        let (files, target, point) = {
+            let mut writer = lock(&self.writer);
+            let target = self.next_offset();
+            if target <= self.durable_offset() {
+                return Ok(());
+            }
+            let mut files: Vec<Unsynced> = writer.unsynced.drain(..).collect();
+            files.push(Unsynced {
+                segment: Arc::clone(&writer.active),
+                file: Arc::clone(&writer.file),
+            });
+            writer.dirty_since = None;
+            (files, target, clean_point_of(&writer.active, false))
+        };
+        for unsynced in &files {
+            if let Err(error) = unsynced.file.sync_data() {
+                let error = StorageError::io(unsynced.segment.log_path(), error);
+                self.fail(format!("fsync failed: {error}"));
+                return Err(error);
+            }
+        }
+        self.durable_offset.fetch_max(target.0, Ordering::AcqRel);
+        self.sync_rounds.fetch_add(1, Ordering::Relaxed);
+        // Only a hint for recovery: if it is lost, recovery checks more.
+        if self.corruption().is_none()
+            && let Err(error) = lock(&self.checkpoint).write(point, false)
+        {
+            tracing::warn!(dir = %self.dir.display(), %error, "could not write the checkpoint");
+        }
+        Ok(())
+    }
+
+    /// Whether the fsync policy asks for an fsync now.
+    pub fn fsync_due(&self, now: Instant) -> bool {
+        if self.next_offset() <= self.durable_offset() {
+            return false;
+        }
+        match self.config.fsync {
+            FsyncPolicy::Never => false,
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(interval) => lock(&self.writer)
+                .dirty_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= interval),
+        }
+    }
+
+    /// Reads whole batches starting with the one that holds `offset`, up to `bytes_max`
+    /// (but always at least one batch), from one segment, without copying. Only batches
+    /// entirely below `limit` are returned: pass [`LaneLog::durable_offset`] or
+    /// [`LaneLog::next_offset`] for what readers may see.
+    pub fn read(&self, offset: Offset, bytes_max: usize, limit: Offset) -> Result<ReadSlice, StorageError> {
+        let (start, end) = (self.start_offset(), self.next_offset());
+        if offset < start || offset > end {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                start,
+                end,
+            });
+        }
+        let corrupt_at = Offset(self.corrupt_at.load(Ordering::Acquire));
+        if offset >= corrupt_at {
+            return Err(self.corrupt_error_at(corrupt_at));
+        }
+        let limit = limit.min(end).min(corrupt_at);
+        let empty = ReadSlice {
+            bytes: Bytes::new(),
+            next_offset: offset,
+        };
+        if offset >= limit {
+            return Ok(empty);
+        }
+        let Some(segment) = self.segment_for(offset) else {
+            return Ok(empty);
+        };
+        let located = segment.locate(offset).map_err(|stop| self.corrupted(stop))?;
+        let Some((position, header)) = located else {
+            return Ok(empty);
+        };
+        if header.next_offset() > limit {
+            return Ok(empty);
+        }
+        let (end_position, next_offset) = segment
+            .extent(position, &header, bytes_max, limit)
+            .map_err(|stop| self.corrupted(stop))?;
+        match segment.verify(position, end_position, header.base_offset) {
+            Ok(()) => Ok(ReadSlice {
+                bytes: segment.slice(position, end_position),
+                next_offset,
+            }),
+            Err(stop) if stop.position > position => {
+                let (good_end, good_next) = (stop.position, stop.offset);
+                self.corrupted(stop);
+                Ok(ReadSlice {
+                    bytes: segment.slice(position, good_end),
+                    next_offset: good_next,
+                })
+            }
+            Err(stop) => Err(self.corrupted(stop)),
+        }
+    }
+
+    /// The segment whose offsets include `offset`.
+    fn segment_for(&self, offset: Offset) -> Option<Arc<Segment>> {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        let index = segments.partition_point(|s| s.base_offset() <= offset);
+        index.checked_sub(1).map(|i| Arc::clone(&segments[i]))
+    }
+
+    /// Records damage found by a read: nothing at or past it is served from now on.
+    fn corrupted(&self, stop: ScanStop) -> StorageError {
+        let offset = stop.offset;
+        let mut corruption = lock(&self.corruption);
+        if corruption.as_ref().is_none_or(|c| offset < c.offset) {
+            tracing::error!(dir = %self.dir.display(), %offset, position = stop.position, reason = %stop.reason,
+                "corrupt batch found; the lane log no longer serves this offset or any after it");
+            *corruption = Some(stop.into());
+            self.corrupt_at.fetch_min(offset.0, Ordering::AcqRel);
+        }
+        drop(corruption);
+        self.corrupt_error_at(offset)
+    }
+
+    fn corrupt_error_at(&self, offset: Offset) -> StorageError {
+        let reason = self.corruption().map_or_else(String::new, |c| c.reason);
+        StorageError::Corrupt {
+            path: self.dir.clone(),
+            offset,
+            reason,
+        }
+    }
+
+    /// The offset of the first record whose timestamp is at or after `timestamp_ms`,
+    /// among records below `limit`; `None` if there is none.
+    pub fn offset_for_timestamp(
+        &self,
+        timestamp_ms: i64,
+        limit: Offset,
+    ) -> Result<Option<Offset>, StorageError> {
+        let segments = self.segments.read().expect("segments lock poisoned").clone();
+        let limit = limit.min(Offset(self.corrupt_at.load(Ordering::Acquire)));
+        for segment in segments {
+            if segment.base_offset() >= limit {
+                break;
+            }
+            if let Some(offset) = segment
+                .offset_for_timestamp(timestamp_ms, limit)
+                .map_err(|stop| self.corrupted(stop))?
+            {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes sealed segments that retention no longer keeps: those whose newest record
+    /// is older than `retention_ms` before `now_ms`, and the oldest ones while the log
+    /// would still hold at least `retention_bytes` without them. The active segment is
+    /// never deleted.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome, StorageError> {
+        let mut writer = lock(&self.writer);
+        let deleted: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write().expect("segments lock poisoned");
+            let mut total: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
+            let mut count = 0;
+            for segment in &segments[..segments.len() - 1] {
+                let size = u64::from(segment.size());
+                let expired = self
+                    .config
+                    .retention_ms
+                    .is_some_and(|ms| segment.max_timestamp_ms() < now_ms.saturating_sub(ms as i64));
+                let oversized = self
+                    .config
+                    .retention_bytes
+                    .is_some_and(|bytes| total - size >= bytes);
+                if !expired && !oversized {
+                    break;
+                }
+                total -= size;
+                count += 1;
+            }
+            let deleted: Vec<Arc<Segment>> = segments.drain(..count).collect();
+            self.start_offset
+                .store(segments[0].base_offset().0, Ordering::Release);
+            deleted
+        };
+        writer
+            .unsynced
+            .retain(|u| !deleted.iter().any(|d| Arc::ptr_eq(d, &u.segment)));
+        drop(writer);
+        let mut outcome = RetentionOutcome::default();
+        for segment in &deleted {
+            // Readers holding the segment keep its mapping; the files can go now.
+            for path in segment.paths() {
+                remove_if_exists(path)?;
+            }
+            remove_if_exists(&offset_file_name(
+                &self.dir,
+                segment.base_offset(),
+                SNAPSHOT_SUFFIX,
+            ))?;
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += u64::from(segment.size());
+            tracing::info!(segment = %segment.log_path().display(), "deleted by retention");
+        }
+        Ok(outcome)
+    }
+
+    /// Runs [`LaneLog::enforce_retention`] with the wall clock.
+    pub fn enforce_retention_now(&self) -> Result<RetentionOutcome, StorageError> {
+        self.enforce_retention(unix_now_ms())
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        LogStats {
+            start_offset: self.start_offset(),
+            next_offset: self.next_offset(),
+            durable_offset: self.durable_offset(),
+            segments: segments.len(),
+            size_bytes: segments.iter().map(|s| u64::from(s.size())).sum(),
+            sync_rounds: self.sync_rounds.load(Ordering::Relaxed),
+            corruption: self.corruption(),
+        }
+    }
+
+    /// Closes cleanly: fsyncs everything, flushes and trims the indexes and records a
+    /// clean shutdown, so the next open checks nothing it does not have to. Appends fail
+    /// afterwards; reads still work.
+    pub fn close(&self) -> Result<(), StorageError> {
+        if !self.failed.load(Ordering::Acquire) {
+            self.flush()?;
+        }
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Ok(());
+        }
+        writer.closed = true;
+        if self.failed.load(Ordering::Acquire) || self.corruption().is_some() {
+            // Leave the old checkpoint: the next open must look at everything again.
+            return Ok(());
+        }
+        writer.active.seal(None)?;
+        lock(&self.checkpoint).write(clean_point_of(&writer.active, true), true)?;
+        tracing::debug!(dir = %self.dir.display(), "lane log closed cleanly");
+        Ok(())
+    }
+}
+
+fn clean_point_of(active: &Segment, clean_shutdown: bool) -> CleanPoint {
+    CleanPoint {
+        clean_offset: active.next_offset(),
+        segment_base: active.base_offset(),
+        position: active.size(),
+        clean_shutdown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lanes_protocol::record_batch::ProducerStamp;
+    use lanes_protocol::{BatchLimits, RecordBatchBuilder};
+
+    fn one_record_batch() -> Vec<u8> {
+        let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+        builder.push(0, None, b"order", &[]).unwrap();
+        builder.finish(ProducerStamp::NONE).to_vec()
+    }
+
+    #[test]
+    fn appends_that_arrive_during_an_fsync_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(LaneLog::open(dir.path(), LogConfig::default()).unwrap());
+        // Hold the "fsync running" flag as a leader in the middle of its fsync would.
+        *lock(&log.syncing) = true;
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    log.append(&mut one_record_batch()).unwrap();
+                    log.flush().unwrap()
+                })
+            })
+            .collect();
+        while log.next_offset() < Offset(8) {
+            std::thread::yield_now();
+        }
+        // The running fsync ends; one waiter leads a round that covers all eight.
+        *lock(&log.syncing) = false;
+        log.sync_done.notify_all();
+        for thread in threads {
+            assert_eq!(thread.join().unwrap(), Offset(8));
+        }
+        assert_eq!(log.stats().sync_rounds, 1, "one fsync round for eight appends");
+        assert_eq!(log.durable_offset(), Offset(8));
+    }
+
+    #[test]
+    fn interval_policy_asks_for_an_fsync_once_the_oldest_append_is_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            fsync: FsyncPolicy::Interval(Duration::from_millis(10)),
+            ..LogConfig::default()
+        };
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        assert!(!log.fsync_due(Instant::now()), "nothing to sync");
+        log.append(&mut one_record_batch()).unwrap();
+        let appended = Instant::now();
+        assert!(log.fsync_due(appended + Duration::from_millis(20)));
+        log.flush().unwrap();
+        assert!(!log.fsync_due(appended + Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn never_policy_syncs_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        log.append(&mut one_record_batch()).unwrap();
+        assert!(!log.fsync_due(Instant::now() + Duration::from_secs(3600)));
+        log.close().unwrap();
+        assert_eq!(log.durable_offset(), Offset(1), "a clean close syncs");
+    }
+}

@@ -1,0 +1,547 @@
+//! One segment of a lane log: a `.log` file of whole batches, mapped read-only, plus
+//! its `.index` and `.timeindex`.
+//!
+//! Appends go through the file (`pwrite` at the end) and become visible through the
+//! shared mapping; readers only look below `size`, which is published after the bytes
+//! are written. Sealed segments hold no file descriptor, only mappings.
+
+#![allow(unsafe_code)] // memmap2 mapping is unsafe; see the SAFETY comment.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use lanes_protocol::record_batch::{HEADER_BYTES, MAGIC};
+use lanes_protocol::{BatchHeader, BatchLimits, Offset, RecordBatch, validate_batch};
+use memmap2::MmapOptions;
+
+use super::config::LogConfig;
+use super::error::{IoContext, StorageError};
+use super::files::{INDEX_SUFFIX, LOG_SUFFIX, TIME_INDEX_SUFFIX, offset_file_name};
+use super::index::{OffsetIndex, TimeIndex};
+
+/// Limits for checking batches already in the log. They must not depend on the current
+/// produce limits: lowering `batch_bytes_max` must never make stored data invalid.
+pub(crate) const STORED_BATCH_LIMITS: BatchLimits = BatchLimits {
+    batch_bytes_max: u32::MAX,
+    batch_records_max: u32::MAX,
+};
+
+/// Where and why a scan of the log stopped before its end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ScanStop {
+    pub(crate) position: u32,
+    pub(crate) offset: Offset,
+    pub(crate) reason: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Segment {
+    base_offset: Offset,
+    log_path: PathBuf,
+    index_path: PathBuf,
+    time_index_path: PathBuf,
+    /// The whole mapping of the `.log` file; only `..size` holds batches.
+    data: Bytes,
+    size: AtomicU32,
+    next_offset: AtomicU64,
+    max_timestamp_ms: AtomicI64,
+    /// Bytes `unverified_from..unverified_end` are trusted from an earlier run and
+    /// have not had their checksums checked by this process; reads check them.
+    unverified_from: AtomicU32,
+    unverified_end: u32,
+    index: RwLock<OffsetIndex>,
+    time_index: RwLock<TimeIndex>,
+}
+
+impl Segment {
+    /// Creates a new, empty active segment and returns it with its file for appending.
+    pub(crate) fn create(
+        dir: &Path,
+        base_offset: Offset,
+        config: &LogConfig,
+    ) -> Result<(Segment, File), StorageError> {
+        let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&log_path)
+            .at(&log_path)?;
+        let index = OffsetIndex::open_writable(
+            &offset_file_name(dir, base_offset, INDEX_SUFFIX),
+            config.index_bytes_max,
+            true,
+        )?;
+        let time_index = TimeIndex::open_writable(
+            &offset_file_name(dir, base_offset, TIME_INDEX_SUFFIX),
+            config.index_bytes_max,
+            true,
+        )?;
+        let segment = Segment::new(
+            dir,
+            base_offset,
+            &file,
+            config.segment_bytes_max as usize,
+            index,
+            time_index,
+        )?;
+        Ok((segment, file))
+    }
+
+    /// Opens an existing segment. An active one gets writable indexes (kept, not reset)
+    /// and a mapping as large as a full segment; a sealed one is mapped as it is.
+    /// Its size and offsets are unknown until recovery sets them.
+    pub(crate) fn open(
+        dir: &Path,
+        base_offset: Offset,
+        active: bool,
+        config: &LogConfig,
+    ) -> Result<(Segment, Option<File>, IndexHealth), StorageError> {
+        let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(active)
+            .open(&log_path)
+            .at(&log_path)?;
+        let file_len = file.metadata().at(&log_path)?.len() as usize;
+        let index_path = offset_file_name(dir, base_offset, INDEX_SUFFIX);
+        let time_index_path = offset_file_name(dir, base_offset, TIME_INDEX_SUFFIX);
+        let (index, time_index, health) = if active {
+            let health = IndexHealth {
+                whole_entries: true,
+                present: index_path.exists() && time_index_path.exists(),
+            };
+            (
+                OffsetIndex::open_writable(&index_path, config.index_bytes_max, false)?,
+                TimeIndex::open_writable(&time_index_path, config.index_bytes_max, false)?,
+                health,
+            )
+        } else {
+            let (index, index_whole) = OffsetIndex::open_read_only(&index_path)?;
+            let (time_index, time_whole) = TimeIndex::open_read_only(&time_index_path)?;
+            let health = IndexHealth {
+                whole_entries: index_whole && time_whole,
+                present: index_path.exists() && time_index_path.exists(),
+            };
+            (index, time_index, health)
+        };
+        let map_len = if active {
+            file_len.max(config.segment_bytes_max as usize)
+        } else {
+            file_len
+        };
+        let segment = Segment::new(dir, base_offset, &file, map_len, index, time_index)?;
+        Ok((segment, active.then_some(file), health))
+    }
+
+    fn new(
+        dir: &Path,
+        base_offset: Offset,
+        file: &File,
+        map_len: usize,
+        index: OffsetIndex,
+        time_index: TimeIndex,
+    ) -> Result<Segment, StorageError> {
+        let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
+        let data = if map_len == 0 {
+            Bytes::new()
+        } else {
+            // SAFETY: the log file is written only by this process, by appends beyond
+            // `size`, which readers never cross; it is truncated only during recovery
+            // before any reader exists, or beyond `size` after a failed write. Pages
+            // past the end of the file are never touched. Changing data files from
+            // outside while the broker runs is unsupported, as for any broker that maps
+            // its files.
+            let map = unsafe { MmapOptions::new().len(map_len).map(file).at(&log_path)? };
+            Bytes::from_owner(map)
+        };
+        Ok(Segment {
+            base_offset,
+            index_path: offset_file_name(dir, base_offset, INDEX_SUFFIX),
+            time_index_path: offset_file_name(dir, base_offset, TIME_INDEX_SUFFIX),
+            log_path,
+            data,
+            size: AtomicU32::new(0),
+            next_offset: AtomicU64::new(base_offset.0),
+            max_timestamp_ms: AtomicI64::new(i64::MIN),
+            unverified_from: AtomicU32::new(0),
+            unverified_end: 0,
+            index: RwLock::new(index),
+            time_index: RwLock::new(time_index),
+        })
+    }
+
+    pub(crate) fn base_offset(&self) -> Offset {
+        self.base_offset
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    pub(crate) fn paths(&self) -> [&Path; 3] {
+        [&self.log_path, &self.index_path, &self.time_index_path]
+    }
+
+    pub(crate) fn size(&self) -> u32 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn next_offset(&self) -> Offset {
+        Offset(self.next_offset.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn max_timestamp_ms(&self) -> i64 {
+        self.max_timestamp_ms.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.size() == 0
+    }
+
+    /// Capacity of the mapping: how large the segment can grow without remapping.
+    pub(crate) fn mapped_len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub(crate) fn index(&self) -> RwLockReadGuard<'_, OffsetIndex> {
+        self.index.read().expect("index lock poisoned")
+    }
+
+    pub(crate) fn index_mut(&self) -> RwLockWriteGuard<'_, OffsetIndex> {
+        self.index.write().expect("index lock poisoned")
+    }
+
+    pub(crate) fn time_index(&self) -> RwLockReadGuard<'_, TimeIndex> {
+        self.time_index.read().expect("time index lock poisoned")
+    }
+
+    pub(crate) fn time_index_mut(&self) -> RwLockWriteGuard<'_, TimeIndex> {
+        self.time_index.write().expect("time index lock poisoned")
+    }
+
+    /// Sets what recovery found: the segment ends at `size` bytes and `next_offset`,
+    /// and bytes `..trusted_bytes` come from an earlier run unchecked.
+    pub(crate) fn set_recovered(
+        &mut self,
+        size: u32,
+        next_offset: Offset,
+        max_timestamp_ms: i64,
+        trusted_bytes: u32,
+    ) {
+        assert!(
+            size as usize <= self.data.len(),
+            "segment size beyond its mapping"
+        );
+        *self.size.get_mut() = size;
+        *self.next_offset.get_mut() = next_offset.0;
+        *self.max_timestamp_ms.get_mut() = max_timestamp_ms;
+        self.set_trusted(trusted_bytes);
+    }
+
+    /// Publishes a batch just written at `position` to readers, then indexes it.
+    ///
+    /// `size` is stored before `next_offset`, and readers load them the other way round
+    /// (see [`Segment::locate`]): a reader that sees an offset also sees the bytes
+    /// holding it. Index entries come last, so they never point past what a reader sees.
+    pub(crate) fn publish_append(&self, position: u32, header: &BatchHeader, index_interval_bytes: u32) {
+        debug_assert_eq!(position, self.size());
+        self.max_timestamp_ms
+            .fetch_max(header.max_timestamp_ms, Ordering::AcqRel);
+        self.size.store(position + header.batch_length, Ordering::Release);
+        self.next_offset.store(header.next_offset().0, Ordering::Release);
+        self.maybe_index(position, header, index_interval_bytes);
+    }
+
+    /// Adds index entries for the batch at `position` if it is due one. The rule is the
+    /// same on append and on rebuild, so both give the same index.
+    pub(crate) fn maybe_index(&self, position: u32, header: &BatchHeader, index_interval_bytes: u32) {
+        let mut index = self.index_mut();
+        let last_position = index.last().map_or(0, |(_, p)| p);
+        if position == 0 || position - last_position < index_interval_bytes || index.is_full() {
+            return;
+        }
+        let mut time_index = self.time_index_mut();
+        if !time_index.has_room() {
+            return;
+        }
+        let relative = self.relative(header.base_offset);
+        index.push(relative, position);
+        time_index.push_if_newer(self.max_timestamp_ms(), relative);
+    }
+
+    /// Whether either index has no room left for another entry.
+    pub(crate) fn indexes_full(&self) -> bool {
+        self.index().is_full() || !self.time_index().has_room()
+    }
+
+    fn relative(&self, offset: Offset) -> u32 {
+        u32::try_from(offset.0 - self.base_offset.0).expect("segments span fewer than 2^32 offsets")
+    }
+
+    /// Makes the indexes read-only: flushes them and trims their files. With
+    /// `final_batch` (the base offset of the segment's last batch), first records the
+    /// segment's largest timestamp in a final time-index entry, as when a segment is
+    /// sealed by a roll; a clean close of the active segment passes `None`.
+    pub(crate) fn seal(&self, final_batch: Option<Offset>) -> Result<(), StorageError> {
+        if let Some(last_batch_base) = final_batch
+            && self.max_timestamp_ms() != i64::MIN
+        {
+            let relative = self.relative(last_batch_base);
+            self.time_index_mut()
+                .push_if_newer(self.max_timestamp_ms(), relative);
+        }
+        self.index_mut().seal()?;
+        self.time_index_mut().seal()
+    }
+
+    /// Replaces both indexes with empty writable ones, to be rebuilt by a scan.
+    pub(crate) fn reset_indexes(&self, index_bytes_max: u32) -> Result<(), StorageError> {
+        *self.index_mut() = OffsetIndex::open_writable(&self.index_path, index_bytes_max, true)?;
+        *self.time_index_mut() = TimeIndex::open_writable(&self.time_index_path, index_bytes_max, true)?;
+        Ok(())
+    }
+
+    /// Marks bytes `..trusted_bytes` as coming from an earlier run, unchecked.
+    pub(crate) fn set_trusted(&mut self, trusted_bytes: u32) {
+        *self.unverified_from.get_mut() = 0;
+        self.unverified_end = trusted_bytes.min(self.size());
+    }
+
+    /// Base offset of the last batch, or the segment base if it is empty.
+    pub(crate) fn last_batch_base(&self) -> Result<Offset, ScanStop> {
+        let next = self.next_offset();
+        if next == self.base_offset {
+            return Ok(next);
+        }
+        Ok(self
+            .locate(Offset(next.0 - 1))?
+            .map_or(self.base_offset, |(_, header)| header.base_offset))
+    }
+
+    /// Follows batch headers from `position` (holding `expected`) up to offset `target`,
+    /// within `end`. Returns where the batch holding `target - 1` ends and the largest
+    /// timestamp among the batches passed.
+    pub(crate) fn follow_headers(
+        &self,
+        mut position: u32,
+        mut expected: Offset,
+        end: u32,
+        target: Offset,
+    ) -> Result<(u32, i64), ScanStop> {
+        let mut max_timestamp_ms = i64::MIN;
+        while expected < target {
+            let header = self.header_at(position, end, expected)?;
+            position += header.batch_length;
+            expected = header.next_offset();
+            max_timestamp_ms = max_timestamp_ms.max(header.max_timestamp_ms);
+        }
+        if expected != target {
+            return Err(ScanStop {
+                position,
+                offset: expected,
+                reason: format!("batches run past offset {target}"),
+            });
+        }
+        Ok((position, max_timestamp_ms))
+    }
+
+    /// The batch header at `position`, checked for sanity against the segment end and
+    /// the offset it should carry.
+    pub(crate) fn header_at(
+        &self,
+        position: u32,
+        end: u32,
+        expected: Offset,
+    ) -> Result<BatchHeader, ScanStop> {
+        let stop = |reason: &str| ScanStop {
+            position,
+            offset: expected,
+            reason: reason.to_owned(),
+        };
+        let start = position as usize;
+        let end = end as usize;
+        if start + HEADER_BYTES > end {
+            return Err(stop("truncated batch header"));
+        }
+        let header = BatchHeader::parse(&self.data[start..end]).map_err(|e| stop(&e.to_string()))?;
+        if (header.batch_length as usize) < HEADER_BYTES || start + header.batch_length as usize > end {
+            return Err(stop("batch length runs past the end of the segment"));
+        }
+        if header.magic != MAGIC {
+            return Err(stop("unknown batch format version"));
+        }
+        if header.base_offset != expected {
+            return Err(stop(&format!(
+                "batch carries offset {} where {expected} was expected",
+                header.base_offset
+            )));
+        }
+        if header.record_count == 0 || header.last_offset_delta != header.record_count - 1 {
+            return Err(stop("batch record count and last offset delta disagree"));
+        }
+        Ok(header)
+    }
+
+    /// The bytes of the batch described by `header` at `position`.
+    pub(crate) fn batch_bytes(&self, position: u32, header: &BatchHeader) -> Bytes {
+        self.data
+            .slice(position as usize..(position + header.batch_length) as usize)
+    }
+
+    /// Checks a batch fully (checksum and records), as on append.
+    pub(crate) fn validate_at(&self, position: u32, header: &BatchHeader) -> Result<(), ScanStop> {
+        let bytes = &self.data[position as usize..(position + header.batch_length) as usize];
+        validate_batch(bytes, STORED_BATCH_LIMITS)
+            .map(|_| ())
+            .map_err(|error| ScanStop {
+                position,
+                offset: header.base_offset,
+                reason: error.to_string(),
+            })
+    }
+
+    /// Finds the batch containing `offset`: its position and header. `None` if the
+    /// offset is at or past the end of the segment.
+    pub(crate) fn locate(&self, offset: Offset) -> Result<Option<(u32, BatchHeader)>, ScanStop> {
+        // Offset first, then size: the bytes of every offset seen are within the size seen.
+        let next = self.next_offset();
+        let size = self.size();
+        if offset >= next || offset < self.base_offset {
+            return Ok(None);
+        }
+        let (mut position, mut expected) = self.index_hint(self.relative(offset), size);
+        loop {
+            let header = self.header_at(position, size, expected)?;
+            if header.last_offset() >= offset {
+                return Ok(Some((position, header)));
+            }
+            position += header.batch_length;
+            expected = header.next_offset();
+        }
+    }
+
+    /// Where to start scanning for `relative_offset`: the index entry at or below it,
+    /// confirmed against the log. An entry that does not point at the batch it names
+    /// is ignored (the index is damaged), and the scan starts at the segment start.
+    fn index_hint(&self, relative_offset: u32, size: u32) -> (u32, Offset) {
+        let start = (0, self.base_offset);
+        let Some((relative, position)) = self.index().lookup(relative_offset) else {
+            return start;
+        };
+        let expected = self.base_offset.plus(u64::from(relative));
+        match self.header_at(position, size, expected) {
+            Ok(_) => (position, expected),
+            Err(stop) => {
+                tracing::warn!(
+                    segment = %self.log_path.display(),
+                    position,
+                    reason = %stop.reason,
+                    "offset index entry does not match the log; scanning from the segment start"
+                );
+                start
+            }
+        }
+    }
+
+    /// Whole batches from the one at `position` (carrying `first` as its header),
+    /// stopping before `bytes_max` (but always including the first batch) and before
+    /// any batch that reaches `limit`. Returns the end position and next offset.
+    pub(crate) fn extent(
+        &self,
+        position: u32,
+        first: &BatchHeader,
+        bytes_max: usize,
+        limit: Offset,
+    ) -> Result<(u32, Offset), ScanStop> {
+        let size = self.size();
+        let mut end = position + first.batch_length;
+        let mut next = first.next_offset();
+        while end < size {
+            let header = self.header_at(end, size, next)?;
+            if header.next_offset() > limit || (end - position + header.batch_length) as usize > bytes_max {
+                break;
+            }
+            end += header.batch_length;
+            next = header.next_offset();
+        }
+        Ok((end, next))
+    }
+
+    /// The bytes `start..end` as a slice of the mapping: no copy.
+    pub(crate) fn slice(&self, start: u32, end: u32) -> Bytes {
+        self.data.slice(start as usize..end as usize)
+    }
+
+    /// Checks the checksums of the batches in `start..end` (batch boundaries) that this
+    /// process has not checked yet. On a bad batch, returns where it is.
+    pub(crate) fn verify(&self, start: u32, end: u32, first_offset: Offset) -> Result<(), ScanStop> {
+        let from = self.unverified_from.load(Ordering::Acquire);
+        if end <= from || start >= self.unverified_end {
+            return Ok(());
+        }
+        let check_end = end.min(self.unverified_end);
+        let (mut position, mut expected) = (start, first_offset);
+        while position < check_end {
+            let header = self.header_at(position, end, expected)?;
+            if position >= from {
+                self.validate_at(position, &header)?;
+            }
+            position += header.batch_length;
+            expected = header.next_offset();
+        }
+        if start <= from {
+            self.unverified_from.fetch_max(check_end, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// The first record at or after `timestamp_ms` in this segment below `limit`.
+    pub(crate) fn offset_for_timestamp(
+        &self,
+        timestamp_ms: i64,
+        limit: Offset,
+    ) -> Result<Option<Offset>, ScanStop> {
+        if self.max_timestamp_ms() < timestamp_ms {
+            return Ok(None);
+        }
+        let limit = limit.min(self.next_offset());
+        let size = self.size();
+        let start_relative = self.time_index().last_before(timestamp_ms).map(|(_, r)| r);
+        let (mut position, mut expected) = match start_relative {
+            Some(relative) => match self.locate(self.base_offset.plus(u64::from(relative)))? {
+                Some((position, header)) => (position, header.base_offset),
+                None => return Ok(None),
+            },
+            None => (0, self.base_offset),
+        };
+        while position < size {
+            let header = self.header_at(position, size, expected)?;
+            if header.next_offset() > limit {
+                return Ok(None);
+            }
+            if header.max_timestamp_ms >= timestamp_ms {
+                self.validate_at(position, &header)?;
+                let batch = RecordBatch::new(self.batch_bytes(position, &header), STORED_BATCH_LIMITS)
+                    .expect("validated just above");
+                let found = batch.records().find(|r| r.timestamp_ms >= timestamp_ms);
+                return Ok(found.map(|r| r.offset));
+            }
+            position += header.batch_length;
+            expected = header.next_offset();
+        }
+        Ok(None)
+    }
+}
+
+/// What opening a segment's indexes found, before any content check.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IndexHealth {
+    /// Both files exist.
+    pub(crate) present: bool,
+    /// Both files hold whole entries only.
+    pub(crate) whole_entries: bool,
+}

@@ -1,0 +1,22 @@
+use std::fmt;
+
+/// The position of a record in one lane log: dense, starting at 0, assigned by the
+/// broker when the record's batch is appended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset(pub u64);
+
+impl Offset {
+    pub const ZERO: Offset = Offset(0);
+
+    /// The offset `delta` records after this one.
+    #[must_use]
+    pub fn plus(self, delta: u64) -> Offset {
+        Offset(self.0 + delta)
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
