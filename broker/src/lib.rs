@@ -1,7 +1,14 @@
-//! The Lanes broker.
-//!
-//! So far this is the storage engine ([`storage`]): lane logs made of checksummed,
-//! indexed segments with group-commit durability and crash recovery. The server,
-//! topics, lanes and consumer groups build on it.
+//! The Lanes broker: the storage engine ([`storage`]), topics of lane logs ([`topic`]),
+//! the fsync threads ([`durability`]), and the server that speaks the Lanes protocol
+//! ([`server`]). The binary `lanes-broker` (src/main.rs) runs it and carries the admin
+//! commands.
 
+pub mod config;
+pub mod durability;
+pub mod producer_ids;
+pub mod server;
 pub mod storage;
+pub mod topic;
+
+pub use config::Settings;
+pub use server::Broker;

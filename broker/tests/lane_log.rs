@@ -514,7 +514,18 @@ fn retention_deletes_old_segments_but_never_the_active_one() {
     log.close().unwrap();
     drop(log);
     let log = LaneLog::open(dir.path(), small_config()).unwrap();
-    assert_eq!(log.start_offset(), log.stats().start_offset);
+    assert_eq!(
+        log.stats().segments,
+        1,
+        "deleted segments stay deleted after a reopen"
+    );
+    let only = segment_files(dir.path()).pop().unwrap();
+    let base: u64 = only.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    assert_eq!(
+        log.start_offset(),
+        Offset(base),
+        "the log starts at its only segment"
+    );
     assert_eq!(log.next_offset(), Offset(161));
 }
 
@@ -638,11 +649,22 @@ fn concurrent_readers_see_only_whole_batches_through_rolls_and_retention() {
                 while offset < Offset(BATCHES * 2) {
                     match log.read(offset, 8192, log.next_offset()) {
                         Ok(slice) => {
-                            for batch in lanes_protocol::Batches::new(slice.bytes, Default::default()) {
+                            let mut expected = offset;
+                            for (i, batch) in
+                                lanes_protocol::Batches::new(slice.bytes, Default::default()).enumerate()
+                            {
                                 let batch = batch.expect("only whole, valid batches are served");
-                                assert!(batch.last_offset() >= offset);
+                                if i == 0 {
+                                    assert!(
+                                        batch.base_offset() <= expected && batch.last_offset() >= expected
+                                    );
+                                } else {
+                                    assert_eq!(batch.base_offset(), expected, "batches are contiguous");
+                                }
+                                expected = batch.last_offset().plus(1);
                                 seen += u64::from(batch.record_count());
                             }
+                            assert!(slice.next_offset == expected || slice.next_offset == offset);
                             offset = slice.next_offset;
                         }
                         // Retention deleted it first: skip ahead, as a consumer would.

@@ -1,7 +1,8 @@
-//! Random sequences of append / retry / flush / read / reopen / crash against an
-//! in-memory model. A crash drops the log without closing it and then damages what
-//! lies after the durable point on disk: cuts a file at a random byte, zero-fills or
-//! garbles the rest of it, and may empty the segments after it.
+//! Random sequences of append / retry / flush / read / retention / reopen / crash
+//! against an in-memory model, under a random fsync policy. A crash drops the log
+//! without closing it and then damages what lies after the durable point on disk: cuts
+//! a file at a random byte, zero-fills or garbles the rest of it, may empty the
+//! segments after it, and may lose the checkpoint file.
 //!
 //! Invariants: every durable record reads back, in order, exactly once; the log after a
 //! crash is a prefix of what was appended; no read returns a batch whose checksum
@@ -13,7 +14,9 @@ use std::fs::{self, OpenOptions};
 use std::path::Path;
 
 use bytes::BytesMut;
-use lanes_broker::storage::LaneLog;
+use std::time::Duration;
+
+use lanes_broker::storage::{FsyncPolicy, LaneLog, LogConfig};
 use lanes_protocol::Offset;
 use lanes_protocol::record_batch::ProducerStamp;
 use proptest::prelude::*;
@@ -34,11 +37,13 @@ enum Op {
         from: u16,
         bytes_max: u16,
     },
+    Retention,
     Reopen,
     Crash {
         at: u16,
         damage: Damage,
         empty_later: bool,
+        lose_checkpoint: bool,
     },
 }
 
@@ -56,9 +61,20 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Retry),
         2 => Just(Op::Flush),
         2 => (any::<u16>(), 1u16..5000).prop_map(|(from, bytes_max)| Op::Read { from, bytes_max }),
+        1 => Just(Op::Retention),
         1 => Just(Op::Reopen),
-        2 => (any::<u16>(), prop_oneof![Just(Damage::Cut), Just(Damage::Zeros), Just(Damage::Garbage)], any::<bool>())
-            .prop_map(|(at, damage, empty_later)| Op::Crash { at, damage, empty_later }),
+        2 => (
+            any::<u16>(),
+            prop_oneof![Just(Damage::Cut), Just(Damage::Zeros), Just(Damage::Garbage)],
+            any::<bool>(),
+            proptest::bool::weighted(0.2),
+        )
+            .prop_map(|(at, damage, empty_later, lose_checkpoint)| Op::Crash {
+                at,
+                damage,
+                empty_later,
+                lose_checkpoint,
+            }),
     ]
 }
 
@@ -80,15 +96,20 @@ impl ModelBatch {
 
 #[derive(Debug, Default)]
 struct Model {
+    /// The batches in the log, from its start offset.
     batches: Vec<ModelBatch>,
     durable: u64,
+    /// Every idempotent batch the log has taken, as (base offset, next sequence):
+    /// retention deletes batches but the log still knows the producer.
+    sequences: Vec<(u64, i32)>,
     next_sequence: i32,
+    next: u64,
     tag: u64,
 }
 
 impl Model {
-    fn next(&self) -> u64 {
-        self.batches.last().map_or(0, ModelBatch::next)
+    fn start(&self) -> u64 {
+        self.batches.first().map_or(self.next, |b| b.base)
     }
 
     fn records(&self) -> Vec<(Offset, Vec<u8>)> {
@@ -103,22 +124,38 @@ impl Model {
             .collect()
     }
 
-    /// Keeps the batches below `next` (a batch boundary) after a crash.
+    /// Keeps what lies below `next` (a batch boundary) after a crash.
     fn truncate(&mut self, next: u64) {
         assert!(
-            next == 0 || self.batches.iter().any(|b| b.next() == next),
+            next == self.start() || self.batches.iter().any(|b| b.next() == next),
             "recovered end {next} is not a batch boundary"
         );
         self.batches.retain(|b| b.next() <= next);
-        if let Some(last) = self.batches.iter().rev().find(|b| b.sequence.is_some()) {
-            self.next_sequence = last.sequence.unwrap() + last.values.len() as i32;
-        }
+        self.sequences.retain(|(base, _)| *base < next);
+        self.next_sequence = self.sequences.last().map_or(0, |(_, next)| *next);
+        self.next = next;
     }
 }
 
 fn check_everything(log: &LaneLog, model: &Model) {
-    assert_eq!(log.next_offset(), Offset(model.next()));
-    assert_eq!(read_all(log, Offset(0), log.next_offset()), model.records());
+    assert_eq!(log.next_offset(), Offset(model.next));
+    assert_eq!(log.start_offset(), Offset(model.start()));
+    assert_eq!(
+        read_all(log, log.start_offset(), log.next_offset()),
+        model.records()
+    );
+}
+
+fn config(policy: u8) -> LogConfig {
+    LogConfig {
+        fsync: match policy {
+            0 => FsyncPolicy::Always,
+            1 => FsyncPolicy::Interval(Duration::from_secs(3600)),
+            _ => FsyncPolicy::Never,
+        },
+        retention_bytes: Some(24 * 1024),
+        ..small_config()
+    }
 }
 
 /// Damages the bytes after the durable point, as a power loss could.
@@ -171,9 +208,9 @@ fn damage(dir: &Path, durable: u64, at: u16, damage: Damage, empty_later: bool) 
     }
 }
 
-fn run(ops: Vec<Op>) {
+fn run(policy: u8, ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = LaneLog::open(dir.path(), small_config()).unwrap();
+    let mut log = LaneLog::open(dir.path(), config(policy)).unwrap();
     let mut model = Model::default();
     for op in ops {
         match op {
@@ -192,10 +229,11 @@ fn run(ops: Vec<Op>) {
                 });
                 let sent = batch(&values, model.tag as i64 * 100, stamp);
                 let outcome = log.append(&mut sent.clone()).unwrap();
-                assert_eq!(outcome.base_offset, Offset(model.next()));
+                assert_eq!(outcome.base_offset, Offset(model.next));
                 assert!(!outcome.duplicate);
-                if idempotent {
-                    model.next_sequence += records as i32;
+                if let Some(sequence) = sequence {
+                    model.next_sequence = sequence + records as i32;
+                    model.sequences.push((model.next, model.next_sequence));
                 }
                 model.batches.push(ModelBatch {
                     base: outcome.base_offset.0,
@@ -203,54 +241,81 @@ fn run(ops: Vec<Op>) {
                     sequence,
                     sent,
                 });
+                model.next += records as u64;
             }
             Op::Retry => {
                 let Some(last) = model.batches.iter().rev().find(|b| b.sequence.is_some()) else {
                     continue;
                 };
+                if model.sequences.last().map(|(base, _)| *base) != Some(last.base) {
+                    continue; // a newer batch of the producer was deleted by retention
+                }
                 let outcome = log.append(&mut last.sent.clone()).unwrap();
                 assert!(outcome.duplicate, "a retry is recognized");
                 assert_eq!(outcome.base_offset, Offset(last.base));
                 assert_eq!(outcome.last_offset, Offset(last.next() - 1));
             }
             Op::Flush => {
-                assert_eq!(log.flush().unwrap(), Offset(model.next()));
-                model.durable = model.next();
+                assert_eq!(log.flush().unwrap(), Offset(model.next));
             }
             Op::Read { from, bytes_max } => {
-                let next = model.next();
-                let from = next * u64::from(from) / u64::from(u16::MAX);
+                let (start, next) = (model.start(), model.next);
+                let from = start + (next - start) * u64::from(from) / u64::from(u16::MAX);
                 let slice = log.read(Offset(from), bytes_max as usize, Offset(next)).unwrap();
+                let batches: Vec<_> = lanes_protocol::Batches::new(slice.bytes.clone(), Default::default())
+                    .map(|b| b.expect("every batch served passes its checksum"))
+                    .collect();
+                if from == next {
+                    assert!(batches.is_empty());
+                    continue;
+                }
+                assert!(!batches.is_empty(), "a read below the end returns a batch");
+                assert!(
+                    batches.len() == 1 || slice.bytes.len() <= bytes_max as usize,
+                    "bytes_max is kept beyond one batch"
+                );
+                assert!(batches[0].base_offset().0 <= from && batches[0].last_offset().0 >= from);
+                assert_eq!(slice.next_offset, batches.last().unwrap().last_offset().plus(1));
+                let got: Vec<(Offset, Vec<u8>)> = batches
+                    .iter()
+                    .flat_map(|b| {
+                        b.records()
+                            .map(|r| (r.offset, r.value.to_vec()))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
                 let expected: Vec<(Offset, Vec<u8>)> = model
                     .records()
                     .into_iter()
-                    .filter(|(o, _)| o.0 >= from && o.0 < slice.next_offset.0)
+                    .filter(|(o, _)| *o >= batches[0].base_offset() && *o < slice.next_offset)
                     .collect();
-                let got: Vec<(Offset, Vec<u8>)> = read_all(&log, Offset(from), slice.next_offset);
                 assert_eq!(got, expected);
-                if from < next {
-                    assert!(
-                        slice.next_offset > Offset(from),
-                        "a read below the end returns a batch"
-                    );
-                }
+            }
+            Op::Retention => {
+                log.enforce_retention(0).unwrap();
+                let start = log.start_offset().0;
+                model.batches.retain(|b| b.base >= start);
+                assert_eq!(model.start(), start, "retention deletes whole batches");
             }
             Op::Reopen => {
                 log.close().unwrap();
                 drop(log);
-                log = LaneLog::open(dir.path(), small_config()).unwrap();
+                log = LaneLog::open(dir.path(), config(policy)).unwrap();
                 assert!(log.recovery_report().clean_shutdown);
-                model.durable = model.next();
                 check_everything(&log, &model);
             }
             Op::Crash {
                 at,
                 damage: kind,
                 empty_later,
+                lose_checkpoint,
             } => {
                 drop(log);
                 damage(dir.path(), model.durable, at, kind, empty_later);
-                log = LaneLog::open(dir.path(), small_config()).unwrap();
+                if lose_checkpoint {
+                    fs::remove_file(dir.path().join("checkpoint")).unwrap();
+                }
+                log = LaneLog::open(dir.path(), config(policy)).unwrap();
                 let report = log.recovery_report().clone();
                 assert_eq!(
                     report.corruption, None,
@@ -262,12 +327,13 @@ fn run(ops: Vec<Op>) {
                     "durable records survive: {next} < {}",
                     model.durable
                 );
-                assert!(next <= model.next());
+                assert!(next <= model.next);
                 model.truncate(next);
-                model.durable = next;
                 check_everything(&log, &model);
             }
         }
+        // What the log says is durable is what a crash must keep.
+        model.durable = log.durable_offset().0;
     }
     check_everything(&log, &model);
 }
@@ -280,7 +346,7 @@ proptest! {
     })]
 
     #[test]
-    fn lane_log_matches_its_model(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ops);
+    fn lane_log_matches_its_model(policy in 0u8..3, ops in proptest::collection::vec(op(), 1..60)) {
+        run(policy, ops);
     }
 }

@@ -163,6 +163,17 @@ pub fn stamp_base_offset(batch: &mut [u8], base_offset: Offset) {
     batch[BASE_OFFSET_AT..BASE_OFFSET_AT + 8].copy_from_slice(&base_offset.0.to_be_bytes());
 }
 
+/// Rewrites a finished batch's producer fields and checksum: how a producer renumbers
+/// a batch whose predecessor failed for good. `batch` must hold exactly one batch.
+pub fn restamp_producer(batch: &mut [u8], producer: ProducerStamp) {
+    assert!(batch.len() >= HEADER_BYTES, "a whole batch");
+    batch[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2].copy_from_slice(&producer.producer_epoch.to_be_bytes());
+    batch[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&producer.producer_id.to_be_bytes());
+    batch[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&producer.base_sequence.to_be_bytes());
+    let crc = crc32fast::hash(&batch[CRC_COVERS_FROM..]);
+    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// The fixed-size header of a batch, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchHeader {
@@ -950,6 +961,22 @@ mod tests {
                 header: 5_000,
                 records: 1_005
             })
+        );
+    }
+
+    #[test]
+    fn restamping_keeps_the_batch_valid() {
+        let mut bytes = sample_batch().to_vec();
+        let stamp = ProducerStamp {
+            producer_id: 99,
+            producer_epoch: 4,
+            base_sequence: 1000,
+        };
+        restamp_producer(&mut bytes, stamp);
+        let header = validate_batch(&bytes, BatchLimits::default()).unwrap();
+        assert_eq!(
+            (header.producer_id, header.producer_epoch, header.base_sequence),
+            (99, 4, 1000)
         );
     }
 

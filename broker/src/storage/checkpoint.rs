@@ -57,6 +57,14 @@ impl CheckpointFile {
             .truncate(false)
             .open(path)
             .at(path)?;
+        // One process, one lane log: a second opener would recover files under the
+        // first one's live mappings.
+        file.try_lock().map_err(|error| match error {
+            std::fs::TryLockError::WouldBlock => StorageError::Locked {
+                path: path.parent().unwrap_or(path).to_owned(),
+            },
+            std::fs::TryLockError::Error(error) => StorageError::io(path, error),
+        })?;
         let mut bytes = [0u8; 2 * SLOT_BYTES];
         let len = file.metadata().at(path)?.len().min(bytes.len() as u64) as usize;
         file.read_exact_at(&mut bytes[..len], 0).at(path)?;
@@ -71,6 +79,11 @@ impl CheckpointFile {
             sequence,
         };
         Ok((checkpoint, best.map(|(_, point)| point)))
+    }
+
+    /// Fsyncs the slots written so far.
+    pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        self.file.sync_data().at(&self.path)
     }
 
     /// Writes `point` into the older slot. With `sync`, also fsyncs it.
@@ -138,7 +151,21 @@ mod tests {
         let (mut checkpoint, found) = CheckpointFile::open(&path).unwrap();
         assert_eq!(found, Some(point(2)));
         checkpoint.write(point(3), false).unwrap();
+        drop(checkpoint);
         assert_eq!(CheckpointFile::open(&path).unwrap().1, Some(point(3)));
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_the_first_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint");
+        let (first, _) = CheckpointFile::open(&path).unwrap();
+        assert!(matches!(
+            CheckpointFile::open(&path),
+            Err(StorageError::Locked { .. })
+        ));
+        drop(first);
+        CheckpointFile::open(&path).unwrap();
     }
 
     #[test]
@@ -148,6 +175,7 @@ mod tests {
         let (mut checkpoint, _) = CheckpointFile::open(&path).unwrap();
         checkpoint.write(point(1), false).unwrap(); // slot 1
         checkpoint.write(point(2), false).unwrap(); // slot 0
+        drop(checkpoint);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[10] ^= 0xff; // tear slot 0
         std::fs::write(&path, &bytes).unwrap();

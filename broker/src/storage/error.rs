@@ -43,6 +43,8 @@ pub enum StorageError {
         expected: i32,
         received: i32,
     },
+    #[error("lane log {path} is open elsewhere (another broker on the same data directory?)")]
+    Locked { path: PathBuf },
     #[error("lane log {path} is closed")]
     Closed { path: PathBuf },
     #[error("invalid storage configuration: {0}")]

@@ -107,6 +107,11 @@ pub struct LaneLog {
     syncing: Mutex<bool>,
     sync_done: Condvar,
     checkpoint: Mutex<CheckpointFile>,
+    /// Base of the segment the newest written checkpoint names, and of the one a
+    /// checkpoint captured but not yet written will name (`u64::MAX` if none).
+    /// Retention never deletes these: recovery needs the segment its clean point is in.
+    checkpoint_segment: AtomicU64,
+    pending_checkpoint_segment: AtomicU64,
     sync_rounds: AtomicU64,
     /// Set after a failed write or fsync: the log refuses writes from then on.
     failed: AtomicBool,
@@ -138,7 +143,8 @@ impl LaneLog {
         if created {
             fsync_dir(&dir)?;
         }
-        let recovered = recovery::recover(&dir, &config, clean_point)?;
+        let mut recovered = recovery::recover(&dir, &config, clean_point)?;
+        recovery::merge_marker(&dir, &mut recovered.report)?;
         let active = Arc::clone(
             recovered
                 .segments
@@ -148,10 +154,17 @@ impl LaneLog {
         let next_offset = active.next_offset();
         let start_offset = recovered.segments[0].base_offset();
         let corruption = recovered.report.corruption.clone();
-        if corruption.is_none() {
-            // Everything kept is fsynced: it is all clean now.
-            checkpoint.write(clean_point_of(&active, false), true)?;
-        }
+        let checkpoint_segment = match &corruption {
+            None => {
+                // Everything kept is fsynced: it is all clean now.
+                checkpoint.write(clean_point_of(&active, false), true)?;
+                active.base_offset()
+            }
+            Some(corruption) => {
+                recovery::write_marker(&dir, corruption)?;
+                clean_point.map_or(Offset::ZERO, |p| p.segment_base)
+            }
+        };
         // Only used for the final time-index entry when the segment rolls, which a
         // corrupt log never does: do not fail the open over it.
         let last_batch_base = active.last_batch_base().unwrap_or(active.base_offset());
@@ -179,6 +192,8 @@ impl LaneLog {
             syncing: Mutex::new(false),
             sync_done: Condvar::new(),
             checkpoint: Mutex::new(checkpoint),
+            checkpoint_segment: AtomicU64::new(checkpoint_segment.0),
+            pending_checkpoint_segment: AtomicU64::new(u64::MAX),
             sync_rounds: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -422,7 +437,10 @@ impl LaneLog {
                 file: Arc::clone(&writer.file),
             });
             writer.dirty_since = None;
-            (files, target, clean_point_of(&writer.active, false))
+            let point = clean_point_of(&writer.active, false);
+            self.pending_checkpoint_segment
+                .store(point.segment_base.0, Ordering::Release);
+            (files, target, point)
         };
         for unsynced in &files {
             if let Err(error) = unsynced.file.sync_data() {
@@ -434,11 +452,17 @@ impl LaneLog {
         self.durable_offset.fetch_max(target.0, Ordering::AcqRel);
         self.sync_rounds.fetch_add(1, Ordering::Relaxed);
         // Only a hint for recovery: if it is lost, recovery checks more.
-        if self.corruption().is_none()
-            && let Err(error) = lock(&self.checkpoint).write(point, false)
-        {
-            tracing::warn!(dir = %self.dir.display(), %error, "could not write the checkpoint");
+        if self.corruption().is_none() {
+            match lock(&self.checkpoint).write(point, false) {
+                Ok(()) => self
+                    .checkpoint_segment
+                    .store(point.segment_base.0, Ordering::Release),
+                Err(error) => {
+                    tracing::warn!(dir = %self.dir.display(), %error, "could not write the checkpoint")
+                }
+            }
         }
+        self.pending_checkpoint_segment.store(u64::MAX, Ordering::Release);
         Ok(())
     }
 
@@ -482,7 +506,12 @@ impl LaneLog {
             return Ok(empty);
         }
         let Some(segment) = self.segment_for(offset) else {
-            return Ok(empty);
+            // Retention deleted the segment since the range check above.
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                start: self.start_offset(),
+                end,
+            });
         };
         let located = segment.locate(offset).map_err(|stop| self.corrupted(stop))?;
         let Some((position, header)) = located else {
@@ -525,7 +554,12 @@ impl LaneLog {
         if corruption.as_ref().is_none_or(|c| offset < c.offset) {
             tracing::error!(dir = %self.dir.display(), %offset, position = stop.position, reason = %stop.reason,
                 "corrupt batch found; the lane log no longer serves this offset or any after it");
-            *corruption = Some(stop.into());
+            let found: Corruption = stop.into();
+            // Remembered across restarts, until an operator removes the marker.
+            if let Err(error) = recovery::write_marker(&self.dir, &found) {
+                tracing::error!(dir = %self.dir.display(), %error, "could not record the corruption marker");
+            }
+            *corruption = Some(found);
             self.corrupt_at.fetch_min(offset.0, Ordering::AcqRel);
         }
         drop(corruption);
@@ -567,37 +601,36 @@ impl LaneLog {
     /// Deletes sealed segments that retention no longer keeps: those whose newest record
     /// is older than `retention_ms` before `now_ms`, and the oldest ones while the log
     /// would still hold at least `retention_bytes` without them. The active segment is
-    /// never deleted.
+    /// never deleted, nor is anything in a log that has failed or found corruption.
+    ///
+    /// Recovery needs the segment its clean point names, so before deleting it the clean
+    /// point is moved past it (an fsync round) and its checkpoint fsynced; the deletions
+    /// themselves are made durable with an fsync of the directory.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome, StorageError> {
-        let mut writer = lock(&self.writer);
-        let deleted: Vec<Arc<Segment>> = {
+        if self.failed.load(Ordering::Acquire) || self.corruption().is_some() {
+            return Ok(RetentionOutcome::default());
+        }
+        let planned = self.retention_plan(now_ms, Offset(u64::MAX));
+        let Some(newest_planned) = planned.last() else {
+            return Ok(RetentionOutcome::default());
+        };
+        if newest_planned.base_offset().0 >= self.checkpoint_segment.load(Ordering::Acquire) {
+            self.flush()?;
+            self.sync_checkpoint()?;
+        }
+        let writer = lock(&self.writer);
+        let floor = self
+            .checkpoint_segment
+            .load(Ordering::Acquire)
+            .min(self.pending_checkpoint_segment.load(Ordering::Acquire));
+        let deleted = {
             let mut segments = self.segments.write().expect("segments lock poisoned");
-            let mut total: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
-            let mut count = 0;
-            for segment in &segments[..segments.len() - 1] {
-                let size = u64::from(segment.size());
-                let expired = self
-                    .config
-                    .retention_ms
-                    .is_some_and(|ms| segment.max_timestamp_ms() < now_ms.saturating_sub(ms as i64));
-                let oversized = self
-                    .config
-                    .retention_bytes
-                    .is_some_and(|bytes| total - size >= bytes);
-                if !expired && !oversized {
-                    break;
-                }
-                total -= size;
-                count += 1;
-            }
+            let count = self.retention_plan_of(&segments, now_ms, Offset(floor)).len();
             let deleted: Vec<Arc<Segment>> = segments.drain(..count).collect();
             self.start_offset
                 .store(segments[0].base_offset().0, Ordering::Release);
             deleted
         };
-        writer
-            .unsynced
-            .retain(|u| !deleted.iter().any(|d| Arc::ptr_eq(d, &u.segment)));
         drop(writer);
         let mut outcome = RetentionOutcome::default();
         for segment in &deleted {
@@ -614,7 +647,48 @@ impl LaneLog {
             outcome.bytes_deleted += u64::from(segment.size());
             tracing::info!(segment = %segment.log_path().display(), "deleted by retention");
         }
+        if !deleted.is_empty() {
+            fsync_dir(&self.dir)?;
+        }
         Ok(outcome)
+    }
+
+    /// The oldest segments retention would delete, all below `floor`.
+    fn retention_plan(&self, now_ms: i64, floor: Offset) -> Vec<Arc<Segment>> {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        self.retention_plan_of(&segments, now_ms, floor)
+    }
+
+    fn retention_plan_of(&self, segments: &[Arc<Segment>], now_ms: i64, floor: Offset) -> Vec<Arc<Segment>> {
+        let mut total: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
+        let oldest_kept_ms = self
+            .config
+            .retention_ms
+            .map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
+        let mut planned = Vec::new();
+        for segment in &segments[..segments.len() - 1] {
+            let size = u64::from(segment.size());
+            let expired = oldest_kept_ms.is_some_and(|oldest| segment.max_timestamp_ms() < oldest);
+            let oversized = self
+                .config
+                .retention_bytes
+                .is_some_and(|bytes| total - size >= bytes);
+            if !(expired || oversized) || segment.base_offset() >= floor {
+                break;
+            }
+            total -= size;
+            planned.push(Arc::clone(segment));
+        }
+        planned
+    }
+
+    /// Fsyncs the newest checkpoint, with no fsync round running meanwhile.
+    fn sync_checkpoint(&self) -> Result<(), StorageError> {
+        let mut syncing = lock(&self.syncing);
+        while *syncing {
+            syncing = self.sync_done.wait(syncing).expect("sync lock poisoned");
+        }
+        lock(&self.checkpoint).sync()
     }
 
     /// Runs [`LaneLog::enforce_retention`] with the wall clock.
@@ -639,20 +713,39 @@ impl LaneLog {
     /// clean shutdown, so the next open checks nothing it does not have to. Appends fail
     /// afterwards; reads still work.
     pub fn close(&self) -> Result<(), StorageError> {
-        if !self.failed.load(Ordering::Acquire) {
-            self.flush()?;
+        {
+            let mut writer = lock(&self.writer);
+            if writer.closed {
+                return Ok(());
+            }
+            // First stop appends, so the flush below covers every record there will be.
+            writer.closed = true;
         }
-        let mut writer = lock(&self.writer);
-        if writer.closed {
-            return Ok(());
-        }
-        writer.closed = true;
-        if self.failed.load(Ordering::Acquire) || self.corruption().is_some() {
+        if self.failed.load(Ordering::Acquire) {
             // Leave the old checkpoint: the next open must look at everything again.
             return Ok(());
         }
+        self.flush()?;
+        // Hold the sync token: no fsync round may write a checkpoint after ours.
+        let mut syncing = lock(&self.syncing);
+        while *syncing {
+            syncing = self.sync_done.wait(syncing).expect("sync lock poisoned");
+        }
+        if self.corruption().is_some() {
+            return Ok(());
+        }
+        let writer = lock(&self.writer);
+        assert_eq!(
+            writer.active.next_offset(),
+            self.durable_offset(),
+            "a clean shutdown covers only durable records"
+        );
         writer.active.seal(None)?;
-        lock(&self.checkpoint).write(clean_point_of(&writer.active, true), true)?;
+        let point = clean_point_of(&writer.active, true);
+        lock(&self.checkpoint).write(point, true)?;
+        self.checkpoint_segment
+            .store(point.segment_base.0, Ordering::Release);
+        drop(syncing);
         tracing::debug!(dir = %self.dir.display(), "lane log closed cleanly");
         Ok(())
     }

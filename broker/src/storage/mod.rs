@@ -14,7 +14,7 @@
 mod checkpoint;
 mod config;
 mod error;
-mod files;
+pub(crate) mod files;
 mod index;
 mod log;
 mod producer_state;

@@ -81,14 +81,20 @@ impl ProducerStateTable {
         if !header.has_producer_id() {
             return Ok(SequenceCheck::Append);
         }
-        let Some(entry) = self.producers.get(&header.producer_id) else {
-            // A producer we have not seen, or have forgotten: accept its sequence.
-            return Ok(SequenceCheck::Append);
-        };
         let out_of_order = |expected| StorageError::OutOfOrderSequence {
             producer_id: header.producer_id,
             expected,
             received: header.base_sequence,
+        };
+        let Some(entry) = self.producers.get(&header.producer_id) else {
+            // A producer this log does not know must start at 0. Accepting any sequence
+            // would let a later batch in when the first one failed, and the first could
+            // then never be appended: order would be broken without anyone knowing.
+            return if header.base_sequence == 0 {
+                Ok(SequenceCheck::Append)
+            } else {
+                Err(out_of_order(0))
+            };
         };
         if header.producer_epoch < entry.epoch {
             return Err(StorageError::ProducerFenced {
@@ -299,6 +305,27 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn an_unknown_producer_starts_at_zero() {
+        let table = ProducerStateTable::new(10);
+        assert!(matches!(
+            table.check(&header(5, 0, 3, 1, 0)),
+            Err(StorageError::OutOfOrderSequence {
+                expected: 0,
+                received: 3,
+                ..
+            })
+        ));
+        assert_eq!(
+            table.check(&header(5, 0, 0, 1, 0)).unwrap(),
+            SequenceCheck::Append
+        );
+        assert_eq!(
+            table.check(&header(-1, -1, -1, 1, 0)).unwrap(),
+            SequenceCheck::Append
+        );
     }
 
     #[test]

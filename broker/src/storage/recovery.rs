@@ -29,14 +29,48 @@ use super::checkpoint::CleanPoint;
 use super::config::LogConfig;
 use super::error::{IoContext, StorageError};
 use super::files::{
-    INDEX_SUFFIX, LOG_SUFFIX, SNAPSHOT_SUFFIX, TEMP_SUFFIX, TIME_INDEX_SUFFIX, fsync_dir, offset_file_name,
-    parse_offset_file_name, remove_if_exists,
+    self, INDEX_SUFFIX, LOG_SUFFIX, SNAPSHOT_SUFFIX, TEMP_SUFFIX, TIME_INDEX_SUFFIX, fsync_dir,
+    offset_file_name, parse_offset_file_name, remove_if_exists,
 };
 use super::producer_state::ProducerStateTable;
 use super::segment::{ScanStop, Segment};
 
 /// How many producer-state snapshots a lane log keeps.
 const SNAPSHOTS_KEPT: usize = 2;
+/// Records corruption found at run time, so that it is known again after a restart:
+/// the offset on the first line, the reason on the second. An operator deletes it once
+/// the lane log is repaired or the loss accepted (docs/STORAGE.md).
+const CORRUPTION_MARKER: &str = "corrupt";
+
+/// Writes the corruption marker (atomically).
+pub(crate) fn write_marker(dir: &Path, corruption: &Corruption) -> Result<(), StorageError> {
+    let text = format!(
+        "{}\n{}\n",
+        corruption.offset,
+        corruption.reason.replace('\n', " ")
+    );
+    files::write_file_atomic(&dir.join(CORRUPTION_MARKER), text.as_bytes())
+}
+
+/// Adds a recorded corruption marker, if there is one, to what recovery found.
+pub(crate) fn merge_marker(dir: &Path, report: &mut RecoveryReport) -> Result<(), StorageError> {
+    let path = dir.join(CORRUPTION_MARKER);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(StorageError::io(&path, error)),
+    };
+    let (offset, reason) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+    let offset = offset.trim().parse().unwrap_or(0);
+    record_corruption(
+        report,
+        Corruption {
+            offset: Offset(offset),
+            reason: format!("recorded earlier: {}", reason.trim()),
+        },
+    );
+    Ok(())
+}
 
 /// Damage found in data that was acknowledged: where, and what was wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,7 +199,9 @@ pub(crate) fn recover(
         segments.push(Arc::new(segment));
     }
 
-    let mut scanned: Vec<(Segment, File)> = Vec::new();
+    // Scanned segments are sealed as soon as the next one follows them, so recovery holds
+    // at most two open files whatever the number of segments after the clean point.
+    let mut last: Option<(Segment, File)> = None;
     let mut expected = bases[first_scanned];
     let mut cut = false;
     for &base in &bases[first_scanned..] {
@@ -179,10 +215,13 @@ pub(crate) fn recover(
             dir_changed = true;
             continue;
         }
+        if let Some((previous, file)) = last.take() {
+            segments.push(Arc::new(seal_scanned(previous, &file)?));
+        }
         let point = clean.filter(|p| p.segment_base == base);
         let (segment, file, outcome) = scan_segment(dir, base, point, config, &mut report)?;
         expected = segment.next_offset();
-        scanned.push((segment, file));
+        last = Some((segment, file));
         match outcome {
             ScanOutcome::Complete => {}
             ScanOutcome::Cut => cut = true,
@@ -199,17 +238,8 @@ pub(crate) fn recover(
         tracing::warn!(dir = %dir.display(), bytes = report.truncated_bytes, segments = report.deleted_segments,
             "cut a torn or unsynced tail from the log");
     }
-
-    // Make what was kept durable, seal all but the last scanned segment.
-    let (last, active_file) = scanned.pop().expect("at least the clean segment is scanned");
-    for (segment, file) in scanned {
-        file.sync_data().at(segment.log_path())?;
-        let last_batch = segment
-            .last_batch_base()
-            .map_err(|stop| corrupt_invariant(&segment, stop))?;
-        segment.seal(Some(last_batch))?;
-        segments.push(Arc::new(segment));
-    }
+    // Make what was kept durable: from here on all of it counts as acknowledged.
+    let (last, active_file) = last.expect("at least the clean segment is scanned");
     active_file.sync_data().at(last.log_path())?;
     segments.push(Arc::new(last));
 
@@ -232,6 +262,16 @@ pub(crate) fn recover(
         producers,
         report,
     })
+}
+
+/// Fsyncs a scanned segment that is not the last and seals it.
+fn seal_scanned(segment: Segment, file: &File) -> Result<Segment, StorageError> {
+    file.sync_data().at(segment.log_path())?;
+    let last_batch = segment
+        .last_batch_base()
+        .map_err(|stop| corrupt_invariant(&segment, stop))?;
+    segment.seal(Some(last_batch))?;
+    Ok(segment)
 }
 
 fn corrupt_invariant(segment: &Segment, stop: ScanStop) -> StorageError {

@@ -383,6 +383,11 @@ impl Segment {
         if header.record_count == 0 || header.last_offset_delta != header.record_count - 1 {
             return Err(stop("batch record count and last offset delta disagree"));
         }
+        // Offsets in a segment are u32 apart from its base; nothing may overflow u64.
+        let next = header.base_offset.0.checked_add(u64::from(header.record_count));
+        if next.is_none_or(|next| next - self.base_offset.0 > u64::from(u32::MAX)) {
+            return Err(stop("batch runs past the offsets a segment can hold"));
+        }
         Ok(header)
     }
 

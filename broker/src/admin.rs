@@ -1,0 +1,149 @@
+//! `lanes-broker topics …`: admin commands against a running broker.
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use lanes_protocol::ErrorCode;
+use lanes_protocol::client::{Client, ClientConfig};
+use lanes_protocol::messages::{
+    CreateTopicRequest, DeleteTopicRequest, MetadataRequest, TopicConfig, TopicMetadata,
+};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TopicsCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Partitions (default: the broker's topic_partitions_default).
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Lane names, most urgent first (default: the broker's topic_lanes_default).
+        #[arg(long, value_delimiter = ',')]
+        lanes: Vec<String>,
+        /// A topic setting, KEY=VALUE: durability, retention_ms, retention_bytes. Repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_setting)]
+        configs: Vec<TopicConfig>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's settings and, per partition and lane, its offsets and size.
+    Describe { name: String },
+    /// Delete a topic and all its records.
+    Delete { name: String },
+}
+
+fn parse_setting(text: &str) -> Result<TopicConfig, String> {
+    let (key, value) = text.split_once('=').ok_or("expected KEY=VALUE")?;
+    Ok(TopicConfig {
+        key: key.trim().to_owned(),
+        value: value.trim().to_owned(),
+    })
+}
+
+pub(crate) fn run(broker: &str, command: TopicsCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let config = ClientConfig {
+            client_id: "lanes-broker-admin".into(),
+            ..ClientConfig::default()
+        };
+        let client = Client::connect(broker, config)
+            .await
+            .context("connecting to the broker")?;
+        match command {
+            TopicsCommand::Create {
+                name,
+                partitions,
+                lanes,
+                configs,
+            } => {
+                let request = CreateTopicRequest {
+                    name: name.clone(),
+                    partitions: partitions.unwrap_or(0),
+                    lanes,
+                    configs,
+                };
+                client.request(&request).await?;
+                let topic = metadata(&client, &name).await?;
+                println!(
+                    "created topic {name}: {} partitions, lanes {}",
+                    topic.partitions.len(),
+                    topic.lanes.join(",")
+                );
+            }
+            TopicsCommand::List => {
+                let response = client.request(&MetadataRequest::default()).await?;
+                println!("{:<32} {:>10}  {:<10} LANES", "TOPIC", "PARTITIONS", "DURABILITY");
+                for topic in response.topics {
+                    println!(
+                        "{:<32} {:>10}  {:<10} {}",
+                        topic.name,
+                        topic.partitions.len(),
+                        config_value(&topic, "durability"),
+                        topic.lanes.join(",")
+                    );
+                }
+            }
+            TopicsCommand::Describe { name } => print_description(&metadata(&client, &name).await?),
+            TopicsCommand::Delete { name } => {
+                client.request(&DeleteTopicRequest { name: name.clone() }).await?;
+                println!("deleted topic {name}");
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn metadata(client: &Client, name: &str) -> anyhow::Result<TopicMetadata> {
+    let response = client
+        .request(&MetadataRequest {
+            topics: vec![name.to_owned()],
+        })
+        .await?;
+    let Some(topic) = response.topics.into_iter().next() else {
+        bail!("the broker did not describe topic {name}");
+    };
+    if topic.error_code != ErrorCode::None {
+        bail!("{}: {}", topic.error_code, topic.error_message);
+    }
+    Ok(topic)
+}
+
+fn config_value<'a>(topic: &'a TopicMetadata, key: &str) -> &'a str {
+    topic
+        .configs
+        .iter()
+        .find(|c| c.key == key)
+        .map_or("", |c| c.value.as_str())
+}
+
+fn print_description(topic: &TopicMetadata) {
+    println!("topic {}", topic.name);
+    println!("  partitions  {}", topic.partitions.len());
+    println!("  lanes       {}", topic.lanes.join(","));
+    for config in &topic.configs {
+        println!("  {:<11} {}", config.key, config.value);
+    }
+    println!();
+    println!(
+        "{:>9}  {:<10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>8}",
+        "PARTITION", "LANE", "EARLIEST", "LATEST", "DURABLE", "VISIBLE", "BYTES", "SEGMENTS"
+    );
+    for partition in &topic.partitions {
+        for lane in &partition.lanes {
+            let name = topic.lanes.get(lane.lane.0 as usize).map_or("?", String::as_str);
+            println!(
+                "{:>9}  {:<10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                partition.partition.0,
+                format!("{}:{name}", lane.lane.0),
+                lane.start_offset.0,
+                lane.end_offset.0,
+                lane.durable_offset.0,
+                lane.visible_offset.0,
+                lane.size_bytes,
+                lane.segments
+            );
+        }
+    }
+}

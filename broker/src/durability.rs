@@ -1,0 +1,175 @@
+//! The syncer: the threads that fsync lane logs and publish how far they are durable.
+//!
+//! Appends never fsync on the thread that handles the request. With `fsync = always`, an
+//! append queues its lane log (once: a queued log is not queued again); a sync thread
+//! takes it, runs [`LaneLog::flush`](crate::storage::LaneLog::flush) and tells waiters.
+//! Appends that arrive while that fsync runs queue the log again and are covered by the
+//! next round: group commit across every producer of the lane log. With
+//! `fsync = interval`, a ticker queues the logs whose oldest unsynced append is due.
+//! Fsyncs of different lane logs run in parallel on `fsync_threads` threads.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::FsyncMode;
+use crate::topic::LogHandle;
+
+#[derive(Debug, Default)]
+struct Queue {
+    logs: VecDeque<Arc<LogHandle>>,
+    stopping: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    /// Every lane log, for the interval ticker.
+    logs: Mutex<Vec<Weak<LogHandle>>>,
+}
+
+#[derive(Debug)]
+pub struct Syncer {
+    mode: FsyncMode,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+impl Syncer {
+    /// Starts `threads` sync threads, and a ticker for `fsync = interval`.
+    pub fn start(mode: FsyncMode, threads: u32, interval: Duration) -> Arc<Syncer> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            logs: Mutex::new(Vec::new()),
+        });
+        let mut handles: Vec<JoinHandle<()>> = (0..threads.max(1))
+            .map(|i| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("lanes-fsync-{i}"))
+                    .spawn(move || sync_loop(&shared))
+                    .expect("spawn a sync thread")
+            })
+            .collect();
+        if mode == FsyncMode::Interval {
+            let shared = Arc::clone(&shared);
+            // Check twice per interval, so no append waits much more than the interval.
+            let tick = (interval / 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            handles.push(
+                std::thread::Builder::new()
+                    .name("lanes-fsync-ticker".into())
+                    .spawn(move || tick_loop(&shared, tick))
+                    .expect("spawn the fsync ticker"),
+            );
+        }
+        Arc::new(Syncer {
+            mode,
+            shared,
+            threads: Mutex::new(handles),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether every append should queue its log for an fsync.
+    pub fn syncs_on_append(&self) -> bool {
+        self.mode == FsyncMode::Always
+    }
+
+    pub(crate) fn register(&self, handle: &Arc<LogHandle>) {
+        let mut logs = self.shared.logs.lock().expect("logs lock poisoned");
+        if logs.len() == logs.capacity() {
+            logs.retain(|weak| weak.strong_count() > 0);
+        }
+        logs.push(Arc::downgrade(handle));
+    }
+
+    /// Queues `handle` for an fsync unless it is queued already.
+    pub fn request(&self, handle: &Arc<LogHandle>) {
+        self.shared.enqueue(handle);
+    }
+
+    /// Lets the queued fsyncs finish, then stops the threads.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared
+            .queue
+            .lock()
+            .expect("sync queue lock poisoned")
+            .stopping = true;
+        self.shared.ready.notify_all();
+        for thread in self.threads.lock().expect("threads lock poisoned").drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    fn enqueue(&self, handle: &Arc<LogHandle>) {
+        if handle.sync_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut queue = self.queue.lock().expect("sync queue lock poisoned");
+        if queue.stopping {
+            handle.sync_queued.store(false, Ordering::Release);
+            return;
+        }
+        queue.logs.push_back(Arc::clone(handle));
+        drop(queue);
+        self.ready.notify_one();
+    }
+}
+
+fn sync_loop(shared: &Shared) {
+    loop {
+        let handle = {
+            let mut queue = shared.queue.lock().expect("sync queue lock poisoned");
+            loop {
+                if let Some(handle) = queue.logs.pop_front() {
+                    break handle;
+                }
+                if queue.stopping {
+                    return;
+                }
+                queue = shared.ready.wait(queue).expect("sync queue lock poisoned");
+            }
+        };
+        // Cleared before the fsync: an append that arrives during it queues the log again.
+        handle.sync_queued.store(false, Ordering::Release);
+        let result = handle.log.flush();
+        handle.synced(result);
+    }
+}
+
+fn tick_loop(shared: &Arc<Shared>, tick: Duration) {
+    loop {
+        std::thread::sleep(tick);
+        if shared.queue.lock().expect("sync queue lock poisoned").stopping {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<Arc<LogHandle>> = shared
+            .logs
+            .lock()
+            .expect("logs lock poisoned")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|handle| handle.log.fsync_due(now))
+            .collect();
+        for handle in &due {
+            shared.enqueue(handle);
+        }
+    }
+}

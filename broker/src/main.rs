@@ -1,0 +1,132 @@
+//! `lanes-broker`: runs the broker (no subcommand) or manages a running one
+//! (`lanes-broker topics …`).
+
+mod admin;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use lanes_broker::Broker;
+use lanes_broker::config::{Settings, SettingsArgs};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const AFTER_HELP: &str = "Every setting is also an environment variable (LANES_<SETTING>, e.g. \
+LANES_SEGMENT_BYTES_MAX) and a key in the --config TOML file (segment_bytes_max = …). \
+Precedence: flag, environment, file, default. Logs go to stderr; RUST_LOG filters them.";
+
+#[derive(Debug, Parser)]
+#[command(name = "lanes-broker", version, about = "The Lanes message broker", after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A TOML file of settings.
+    #[arg(long, env = "LANES_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the effective settings as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// How log lines look.
+    #[arg(long, env = "LANES_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe and delete topics on a running broker.
+    Topics {
+        /// The broker to talk to.
+        #[arg(long, env = "LANES_BROKER", default_value = "127.0.0.1:7070", global = true)]
+        broker: String,
+        #[command(subcommand)]
+        command: admin::TopicsCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Topics { broker, command }) => admin::run(&broker, command),
+        None => serve(cli.settings, cli.config, cli.print_config, cli.log_format),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lanes-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(
+    args: SettingsArgs,
+    file: Option<PathBuf>,
+    print_config: bool,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let settings = Settings::load(&args, file.as_deref())?;
+    if print_config {
+        print!("{}", settings.to_toml());
+        return Ok(());
+    }
+    init_logging(log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lanes-worker")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        tracing::info!(data_dir = %settings.data_dir.display(), fsync = %settings.fsync, "opening the data directory");
+        let broker = Broker::open(settings.clone()).context("opening the data directory")?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listening on {}", settings.listen))?;
+        let address = listener.local_addr()?;
+        tracing::info!(%address, topics = broker.topics.list().len(), version = lanes_broker::server::VERSION, "listening");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        broker.serve(listener, shutdown).await;
+        tracing::info!("stopped serving; syncing and closing lane logs");
+        broker.close().context("closing lane logs")?;
+        tracing::info!("shut down cleanly");
+        Ok(())
+    })
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
+    }
+    shutdown.cancel();
+}

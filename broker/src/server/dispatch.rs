@@ -1,0 +1,86 @@
+//! Sends each request to its handler.
+//!
+//! Handlers run their effects (appends, topic changes) right away, in the order the
+//! requests arrived on the connection, and return a future only for what they wait on
+//! (durability, new data). So pipelined produce requests append in the order they were
+//! sent, whatever order their waits end in, and responses still go out in order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use lanes_protocol::api::{RequestError, decode_request, encode_error_response, encode_response};
+use lanes_protocol::messages::ApiVersionsResponse;
+use lanes_protocol::{ApiKey, ErrorCode, Request};
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, VERSION, admin, fetch, produce};
+
+/// A response frame to come; `None` for requests answered with silence (acks = none).
+pub(super) type ResponseFuture = Pin<Box<dyn Future<Output = Option<Vec<Bytes>>> + Send>>;
+
+/// What the connection does with one request.
+pub(super) struct Reply {
+    pub(super) frame: ResponseFuture,
+    /// Close the connection after answering: the byte stream cannot be trusted.
+    pub(super) close: bool,
+}
+
+pub(super) fn ready(frame: Vec<Bytes>) -> ResponseFuture {
+    Box::pin(std::future::ready(Some(frame)))
+}
+
+fn answer(frame: Vec<Bytes>) -> Reply {
+    Reply {
+        frame: ready(frame),
+        close: false,
+    }
+}
+
+pub(super) fn dispatch(
+    broker: &Arc<Broker>,
+    frame: BytesMut,
+    handshaken: &mut bool,
+    shutdown: &CancellationToken,
+) -> Reply {
+    let (header, request) = match decode_request(frame) {
+        Ok(decoded) => decoded,
+        Err(error) => return refuse(&error),
+    };
+    let id = header.correlation_id;
+    if !*handshaken {
+        if header.api_key != ApiKey::ApiVersions as u16 {
+            let message = "the first request on a connection must be ApiVersions";
+            return answer(encode_error_response(id, ErrorCode::HandshakeRequired, message));
+        }
+        *handshaken = true;
+    }
+    let frame = match request {
+        Request::ApiVersions(_) => ready(encode_response(id, &ApiVersionsResponse::supported(VERSION))),
+        Request::CreateTopic(request) => ready(admin::create_topic(broker, id, &request)),
+        Request::DeleteTopic(request) => ready(admin::delete_topic(broker, id, &request)),
+        Request::Metadata(request) => ready(admin::metadata(broker, id, &request)),
+        Request::Produce(request) => produce::produce(broker, id, request),
+        Request::Fetch(request) => Box::pin(fetch::fetch(Arc::clone(broker), id, request, shutdown.clone())),
+        Request::ListOffsets(request) => ready(admin::list_offsets(broker, id, request)),
+        Request::InitProducerId(_) => ready(admin::init_producer_id(broker, id)),
+    };
+    Reply { frame, close: false }
+}
+
+/// Answers a request that could not be decoded. Without a readable header there is no
+/// correlation id to answer to: answer 0 and close.
+fn refuse(error: &RequestError) -> Reply {
+    match error.answer() {
+        Some((header, code, message)) => answer(encode_error_response(header.correlation_id, code, &message)),
+        None => Reply {
+            frame: ready(encode_error_response(
+                0,
+                ErrorCode::MalformedRequest,
+                &error.to_string(),
+            )),
+            close: true,
+        },
+    }
+}

@@ -1,0 +1,143 @@
+//! The network side: [`Broker`] holds the state, [`Broker::serve`] accepts connections
+//! on a listener it is handed, `connection` runs one connection, `dispatch` sends each
+//! request to its handler.
+
+mod admin;
+mod connection;
+mod dispatch;
+mod fetch;
+mod produce;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::durability::Syncer;
+use crate::producer_ids::ProducerIds;
+use crate::storage::StorageError;
+use crate::topic::{TopicError, Topics};
+
+/// The broker's software version, as ApiVersions reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A running broker's state.
+#[derive(Debug)]
+pub struct Broker {
+    pub settings: Settings,
+    pub topics: Topics,
+    producer_ids: ProducerIds,
+    syncer: Arc<Syncer>,
+    /// Bytes of requests being received or handled, over all connections.
+    request_bytes: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+}
+
+impl Broker {
+    /// Opens the data directory: recovers every topic's lane logs and starts the
+    /// fsync threads. Does not listen yet.
+    pub fn open(settings: Settings) -> Result<Arc<Broker>, TopicError> {
+        settings
+            .validate()
+            .map_err(|error| TopicError::InvalidConfig(error.to_string()))?;
+        let syncer = Syncer::start(
+            settings.fsync,
+            settings.fsync_threads,
+            Duration::from_millis(settings.fsync_interval_ms),
+        );
+        let topics = Topics::open(&settings, Arc::clone(&syncer))?;
+        let producer_ids = ProducerIds::open(settings.data_dir.join("meta"))?;
+        Ok(Arc::new(Broker {
+            request_bytes: Arc::new(Semaphore::new(
+                usize::try_from(settings.requests_bytes_max).unwrap_or(usize::MAX >> 4),
+            )),
+            connections: Arc::new(Semaphore::new(settings.connections_max as usize)),
+            settings,
+            topics,
+            producer_ids,
+            syncer,
+        }))
+    }
+
+    /// Serves connections from `listener` until `shutdown` is cancelled; then stops
+    /// accepting and lets every connection finish its in-flight requests (for at most
+    /// `shutdown_ms_max`). Call [`Broker::close`] afterwards.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let connections = TaskTracker::new();
+        let retention = tokio::spawn(Arc::clone(self).run_retention(shutdown.clone()));
+        let mut refused: u64 = 0;
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(%peer, refused, limit = self.settings.connections_max,
+                        "connections_max reached; closing new connections");
+                }
+                drop(stream);
+                continue;
+            };
+            let broker = Arc::clone(self);
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
+                connection::serve(broker, stream, peer, shutdown).await;
+                drop(permit);
+            });
+        }
+        connections.close();
+        let grace = Duration::from_millis(self.settings.shutdown_ms_max);
+        if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "connections still open after the shutdown grace period; closing them"
+            );
+        }
+        retention.abort();
+    }
+
+    async fn run_retention(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = Duration::from_millis(self.settings.retention_check_ms.max(1));
+        let mut ticker = tokio::time::interval(period);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let broker = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || broker.topics.enforce_retention()).await;
+        }
+    }
+
+    /// Fsyncs and closes every lane log cleanly and stops the fsync threads.
+    pub fn close(&self) -> Result<(), StorageError> {
+        let result = self.topics.close();
+        self.syncer.stop();
+        result
+    }
+}
+
+/// Runs `work`, which may block on disk I/O, without stalling the other tasks of this
+/// runtime worker (on the multi-threaded runtime the broker uses).
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}

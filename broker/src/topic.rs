@@ -1,0 +1,504 @@
+//! Topics: a name, P partitions and L lanes; every (partition, lane) is one lane log.
+//!
+//! A topic's spec is stored in `DATA_DIR/meta/topics/<name>.json`, written atomically
+//! after its lane logs exist; that write is the moment the topic exists. Its data is in
+//! `DATA_DIR/topics/<name>/<partition>/<lane>/`. A data directory without a spec (a
+//! create or delete cut short by a crash) is removed when the broker starts.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+
+use lanes_protocol::messages::{CreateTopicRequest, TopicConfig, is_valid_topic_name};
+use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::{Durability, FsyncMode, Settings, parse_lane_names};
+use crate::durability::Syncer;
+use crate::storage::{AppendOutcome, LaneLog, StorageError, files};
+
+/// A topic's settings, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: u32,
+    /// Lane names, lane 0 (most urgent) first.
+    pub lanes: Vec<String>,
+    pub durability: Durability,
+    /// -1 keeps everything.
+    pub retention_ms: i64,
+    /// Per lane log; -1 for no limit.
+    pub retention_bytes: i64,
+}
+
+/// Why a topic operation failed, with its wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("invalid topic name {0:?}: use 1 to 249 characters of [A-Za-z0-9._-]")]
+    InvalidName(String),
+    #[error("topic {0} already exists")]
+    AlreadyExists(String),
+    #[error("topic {0} does not exist")]
+    Unknown(String),
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl TopicError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TopicError::InvalidName(_) => ErrorCode::InvalidTopicName,
+            TopicError::AlreadyExists(_) => ErrorCode::TopicAlreadyExists,
+            TopicError::Unknown(_) => ErrorCode::UnknownTopic,
+            TopicError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            TopicError::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            TopicError::Storage(error) => storage_error_code(error),
+        }
+    }
+}
+
+/// The wire code for a storage error.
+pub fn storage_error_code(error: &StorageError) -> ErrorCode {
+    use lanes_protocol::BatchError;
+    match error {
+        StorageError::InvalidBatch(BatchError::LengthOutOfRange { length, max, .. }) if length > max => {
+            ErrorCode::BatchTooLarge
+        }
+        StorageError::InvalidBatch(_) => ErrorCode::InvalidBatch,
+        StorageError::StorageFull { .. } => ErrorCode::StorageFull,
+        StorageError::Io { .. } | StorageError::Failed { .. } => ErrorCode::StorageFailed,
+        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::Corrupt { .. } => ErrorCode::CorruptData,
+        StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+        StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+        StorageError::Closed { .. } => ErrorCode::ShuttingDown,
+        StorageError::Locked { .. } => ErrorCode::Internal,
+        StorageError::InvalidConfig(_) => ErrorCode::Internal,
+    }
+}
+
+impl TopicSpec {
+    /// The spec a CreateTopic request asks for, with broker defaults filled in.
+    pub fn from_request(request: &CreateTopicRequest, settings: &Settings) -> Result<TopicSpec, TopicError> {
+        let mut spec = TopicSpec::with_defaults(&request.name, settings)?;
+        if request.partitions > 0 {
+            spec.partitions = request.partitions;
+        }
+        if !request.lanes.is_empty() {
+            spec.lanes = parse_lane_names(&request.lanes.join(",")).map_err(TopicError::InvalidConfig)?;
+        }
+        for config in &request.configs {
+            spec.set(config)?;
+        }
+        spec.check(settings)?;
+        Ok(spec)
+    }
+
+    /// A topic with every setting at the broker's default.
+    pub fn with_defaults(name: &str, settings: &Settings) -> Result<TopicSpec, TopicError> {
+        if !is_valid_topic_name(name) {
+            return Err(TopicError::InvalidName(name.to_owned()));
+        }
+        Ok(TopicSpec {
+            name: name.to_owned(),
+            partitions: settings.topic_partitions_default,
+            lanes: parse_lane_names(&settings.topic_lanes_default).map_err(TopicError::InvalidConfig)?,
+            durability: settings.topic_durability_default,
+            retention_ms: settings.retention_ms,
+            retention_bytes: settings.retention_bytes,
+        })
+    }
+
+    fn set(&mut self, config: &TopicConfig) -> Result<(), TopicError> {
+        let bad = |expected: &str| {
+            TopicError::InvalidConfig(format!(
+                "topic setting {}: {:?} is not {expected}",
+                config.key, config.value
+            ))
+        };
+        let retention = |value: &str| value.parse::<i64>().ok().filter(|v| *v >= -1);
+        match config.key.as_str() {
+            "durability" => self.durability = config.value.parse().map_err(|_| bad("written or durable"))?,
+            "retention_ms" => self.retention_ms = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?,
+            "retention_bytes" => {
+                self.retention_bytes = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?
+            }
+            other => {
+                return Err(TopicError::InvalidConfig(format!(
+                    "unknown topic setting {other:?}; known: durability, retention_ms, retention_bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, settings: &Settings) -> Result<(), TopicError> {
+        if self.partitions == 0 || self.partitions > settings.topic_partitions_max {
+            return Err(TopicError::LimitExceeded(format!(
+                "a topic has 1 to {} partitions (topic_partitions_max)",
+                settings.topic_partitions_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// The settings as key-value pairs, as Metadata shows them.
+    pub fn configs(&self) -> Vec<TopicConfig> {
+        [
+            ("durability", self.durability.to_string()),
+            ("retention_ms", self.retention_ms.to_string()),
+            ("retention_bytes", self.retention_bytes.to_string()),
+        ]
+        .into_iter()
+        .map(|(key, value)| TopicConfig {
+            key: key.into(),
+            value,
+        })
+        .collect()
+    }
+}
+
+/// How far a lane log can be read, published for waiters (long polls, durable acks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub visible: Offset,
+    /// The lane log stopped taking writes (a failed fsync or write).
+    pub failed: bool,
+}
+
+/// A lane log as the broker serves it.
+#[derive(Debug)]
+pub struct LogHandle {
+    pub log: LaneLog,
+    /// What consumers may see: written records, or only durable ones.
+    visibility: Durability,
+    progress: watch::Sender<Progress>,
+    /// Whether the log waits in the syncer's queue.
+    pub(crate) sync_queued: AtomicBool,
+    syncer: Arc<Syncer>,
+}
+
+impl LogHandle {
+    fn new(log: LaneLog, visibility: Durability, syncer: Arc<Syncer>) -> Arc<LogHandle> {
+        let visible = match visibility {
+            Durability::Written => log.next_offset(),
+            Durability::Durable => log.durable_offset(),
+        };
+        let handle = Arc::new(LogHandle {
+            log,
+            visibility,
+            progress: watch::Sender::new(Progress {
+                visible,
+                failed: false,
+            }),
+            sync_queued: AtomicBool::new(false),
+            syncer,
+        });
+        handle.syncer.register(&handle);
+        handle
+    }
+
+    /// Offsets below this may be read by consumers.
+    pub fn visible_offset(&self) -> Offset {
+        match self.visibility {
+            Durability::Written => self.log.next_offset(),
+            Durability::Durable => self.log.durable_offset(),
+        }
+    }
+
+    pub fn visibility(&self) -> Durability {
+        self.visibility
+    }
+
+    /// Appends a batch and gets it on its way to durability.
+    pub fn append(self: &Arc<Self>, batch: &mut [u8]) -> Result<AppendOutcome, StorageError> {
+        let outcome = self.log.append(batch)?;
+        if self.visibility == Durability::Written {
+            self.publish_visible(self.log.next_offset());
+        }
+        if self.syncer.syncs_on_append() && !outcome.duplicate {
+            self.syncer.request(self);
+        }
+        Ok(outcome)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Called by the syncer after an fsync round.
+    pub(crate) fn synced(&self, result: Result<Offset, StorageError>) {
+        match result {
+            Ok(durable) if self.visibility == Durability::Durable => self.publish_visible(durable),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(dir = %self.log.dir().display(), %error, "fsync failed");
+                self.progress.send_modify(|p| p.failed = true);
+            }
+        }
+    }
+
+    fn publish_visible(&self, visible: Offset) {
+        self.progress.send_if_modified(|p| {
+            let advanced = visible > p.visible;
+            p.visible = p.visible.max(visible);
+            advanced
+        });
+    }
+
+    /// Waits until `offset` is visible (so as durable as the topic promises).
+    /// Returns false if the lane log failed first.
+    pub async fn wait_visible(&self, offset: Offset) -> bool {
+        let mut progress = self.progress.subscribe();
+        match progress.wait_for(|p| p.visible > offset || p.failed).await {
+            Ok(p) => !p.failed || p.visible > offset,
+            Err(_) => false,
+        }
+    }
+}
+
+/// A topic and its lane logs.
+#[derive(Debug)]
+pub struct Topic {
+    pub spec: TopicSpec,
+    /// `[partition][lane]`.
+    logs: Vec<Vec<Arc<LogHandle>>>,
+}
+
+impl Topic {
+    pub fn log(&self, partition: PartitionId, lane: Lane) -> Result<&Arc<LogHandle>, ErrorCode> {
+        let lanes = self
+            .logs
+            .get(partition.0 as usize)
+            .ok_or(ErrorCode::UnknownPartition)?;
+        lanes.get(lane.0 as usize).ok_or(ErrorCode::UnknownLane)
+    }
+
+    /// Every lane log as `(partition, lane, log)`.
+    pub fn logs(&self) -> impl Iterator<Item = (PartitionId, Lane, &Arc<LogHandle>)> {
+        self.logs.iter().enumerate().flat_map(|(p, lanes)| {
+            lanes
+                .iter()
+                .enumerate()
+                .map(move |(l, log)| (PartitionId(p as u32), Lane(l as u8), log))
+        })
+    }
+}
+
+/// All topics of a broker.
+#[derive(Debug)]
+pub struct Topics {
+    settings: Settings,
+    data_dir: PathBuf,
+    meta_dir: PathBuf,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Serializes creates and deletes.
+    admin: Mutex<()>,
+    syncer: Arc<Syncer>,
+}
+
+impl Topics {
+    /// Opens every topic in the data directory, recovering its lane logs.
+    pub fn open(settings: &Settings, syncer: Arc<Syncer>) -> Result<Topics, TopicError> {
+        let data_dir = settings.data_dir.join("topics");
+        let meta_dir = settings.data_dir.join("meta").join("topics");
+        files::create_dir_all_durable(&data_dir)?;
+        files::create_dir_all_durable(&meta_dir)?;
+        let topics = Topics {
+            settings: settings.clone(),
+            data_dir,
+            meta_dir,
+            topics: RwLock::new(HashMap::new()),
+            admin: Mutex::new(()),
+            syncer,
+        };
+        let mut specs = Vec::new();
+        for entry in fs::read_dir(&topics.meta_dir).map_err(|e| StorageError::io(&topics.meta_dir, e))? {
+            let path = entry.map_err(|e| StorageError::io(&topics.meta_dir, e))?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = fs::read_to_string(&path).map_err(|e| StorageError::io(&path, e))?;
+                let spec: TopicSpec = serde_json::from_str(&text)
+                    .map_err(|e| TopicError::InvalidConfig(format!("{}: {e}", path.display())))?;
+                specs.push(spec);
+            } else if path.extension().is_some_and(|e| e == "tmp") {
+                files::remove_if_exists(&path)?;
+            }
+        }
+        for spec in specs {
+            let topic = topics.open_topic(spec)?;
+            topics.write().insert(topic.spec.name.clone(), topic);
+        }
+        topics.remove_orphan_data()?;
+        Ok(topics)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Topic>>> {
+        self.topics.write().expect("topics lock poisoned")
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Topic>>> {
+        self.topics.read().expect("topics lock poisoned")
+    }
+
+    fn remove_orphan_data(&self) -> Result<(), TopicError> {
+        for entry in fs::read_dir(&self.data_dir).map_err(|e| StorageError::io(&self.data_dir, e))? {
+            let path = entry.map_err(|e| StorageError::io(&self.data_dir, e))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            if !self.read().contains_key(&name) {
+                tracing::warn!(dir = %path.display(), "removing data of a topic that has no spec (an interrupted create or delete)");
+                fs::remove_dir_all(&path).map_err(|e| StorageError::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lane_dir(&self, topic: &str, partition: u32, lane: usize) -> PathBuf {
+        self.data_dir
+            .join(topic)
+            .join(partition.to_string())
+            .join(lane.to_string())
+    }
+
+    fn spec_path(&self, name: &str) -> PathBuf {
+        self.meta_dir.join(format!("{name}.json"))
+    }
+
+    fn open_topic(&self, spec: TopicSpec) -> Result<Arc<Topic>, TopicError> {
+        let config = self.settings.log_config(spec.retention_ms, spec.retention_bytes);
+        let visibility = match self.settings.fsync {
+            FsyncMode::Never => Durability::Written,
+            _ => spec.durability,
+        };
+        let mut logs = Vec::with_capacity(spec.partitions as usize);
+        for partition in 0..spec.partitions {
+            let mut lanes = Vec::with_capacity(spec.lanes.len());
+            for lane in 0..spec.lanes.len() {
+                let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config.clone())?;
+                lanes.push(LogHandle::new(log, visibility, Arc::clone(&self.syncer)));
+            }
+            logs.push(lanes);
+        }
+        Ok(Arc::new(Topic { spec, logs }))
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Every topic, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Topic>> {
+        let mut topics: Vec<Arc<Topic>> = self.read().values().cloned().collect();
+        topics.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        topics
+    }
+
+    /// Creates a topic: its lane logs first, then its spec file, which makes it exist.
+    pub fn create(&self, spec: TopicSpec) -> Result<Arc<Topic>, TopicError> {
+        let _admin = self.admin.lock().expect("admin lock poisoned");
+        if self.read().contains_key(&spec.name) {
+            return Err(TopicError::AlreadyExists(spec.name));
+        }
+        if self.read().len() >= self.settings.topics_max as usize {
+            return Err(TopicError::LimitExceeded(format!(
+                "the broker holds topics_max = {} topics",
+                self.settings.topics_max
+            )));
+        }
+        let topic = match self.open_topic(spec.clone()) {
+            Ok(topic) => topic,
+            Err(error) => {
+                let _ = fs::remove_dir_all(self.data_dir.join(&spec.name));
+                return Err(error);
+            }
+        };
+        let json = serde_json::to_vec_pretty(&spec).expect("specs serialize");
+        files::write_file_atomic(&self.spec_path(&spec.name), &json)?;
+        self.write().insert(spec.name.clone(), Arc::clone(&topic));
+        tracing::info!(topic = %spec.name, partitions = spec.partitions, lanes = ?spec.lanes, "topic created");
+        Ok(topic)
+    }
+
+    /// The topic, created with the broker's defaults if it is missing and auto-creation
+    /// is on.
+    pub fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
+        if let Some(topic) = self.get(name) {
+            return Ok(topic);
+        }
+        if !self.settings.auto_create_topics {
+            return Err(TopicError::Unknown(name.to_owned()));
+        }
+        match self.create(TopicSpec::with_defaults(name, &self.settings)?) {
+            Err(TopicError::AlreadyExists(_)) => {
+                self.get(name).ok_or_else(|| TopicError::Unknown(name.to_owned()))
+            }
+            other => other,
+        }
+    }
+
+    /// Deletes a topic: its spec file first (from then on it is gone, even after a
+    /// crash), then its lane logs and files.
+    pub fn delete(&self, name: &str) -> Result<(), TopicError> {
+        let _admin = self.admin.lock().expect("admin lock poisoned");
+        let Some(topic) = self.write().remove(name) else {
+            return Err(TopicError::Unknown(name.to_owned()));
+        };
+        let spec_path = self.spec_path(name);
+        files::remove_if_exists(&spec_path)?;
+        files::fsync_dir(&self.meta_dir)?;
+        for (_, _, log) in topic.logs() {
+            let _ = log.log.close();
+        }
+        let dir = self.data_dir.join(name);
+        fs::remove_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+        tracing::info!(topic = %name, "topic deleted");
+        Ok(())
+    }
+
+    /// Runs retention on every lane log.
+    pub fn enforce_retention(&self) {
+        for topic in self.list() {
+            for (_, _, handle) in topic.logs() {
+                match handle.log.enforce_retention_now() {
+                    Ok(outcome) if outcome.segments_deleted > 0 => {
+                        tracing::info!(dir = %handle.log.dir().display(), segments = outcome.segments_deleted,
+                            bytes = outcome.bytes_deleted, "retention deleted segments");
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(dir = %handle.log.dir().display(), %error, "retention failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every lane log cleanly (fsync, clean checkpoint).
+    pub fn close(&self) -> Result<(), StorageError> {
+        let mut first_error = None;
+        for topic in self.list() {
+            for (_, _, handle) in topic.logs() {
+                if let Err(error) = handle.log.close() {
+                    tracing::error!(dir = %handle.log.dir().display(), %error, "closing a lane log failed");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
