@@ -8,6 +8,21 @@ use lanes_protocol::messages::{
     CreateTopicRequest, DeleteTopicRequest, MetadataRequest, TopicConfig, TopicMetadata,
 };
 
+/// Prints a line; a closed stdout (`| head`) ends the program quietly, as for any
+/// Unix tool, instead of panicking as `println!` does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("lanes-broker: cannot write to stdout: {error}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum TopicsCommand {
     /// Create a topic.
@@ -66,7 +81,7 @@ pub(crate) fn run(broker: &str, command: TopicsCommand) -> anyhow::Result<()> {
                 };
                 client.request(&request).await?;
                 let topic = metadata(&client, &name).await?;
-                println!(
+                out!(
                     "created topic {name}: {} partitions, lanes {}",
                     topic.partitions.len(),
                     topic.lanes.join(",")
@@ -74,9 +89,9 @@ pub(crate) fn run(broker: &str, command: TopicsCommand) -> anyhow::Result<()> {
             }
             TopicsCommand::List => {
                 let response = client.request(&MetadataRequest::default()).await?;
-                println!("{:<32} {:>10}  {:<10} LANES", "TOPIC", "PARTITIONS", "DURABILITY");
+                out!("{:<32} {:>10}  {:<10} LANES", "TOPIC", "PARTITIONS", "DURABILITY");
                 for topic in response.topics {
-                    println!(
+                    out!(
                         "{:<32} {:>10}  {:<10} {}",
                         topic.name,
                         topic.partitions.len(),
@@ -88,7 +103,7 @@ pub(crate) fn run(broker: &str, command: TopicsCommand) -> anyhow::Result<()> {
             TopicsCommand::Describe { name } => print_description(&metadata(&client, &name).await?),
             TopicsCommand::Delete { name } => {
                 client.request(&DeleteTopicRequest { name: name.clone() }).await?;
-                println!("deleted topic {name}");
+                out!("deleted topic {name}");
             }
         }
         Ok(())
@@ -119,21 +134,28 @@ fn config_value<'a>(topic: &'a TopicMetadata, key: &str) -> &'a str {
 }
 
 fn print_description(topic: &TopicMetadata) {
-    println!("topic {}", topic.name);
-    println!("  partitions  {}", topic.partitions.len());
-    println!("  lanes       {}", topic.lanes.join(","));
+    out!("topic {}", topic.name);
+    out!("  partitions  {}", topic.partitions.len());
+    out!("  lanes       {}", topic.lanes.join(","));
     for config in &topic.configs {
-        println!("  {:<11} {}", config.key, config.value);
+        out!("  {:<11} {}", config.key, config.value);
     }
-    println!();
-    println!(
+    out!();
+    out!(
         "{:>9}  {:<10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>8}",
-        "PARTITION", "LANE", "EARLIEST", "LATEST", "DURABLE", "VISIBLE", "BYTES", "SEGMENTS"
+        "PARTITION",
+        "LANE",
+        "EARLIEST",
+        "LATEST",
+        "DURABLE",
+        "VISIBLE",
+        "BYTES",
+        "SEGMENTS"
     );
     for partition in &topic.partitions {
         for lane in &partition.lanes {
             let name = topic.lanes.get(lane.lane.0 as usize).map_or("?", String::as_str);
-            println!(
+            out!(
                 "{:>9}  {:<10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>8}",
                 partition.partition.0,
                 format!("{}:{name}", lane.lane.0),

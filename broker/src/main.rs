@@ -71,9 +71,16 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, not in log files.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        // When stderr is gone (a closed log pipe), tracing-subscriber would report the
+        // failed write with `eprintln!`, which panics: the logging task would die. A
+        // broker must keep running without its logs.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -124,9 +131,11 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
-        _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
-    }
+    let name = tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    // First act, then log: whatever logging does, the shutdown has begun.
     shutdown.cancel();
+    tracing::info!(signal = name, "shutting down");
 }

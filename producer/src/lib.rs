@@ -1,4 +1,437 @@
 //! The Lanes producer: batches records per lane log and sends them to a broker.
 //!
-//! Not built yet; it arrives with the end-to-end path (issue 3), on top of
-//! [`lanes_protocol::RecordBatchBuilder`], which already builds the batches it will send.
+//! ```no_run
+//! # async fn demo() -> Result<(), lanes_producer::ProduceError> {
+//! use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
+//! let producer = Producer::connect(ProducerConfig::new("127.0.0.1:7070")).await?;
+//! let delivery = producer
+//!     .send(ProducerRecord::new("orders", "placed").key("order-42").lane(LaneSelector::Name("express".into())))
+//!     .await?;
+//! let metadata = delivery.wait().await?;
+//! println!("partition {} lane {} offset {:?}", metadata.partition, metadata.lane, metadata.offset);
+//! producer.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Records are grouped per lane log (topic, partition, lane) into batches of up to
+//! `batch_bytes_max`, sent when full, after `linger`, or on [`Producer::flush`]. The
+//! partition comes from the record, else from the FNV-1a hash of its key, else round
+//! robin. Buffered records are bounded by `buffer_bytes_max`: [`Producer::send`] waits
+//! for room (backpressure). With idempotence (the default), retries after a lost
+//! connection or a transient broker error never append a batch twice: each lane log gets
+//! sequence numbers and the broker answers a retry with the original offsets. At most
+//! `in_flight_per_log_max` (5) batches per lane log are in flight, and a lane log's
+//! batches are appended in the order they were sent.
+
+mod record;
+mod sender;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lanes_protocol::client::{Client, ClientConfig, ClientError};
+use lanes_protocol::messages::{Acks, CreateTopicRequest, MetadataRequest};
+use lanes_protocol::partitioner::partition_for_key;
+use lanes_protocol::{BatchLimits, BuildError, ErrorCode, Lane, PartitionId, RecordBatchBuilder};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+
+use record::BatchResult;
+pub use record::{Delivery, LaneSelector, ProducerRecord, RecordMetadata};
+use sender::{Accumulator, Command, LogKey, OpenBatch};
+
+/// Settings of a producer.
+#[derive(Clone, Debug)]
+pub struct ProducerConfig {
+    /// `host:port` of the broker.
+    pub broker: String,
+    pub client_id: String,
+    pub acks: Acks,
+    /// Retries never duplicate records (needs `acks` other than `none`).
+    pub idempotent: bool,
+    /// How long a batch waits for more records before it is sent.
+    pub linger: Duration,
+    /// Largest batch; at most the broker's `batch_bytes_max`.
+    pub batch_bytes_max: u32,
+    /// Bytes of records held (buffered or in flight); `send` waits beyond it.
+    pub buffer_bytes_max: usize,
+    /// Largest produce request.
+    pub request_bytes_max: usize,
+    /// Batches of one lane log in flight at once (at most 5 with idempotence).
+    pub in_flight_per_log_max: usize,
+    /// How long the broker may take to make a batch durable.
+    pub durability_timeout: Duration,
+    /// How long a record may take, retries included, before it fails.
+    pub delivery_timeout: Duration,
+    pub retry_backoff: Duration,
+    /// Create a missing topic (with these partitions and lanes, or the broker's
+    /// defaults when `None` inside).
+    pub create_topics: Option<TopicDefaults>,
+}
+
+/// Partitions and lanes for topics the producer creates; 0 and empty mean the
+/// broker's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicDefaults {
+    pub partitions: u32,
+    pub lanes: Vec<String>,
+}
+
+impl ProducerConfig {
+    pub fn new(broker: impl Into<String>) -> ProducerConfig {
+        ProducerConfig {
+            broker: broker.into(),
+            client_id: "lanes-producer".into(),
+            acks: Acks::Durable,
+            idempotent: true,
+            linger: Duration::from_millis(5),
+            batch_bytes_max: 256 * 1024,
+            buffer_bytes_max: 64 << 20,
+            request_bytes_max: 4 << 20,
+            in_flight_per_log_max: 5,
+            durability_timeout: Duration::from_secs(30),
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
+            create_topics: Some(TopicDefaults::default()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("{0}")]
+    Connection(String),
+    #[error("topic {0} does not exist")]
+    UnknownTopic(String),
+    #[error("topic {topic} has no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32 },
+    #[error("topic {topic} has no lane {lane}")]
+    UnknownLane { topic: String, lane: String },
+    #[error("a record of up to {record_bytes} bytes does not fit a batch of {batch_bytes_max} bytes")]
+    RecordTooLarge {
+        record_bytes: usize,
+        batch_bytes_max: u32,
+    },
+    #[error("the broker refused the batch: {code}: {message}")]
+    Broker { code: ErrorCode, message: String },
+    #[error("not acknowledged within the delivery timeout; last error: {0}")]
+    TimedOut(String),
+    #[error("the producer is closed")]
+    Closed,
+}
+
+impl From<ClientError> for ProduceError {
+    fn from(error: ClientError) -> ProduceError {
+        match error {
+            ClientError::Broker { code, message } => ProduceError::Broker { code, message },
+            other => ProduceError::Connection(other.to_string()),
+        }
+    }
+}
+
+/// What the producer knows of a topic.
+#[derive(Debug)]
+pub(crate) struct TopicInfo {
+    pub(crate) name: Arc<str>,
+    pub(crate) partitions: u32,
+    pub(crate) lanes: Vec<String>,
+    round_robin: AtomicU32,
+}
+
+impl TopicInfo {
+    fn lane(&self, selector: &LaneSelector) -> Result<Lane, ProduceError> {
+        let unknown = |lane: String| ProduceError::UnknownLane {
+            topic: self.name.to_string(),
+            lane,
+        };
+        match selector {
+            LaneSelector::Default => Ok(Lane(
+                self.lanes.iter().position(|l| l == "standard").unwrap_or(0) as u8
+            )),
+            LaneSelector::Index(lane) if (lane.0 as usize) < self.lanes.len() => Ok(*lane),
+            LaneSelector::Index(lane) => Err(unknown(lane.0.to_string())),
+            LaneSelector::Name(name) => self
+                .lanes
+                .iter()
+                .position(|l| l == name)
+                .map(|i| Lane(i as u8))
+                .ok_or_else(|| unknown(name.clone())),
+        }
+    }
+
+    fn partition(&self, record: &ProducerRecord) -> Result<PartitionId, ProduceError> {
+        match (record.partition, &record.key) {
+            (Some(partition), _) if partition.0 < self.partitions => Ok(partition),
+            (Some(partition), _) => Err(ProduceError::UnknownPartition {
+                topic: self.name.to_string(),
+                partition: partition.0,
+            }),
+            (None, Some(key)) => Ok(partition_for_key(key, self.partitions)),
+            (None, None) => Ok(PartitionId(
+                self.round_robin.fetch_add(1, Ordering::Relaxed) % self.partitions,
+            )),
+        }
+    }
+}
+
+/// State shared by the producer handle and its sender task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ProducerConfig,
+    pub(crate) accumulator: Mutex<Accumulator>,
+    /// Bytes of records held; permits are returned when their batch completes.
+    pub(crate) buffer: Semaphore,
+    /// Wakes the sender: a batch filled up or a lane log got its first record.
+    pub(crate) wake: Notify,
+    pub(crate) closed: AtomicBool,
+}
+
+/// A producer: cheap to share behind an `Arc`; `send` may be called from many tasks.
+#[derive(Debug)]
+pub struct Producer {
+    shared: Arc<Shared>,
+    topics: tokio::sync::Mutex<HashMap<String, Arc<TopicInfo>>>,
+    admin: Arc<Client>,
+    commands: mpsc::Sender<Command>,
+    sender: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Producer {
+    /// Connects to the broker and, for an idempotent producer, gets a producer id.
+    pub async fn connect(mut config: ProducerConfig) -> Result<Producer, ProduceError> {
+        if config.acks == Acks::None {
+            config.idempotent = false;
+        }
+        if config.idempotent {
+            config.in_flight_per_log_max = config
+                .in_flight_per_log_max
+                .clamp(1, lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX);
+        }
+        let admin = Arc::new(Client::connect(&config.broker, client_config(&config)).await?);
+        let shared = Arc::new(Shared {
+            buffer: Semaphore::new(config.buffer_bytes_max),
+            accumulator: Mutex::new(Accumulator::default()),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            config,
+        });
+        let (commands, receiver) = mpsc::channel(16);
+        let task = tokio::spawn(sender::run(Arc::clone(&shared), receiver));
+        Ok(Producer {
+            shared,
+            topics: tokio::sync::Mutex::new(HashMap::new()),
+            admin,
+            commands,
+            sender: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Buffers a record for sending; waits while the buffer is full. The returned
+    /// [`Delivery`] resolves when the broker has acknowledged it.
+    pub async fn send(&self, record: ProducerRecord) -> Result<Delivery, ProduceError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ProduceError::Closed);
+        }
+        let topic = self.topic(&record.topic).await?;
+        let partition = topic.partition(&record)?;
+        let lane = topic.lane(&record.lane)?;
+        let batch_bytes_max = self.shared.config.batch_bytes_max;
+        let reserve = record.encoded_len_max();
+        if reserve + lanes_protocol::record_batch::HEADER_BYTES > batch_bytes_max as usize {
+            return Err(ProduceError::RecordTooLarge {
+                record_bytes: reserve,
+                batch_bytes_max,
+            });
+        }
+        let permits = u32::try_from(reserve).expect("bounded by batch_bytes_max");
+        self.shared
+            .buffer
+            .acquire_many(permits)
+            .await
+            .map_err(|_| ProduceError::Closed)?
+            .forget();
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let headers: Vec<(&[u8], Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (&k[..], v.as_deref()))
+            .collect();
+        let key = LogKey {
+            topic: Arc::clone(&topic.name),
+            partition,
+            lane,
+        };
+        let limits = BatchLimits {
+            batch_bytes_max,
+            batch_records_max: u32::MAX,
+        };
+        let (delivery, wake) = {
+            let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
+            let mut wake = false;
+            let open = accumulator.open.entry(key.clone()).or_insert_with(|| {
+                wake = true;
+                OpenBatch::new(limits)
+            });
+            let pushed = open
+                .builder
+                .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
+            let pushed = match pushed {
+                Err(BuildError::BatchFull) => {
+                    let full = std::mem::replace(open, OpenBatch::new(limits));
+                    accumulator.closed.push_back((key.clone(), full));
+                    wake = true;
+                    let open = accumulator.open.get_mut(&key).expect("just replaced");
+                    open.builder
+                        .push(timestamp_ms, record.key.as_deref(), &record.value, &headers)
+                }
+                other => other,
+            };
+            if let Err(error) = pushed {
+                drop(accumulator);
+                self.shared.buffer.add_permits(reserve);
+                return Err(match error {
+                    BuildError::TimestampOutOfRange(_)
+                    | BuildError::RecordTooLarge { .. }
+                    | BuildError::BatchFull => ProduceError::RecordTooLarge {
+                        record_bytes: reserve,
+                        batch_bytes_max,
+                    },
+                });
+            }
+            let open = accumulator.open.get_mut(&key).expect("present");
+            open.reserved += reserve;
+            let delivery = Delivery {
+                batch: Arc::clone(&open.result),
+                index: open.builder.record_count() - 1,
+                partition,
+                lane,
+            };
+            (delivery, wake)
+        };
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(delivery)
+    }
+
+    /// Sends every buffered record now and waits until all of them are acknowledged
+    /// or failed.
+    pub async fn flush(&self) -> Result<(), ProduceError> {
+        let (done, finished) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(done))
+            .await
+            .map_err(|_| ProduceError::Closed)?;
+        let results = finished.await.map_err(|_| ProduceError::Closed)?;
+        for result in results {
+            result.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, then stops the producer.
+    pub async fn close(&self) -> Result<(), ProduceError> {
+        let flushed = self.flush().await;
+        self.shared.closed.store(true, Ordering::Release);
+        let _ = self.commands.send(Command::Stop).await;
+        let task = self.sender.lock().expect("sender lock poisoned").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        flushed
+    }
+
+    /// The topic's partitions and lanes, from the broker (cached); a missing topic is
+    /// created when the config says so.
+    async fn topic(&self, name: &str) -> Result<Arc<TopicInfo>, ProduceError> {
+        let mut topics = self.topics.lock().await;
+        if let Some(info) = topics.get(name) {
+            return Ok(Arc::clone(info));
+        }
+        let info = Arc::new(self.fetch_topic(name).await?);
+        topics.insert(name.to_owned(), Arc::clone(&info));
+        Ok(info)
+    }
+
+    async fn fetch_topic(&self, name: &str) -> Result<TopicInfo, ProduceError> {
+        let request = MetadataRequest {
+            topics: vec![name.to_owned()],
+        };
+        let mut metadata = self.admin.request(&request).await?;
+        let mut topic = metadata
+            .topics
+            .pop()
+            .ok_or_else(|| ProduceError::UnknownTopic(name.to_owned()))?;
+        if topic.error_code == ErrorCode::UnknownTopic
+            && let Some(defaults) = &self.shared.config.create_topics
+        {
+            let create = CreateTopicRequest {
+                name: name.to_owned(),
+                partitions: defaults.partitions,
+                lanes: defaults.lanes.clone(),
+                configs: Vec::new(),
+            };
+            match self.admin.request(&create).await {
+                Ok(_) => {}
+                Err(ClientError::Broker {
+                    code: ErrorCode::TopicAlreadyExists,
+                    ..
+                }) => {}
+                Err(error) => return Err(error.into()),
+            }
+            metadata = self.admin.request(&request).await?;
+            topic = metadata
+                .topics
+                .pop()
+                .ok_or_else(|| ProduceError::UnknownTopic(name.to_owned()))?;
+        }
+        if topic.error_code != ErrorCode::None {
+            return Err(ProduceError::UnknownTopic(name.to_owned()));
+        }
+        Ok(TopicInfo {
+            name: Arc::from(name),
+            partitions: topic.partitions.len() as u32,
+            lanes: topic.lanes,
+            round_robin: AtomicU32::new(0),
+        })
+    }
+
+    /// Lane names of a topic, lane 0 first.
+    pub async fn lanes(&self, topic: &str) -> Result<Vec<String>, ProduceError> {
+        Ok(self.topic(topic).await?.lanes.clone())
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        if let Some(task) = self.sender.lock().expect("sender lock poisoned").take() {
+            task.abort();
+        }
+    }
+}
+
+pub(crate) fn client_config(config: &ProducerConfig) -> ClientConfig {
+    ClientConfig {
+        client_id: config.client_id.clone(),
+        request_timeout: config.durability_timeout + Duration::from_secs(10),
+        ..ClientConfig::default()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl OpenBatch {
+    fn new(limits: BatchLimits) -> OpenBatch {
+        OpenBatch {
+            builder: RecordBatchBuilder::new(limits),
+            result: Arc::new(BatchResult::default()),
+            opened_at: tokio::time::Instant::now(),
+            reserved: 0,
+        }
+    }
+}

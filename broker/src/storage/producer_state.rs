@@ -28,7 +28,7 @@ use super::StorageError;
 
 /// How many of a producer's most recent batches are remembered: a producer keeps at
 /// most this many batches in flight per lane log, so any retry is among them.
-pub const SEQUENCES_REMEMBERED: usize = 5;
+pub const SEQUENCES_REMEMBERED: usize = lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX;
 
 const MAGIC: &[u8; 4] = b"LPS1";
 const BATCH_META_BYTES: usize = 24;

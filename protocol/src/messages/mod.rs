@@ -22,7 +22,9 @@ pub use list_offsets::{
     ListOffsetsLane, ListOffsetsLaneResult, ListOffsetsRequest, ListOffsetsResponse, OffsetSpec,
 };
 pub use metadata::{LaneState, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata};
-pub use produce::{Acks, ProduceLane, ProduceLaneResult, ProduceRequest, ProduceResponse};
+pub use produce::{
+    Acks, IN_FLIGHT_PER_LOG_MAX, ProduceLane, ProduceLaneResult, ProduceRequest, ProduceResponse,
+};
 
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::{ErrorCode, LANES_MAX, Lane, PartitionId};

@@ -32,6 +32,11 @@ use crate::api::{ApiKey, RequestBody, ResponseBody};
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::{ErrorCode, Lane, Offset};
 
+/// How many batches of one lane log an idempotent producer may have in flight. The
+/// broker remembers this many of each producer's latest batches per lane log, so a
+/// retry is always recognized.
+pub const IN_FLIGHT_PER_LOG_MAX: usize = 5;
+
 /// How much the producer waits for.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

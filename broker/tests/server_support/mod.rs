@@ -1,0 +1,67 @@
+//! A real broker on 127.0.0.1:0 with a temp data directory, for integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanes_broker::{Broker, Settings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestBroker {
+    /// Starts a broker on `data_dir` with test-friendly settings, changed by `tweak`.
+    pub async fn start(data_dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestBroker {
+        let mut settings = Settings {
+            data_dir: data_dir.to_owned(),
+            segment_bytes_max: 1 << 20,
+            index_bytes_max: 64 * 1024,
+            ..Settings::default()
+        };
+        tweak(&mut settings);
+        let broker = tokio::task::spawn_blocking(move || Broker::open(settings))
+            .await
+            .unwrap()
+            .expect("broker opens");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let broker = Arc::clone(&broker);
+            let shutdown = shutdown.clone();
+            async move { broker.serve(listener, shutdown).await }
+        });
+        TestBroker {
+            addr,
+            broker,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Stops serving (graceful shutdown) and closes every lane log cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap();
+        let broker = self.broker;
+        tokio::task::spawn_blocking(move || broker.close())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

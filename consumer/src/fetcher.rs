@@ -1,0 +1,245 @@
+//! The background fetcher: long-polls the assigned lane logs and hands checked batches
+//! to the consumer, holding at most `prefetch_bytes_max` bytes that the consumer has
+//! not taken yet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanes_protocol::client::Client;
+use lanes_protocol::messages::{FetchLane, FetchRequest, OffsetSpec, PartitionItems, TopicItems};
+use lanes_protocol::{BatchLimits, Batches, ErrorCode, Offset, RecordBatch};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::{ConsumeError, ConsumerConfig, LogKey, ResetPolicy, list_offsets};
+
+/// Pause after a failed fetch before the next one.
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+
+#[derive(Debug)]
+pub(crate) enum FetcherCommand {
+    /// Fetch these lane logs from these offsets; tag what is fetched with `epoch`.
+    Assign {
+        epoch: u64,
+        positions: HashMap<LogKey, Offset>,
+    },
+}
+
+/// What the fetcher tells the consumer.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    /// A checked batch; `bytes` of prefetch budget go back when it is taken.
+    Batch {
+        key: LogKey,
+        epoch: u64,
+        batch: RecordBatch,
+        bytes: usize,
+    },
+    /// The lane log no longer held the position; fetching went on from `offset`.
+    Reset { key: LogKey, epoch: u64, offset: Offset },
+}
+
+pub(crate) async fn run(
+    client: Arc<Client>,
+    config: ConsumerConfig,
+    prefetch: Arc<Semaphore>,
+    mut commands: mpsc::UnboundedReceiver<FetcherCommand>,
+    fetched: mpsc::Sender<Result<Fetched, ConsumeError>>,
+) {
+    let mut epoch = 0;
+    let mut positions: HashMap<LogKey, Offset> = HashMap::new();
+    let reserve = (config.fetch_bytes_max as usize).min(config.prefetch_bytes_max);
+    loop {
+        while let Ok(command) = commands.try_recv() {
+            apply(command, &mut epoch, &mut positions);
+        }
+        if positions.is_empty() {
+            match commands.recv().await {
+                Some(command) => apply(command, &mut epoch, &mut positions),
+                None => return,
+            }
+            continue;
+        }
+        // Room for one response before asking for it.
+        let Ok(permit) = prefetch.acquire_many(reserve as u32).await else {
+            return;
+        };
+        permit.forget();
+        let request = fetch_request(&config, &positions);
+        let response = tokio::select! {
+            response = client.request(&request) => response,
+            command = commands.recv() => {
+                prefetch.add_permits(reserve);
+                match command {
+                    Some(command) => apply(command, &mut epoch, &mut positions),
+                    None => return,
+                }
+                continue;
+            }
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                prefetch.add_permits(reserve);
+                if client.is_closed() {
+                    let _ = fetched.send(Err(error.into())).await;
+                    return;
+                }
+                tracing::warn!(%error, "fetch failed; retrying");
+                tokio::time::sleep(RETRY_BACKOFF).await;
+                continue;
+            }
+        };
+        let mut events = Vec::new();
+        let mut used = 0;
+        for topic in response.topics {
+            let name: Arc<str> = Arc::from(topic.name.as_str());
+            for partition in topic.partitions {
+                for lane in partition.lanes {
+                    let key = LogKey {
+                        topic: Arc::clone(&name),
+                        partition: partition.partition,
+                        lane: lane.lane,
+                    };
+                    let Some(position) = positions.get_mut(&key) else {
+                        continue;
+                    };
+                    match lane.error_code {
+                        ErrorCode::None => {}
+                        ErrorCode::OffsetOutOfRange => {
+                            match reset(&client, &config, &key, *position).await {
+                                Ok(offset) => {
+                                    *position = offset;
+                                    events.push(Ok(Fetched::Reset { key, epoch, offset }));
+                                }
+                                Err(error) => events.push(Err(error)),
+                            }
+                            continue;
+                        }
+                        code if code.is_retriable() => continue,
+                        code => {
+                            events.push(Err(ConsumeError::Fetch {
+                                topic: key.topic.to_string(),
+                                partition: key.partition,
+                                lane: key.lane,
+                                code,
+                                message: lane.error_message,
+                            }));
+                            continue;
+                        }
+                    }
+                    let limits = BatchLimits {
+                        batch_bytes_max: u32::MAX,
+                        batch_records_max: u32::MAX,
+                    };
+                    for batch in Batches::new(lane.records, limits) {
+                        match batch {
+                            Ok(batch) if batch.last_offset() < *position => {}
+                            Ok(batch) => {
+                                *position = batch.last_offset().plus(1);
+                                let bytes = batch.bytes().len();
+                                used += bytes;
+                                events.push(Ok(Fetched::Batch {
+                                    key: key.clone(),
+                                    epoch,
+                                    batch,
+                                    bytes,
+                                }));
+                            }
+                            Err(error) => {
+                                events.push(Err(ConsumeError::InvalidBatch(format!(
+                                    "{} partition {} lane {}: {error}",
+                                    key.topic, key.partition, key.lane
+                                ))));
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Settle the budget with what the response actually held.
+        if used < reserve {
+            prefetch.add_permits(reserve - used);
+        } else if used > reserve {
+            match prefetch.acquire_many((used - reserve) as u32).await {
+                Ok(extra) => extra.forget(),
+                Err(_) => return,
+            }
+        }
+        for event in events {
+            if fetched.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn apply(command: FetcherCommand, epoch: &mut u64, positions: &mut HashMap<LogKey, Offset>) {
+    match command {
+        FetcherCommand::Assign {
+            epoch: new_epoch,
+            positions: new_positions,
+        } => {
+            *epoch = new_epoch;
+            *positions = new_positions;
+        }
+    }
+}
+
+fn fetch_request(config: &ConsumerConfig, positions: &HashMap<LogKey, Offset>) -> FetchRequest {
+    let mut keys: Vec<(&LogKey, &Offset)> = positions.iter().collect();
+    keys.sort();
+    let mut topics: Vec<TopicItems<FetchLane>> = Vec::new();
+    for (key, offset) in keys {
+        if topics.last().is_none_or(|t| *t.name != *key.topic) {
+            topics.push(TopicItems {
+                name: key.topic.to_string(),
+                partitions: Vec::new(),
+            });
+        }
+        let partitions = &mut topics.last_mut().expect("pushed").partitions;
+        if partitions.last().is_none_or(|p| p.partition != key.partition) {
+            partitions.push(PartitionItems {
+                partition: key.partition,
+                lanes: Vec::new(),
+            });
+        }
+        partitions.last_mut().expect("pushed").lanes.push(FetchLane {
+            lane: key.lane,
+            offset: *offset,
+            bytes_max: config.lane_bytes_max,
+        });
+    }
+    FetchRequest {
+        wait_ms_max: u32::try_from(config.fetch_wait.as_millis()).unwrap_or(u32::MAX),
+        bytes_min: config.fetch_bytes_min,
+        bytes_max: config.fetch_bytes_max,
+        topics,
+    }
+}
+
+/// Where to continue a lane log that no longer holds `offset`.
+async fn reset(
+    client: &Client,
+    config: &ConsumerConfig,
+    key: &LogKey,
+    offset: Offset,
+) -> Result<Offset, ConsumeError> {
+    let spec = match config.reset {
+        ResetPolicy::Earliest => OffsetSpec::Earliest,
+        ResetPolicy::Latest => OffsetSpec::Latest,
+        ResetPolicy::Fail => {
+            return Err(ConsumeError::OffsetOutOfRange {
+                topic: key.topic.to_string(),
+                partition: key.partition,
+                lane: key.lane,
+                offset,
+            });
+        }
+    };
+    let offset = list_offsets(client, std::slice::from_ref(key), spec).await?[0];
+    tracing::info!(topic = %key.topic, partition = %key.partition, lane = %key.lane, %offset,
+        "offset out of range; reset");
+    Ok(offset)
+}

@@ -1,0 +1,145 @@
+//! What a producer sends, and what it gets back.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use lanes_protocol::{Lane, Offset, PartitionId};
+use tokio::sync::Notify;
+
+use crate::ProduceError;
+
+/// Which lane a record goes to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LaneSelector {
+    /// The topic's lane named `standard` if it has one, else lane 0.
+    #[default]
+    Default,
+    Index(Lane),
+    Name(String),
+}
+
+/// One record to send.
+#[derive(Clone, Debug)]
+pub struct ProducerRecord {
+    pub topic: String,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub headers: Vec<(Bytes, Option<Bytes>)>,
+    pub lane: LaneSelector,
+    /// `None`: from the key's hash, or round robin for records without a key.
+    pub partition: Option<PartitionId>,
+    /// `None`: now.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl ProducerRecord {
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord {
+            topic: topic.into(),
+            key: None,
+            value: value.into(),
+            headers: Vec::new(),
+            lane: LaneSelector::Default,
+            partition: None,
+            timestamp_ms: None,
+        }
+    }
+
+    #[must_use]
+    pub fn key(mut self, key: impl Into<Bytes>) -> ProducerRecord {
+        self.key = Some(key.into());
+        self
+    }
+
+    #[must_use]
+    pub fn lane(mut self, lane: LaneSelector) -> ProducerRecord {
+        self.lane = lane;
+        self
+    }
+
+    #[must_use]
+    pub fn partition(mut self, partition: PartitionId) -> ProducerRecord {
+        self.partition = Some(partition);
+        self
+    }
+
+    #[must_use]
+    pub fn header(mut self, key: impl Into<Bytes>, value: Option<Bytes>) -> ProducerRecord {
+        self.headers.push((key.into(), value));
+        self
+    }
+
+    #[must_use]
+    pub fn timestamp_ms(mut self, timestamp_ms: i64) -> ProducerRecord {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+
+    /// Bytes the record takes in a batch, at most.
+    pub(crate) fn encoded_len_max(&self) -> usize {
+        // Seven varints of at most 10 bytes and an attributes byte, plus the contents.
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| 20 + k.len() + v.as_ref().map_or(0, Bytes::len))
+            .sum();
+        71 + self.key.as_ref().map_or(0, Bytes::len) + self.value.len() + headers
+    }
+}
+
+/// Where an acknowledged record landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub partition: PartitionId,
+    pub lane: Lane,
+    /// `None` with `acks = none`: the broker does not answer.
+    pub offset: Option<Offset>,
+}
+
+/// The outcome of one batch, shared by the deliveries of its records.
+#[derive(Debug, Default)]
+pub(crate) struct BatchResult {
+    /// The batch's base offset (`None` with `acks = none`), or why it failed.
+    outcome: OnceLock<Result<Option<Offset>, ProduceError>>,
+    done: Notify,
+}
+
+impl BatchResult {
+    pub(crate) fn complete(&self, outcome: Result<Option<Offset>, ProduceError>) {
+        if self.outcome.set(outcome).is_ok() {
+            self.done.notify_waiters();
+        }
+    }
+
+    pub(crate) async fn wait(&self) -> Result<Option<Offset>, ProduceError> {
+        loop {
+            let notified = self.done.notified();
+            if let Some(outcome) = self.outcome.get() {
+                return outcome.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The pending acknowledgement of one sent record.
+#[derive(Debug)]
+pub struct Delivery {
+    pub(crate) batch: Arc<BatchResult>,
+    pub(crate) index: u32,
+    pub(crate) partition: PartitionId,
+    pub(crate) lane: Lane,
+}
+
+impl Delivery {
+    /// Waits until the broker has acknowledged the record (as the producer's `acks`
+    /// ask) or the producer gave up on it.
+    pub async fn wait(self) -> Result<RecordMetadata, ProduceError> {
+        let base = self.batch.wait().await?;
+        Ok(RecordMetadata {
+            partition: self.partition,
+            lane: self.lane,
+            offset: base.map(|base| base.plus(u64::from(self.index))),
+        })
+    }
+}

@@ -1,0 +1,551 @@
+//! The sender task: seals batches, sends them, retries them, completes deliveries.
+//!
+//! Per lane log it keeps the batches waiting to be sent (in the order they were
+//! sealed) and those in flight. It sends lane 0's batches first, at most
+//! `in_flight_per_log_max` per lane log, and never lets a batch overtake an earlier one
+//! of its lane log: a batch waiting out a retry backoff holds back those after it.
+//!
+//! A retriable failure (lost connection, a transient broker error) puts the batch back
+//! in its place. A permanent failure fails the batch; with idempotence the lane log's
+//! sequence now has a hole the broker would never fill, so once its in-flight batches
+//! are back, the lane log gets a fresh producer id and its waiting batches are
+//! renumbered from 0.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lanes_protocol::client::{Client, ClientError};
+use lanes_protocol::messages::{
+    Acks, InitProducerIdRequest, PartitionItems, ProduceLane, ProduceRequest, ProduceResponse, TopicItems,
+};
+use lanes_protocol::record_batch::{ProducerStamp, restamp_producer, sequence_plus};
+use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId, RecordBatchBuilder};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::record::BatchResult;
+use crate::{ProduceError, Shared, client_config};
+
+/// A lane log, as the producer addresses it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct LogKey {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: PartitionId,
+    pub(crate) lane: Lane,
+}
+
+/// A batch still taking records.
+#[derive(Debug)]
+pub(crate) struct OpenBatch {
+    pub(crate) builder: RecordBatchBuilder,
+    pub(crate) result: Arc<BatchResult>,
+    pub(crate) opened_at: Instant,
+    /// Buffer bytes held for its records.
+    pub(crate) reserved: usize,
+}
+
+/// Batches between `send` and the sender: open ones per lane log, and full ones.
+#[derive(Debug, Default)]
+pub(crate) struct Accumulator {
+    pub(crate) open: HashMap<LogKey, OpenBatch>,
+    pub(crate) closed: VecDeque<(LogKey, OpenBatch)>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Send everything now; answer with the results to wait for.
+    Flush(oneshot::Sender<Vec<Arc<BatchResult>>>),
+    Stop,
+}
+
+/// A finished batch.
+#[derive(Debug)]
+struct Sealed {
+    bytes: Bytes,
+    records: u32,
+    base_sequence: i32,
+    result: Arc<BatchResult>,
+    reserved: usize,
+    created: Instant,
+    not_before: Instant,
+    last_error: String,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    /// Producer id and epoch for this lane log (idempotent producers only).
+    producer: Option<(i64, i16)>,
+    next_sequence: i32,
+    /// By seal number: waiting to be sent, in order.
+    waiting: BTreeMap<u64, Sealed>,
+    in_flight: BTreeMap<u64, Sealed>,
+    /// A batch failed for good: drain, then renumber under a new producer id.
+    resetting: bool,
+}
+
+/// What a finished request reports.
+struct Done {
+    sent: Vec<(LogKey, u64)>,
+    result: Result<Option<ProduceResponse>, ClientError>,
+}
+
+type Request = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+struct Sender {
+    shared: Arc<Shared>,
+    logs: HashMap<LogKey, LogState>,
+    next_number: u64,
+    client: Option<Arc<Client>>,
+    reconnect_at: Instant,
+    producer: Option<(i64, i16)>,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) {
+    let mut sender = Sender {
+        shared: Arc::clone(&shared),
+        logs: HashMap::new(),
+        next_number: 0,
+        client: None,
+        reconnect_at: Instant::now(),
+        producer: None,
+    };
+    let mut requests: FuturesUnordered<Request> = FuturesUnordered::new();
+    let mut stopping = false;
+    loop {
+        let now = Instant::now();
+        let next_linger = sender.seal(now, false);
+        sender.expire(now);
+        sender.send(&mut requests, now).await;
+        if stopping && requests.is_empty() && sender.idle() {
+            return;
+        }
+        let deadline = [
+            next_linger,
+            sender.next_retry(),
+            sender.next_expiry(),
+            Some(sender.reconnect_at).filter(|_| sender.has_waiting()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(3600));
+        tokio::select! {
+            Some(done) = requests.next(), if !requests.is_empty() => sender.complete(done),
+            () = shared.wake.notified() => {}
+            command = commands.recv() => match command {
+                Some(Command::Flush(reply)) => {
+                    sender.seal(Instant::now(), true);
+                    let _ = reply.send(sender.outstanding());
+                }
+                Some(Command::Stop) | None => stopping = true,
+            },
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+impl Sender {
+    /// Moves full batches, and open ones that lingered long enough (all of them with
+    /// `force`), to their lane logs; returns when the next open batch is due.
+    fn seal(&mut self, now: Instant, force: bool) -> Option<Instant> {
+        let linger = self.shared.config.linger;
+        let mut ready = Vec::new();
+        let next_due = {
+            let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
+            ready.extend(accumulator.closed.drain(..));
+            let due: Vec<LogKey> = accumulator
+                .open
+                .iter()
+                .filter(|(_, open)| force || open.opened_at + linger <= now)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in due {
+                let open = accumulator.open.remove(&key).expect("listed");
+                ready.push((key, open));
+            }
+            accumulator
+                .open
+                .values()
+                .map(|open| open.opened_at + linger)
+                .min()
+        };
+        for (key, open) in ready {
+            self.enqueue(key, open, now);
+        }
+        next_due
+    }
+
+    fn enqueue(&mut self, key: LogKey, open: OpenBatch, now: Instant) {
+        let producer = self.producer;
+        let log = self.logs.entry(key).or_insert_with(|| LogState {
+            producer,
+            ..LogState::default()
+        });
+        let records = open.builder.record_count();
+        let stamp = match log.producer {
+            Some((producer_id, producer_epoch)) => ProducerStamp {
+                producer_id,
+                producer_epoch,
+                base_sequence: log.next_sequence,
+            },
+            None => ProducerStamp::NONE,
+        };
+        if log.producer.is_some() {
+            log.next_sequence = sequence_plus(log.next_sequence, records);
+        }
+        let sealed = Sealed {
+            bytes: open.builder.finish(stamp),
+            records,
+            base_sequence: stamp.base_sequence,
+            result: open.result,
+            reserved: open.reserved,
+            created: open.opened_at,
+            not_before: now,
+            last_error: String::new(),
+        };
+        log.waiting.insert(self.next_number, sealed);
+        self.next_number += 1;
+    }
+
+    fn idle(&self) -> bool {
+        let accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
+        accumulator.open.is_empty()
+            && accumulator.closed.is_empty()
+            && self
+                .logs
+                .values()
+                .all(|log| log.waiting.is_empty() && log.in_flight.is_empty())
+    }
+
+    fn has_waiting(&self) -> bool {
+        self.logs.values().any(|log| !log.waiting.is_empty())
+    }
+
+    /// When the earliest backed-off batch may go again.
+    fn next_retry(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.logs
+            .values()
+            .filter_map(|log| log.waiting.values().next().map(|b| b.not_before))
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// Fails the waiting batches that are out of time: while the broker cannot be
+    /// reached they are never sent, so the retry path never sees them.
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.shared.config.delivery_timeout;
+        for log in self.logs.values_mut() {
+            let expired: Vec<u64> = log
+                .waiting
+                .iter()
+                .filter(|(_, batch)| now.duration_since(batch.created) >= timeout)
+                .map(|(number, _)| *number)
+                .collect();
+            for number in expired {
+                let batch = log.waiting.remove(&number).expect("listed");
+                let last_error = if batch.last_error.is_empty() {
+                    "the broker could not be reached".to_owned()
+                } else {
+                    batch.last_error.clone()
+                };
+                batch.result.complete(Err(ProduceError::TimedOut(last_error)));
+                self.shared.buffer.add_permits(batch.reserved);
+                if log.producer.is_some() {
+                    log.resetting = true;
+                }
+            }
+        }
+    }
+
+    /// When the oldest waiting batch runs out of time.
+    fn next_expiry(&self) -> Option<Instant> {
+        let timeout = self.shared.config.delivery_timeout;
+        self.logs
+            .values()
+            .flat_map(|log| log.waiting.values())
+            .map(|batch| batch.created + timeout)
+            .min()
+    }
+
+    /// Results of every batch not yet completed.
+    fn outstanding(&self) -> Vec<Arc<BatchResult>> {
+        self.logs
+            .values()
+            .flat_map(|log| log.waiting.values().chain(log.in_flight.values()))
+            .map(|batch| Arc::clone(&batch.result))
+            .collect()
+    }
+
+    async fn connect(&mut self, now: Instant) -> Option<Arc<Client>> {
+        if let Some(client) = self.client.as_ref().filter(|c| !c.is_closed()) {
+            return Some(Arc::clone(client));
+        }
+        if now < self.reconnect_at {
+            return None;
+        }
+        let config = &self.shared.config;
+        let connected = Client::connect(&config.broker, client_config(config)).await;
+        let client = match connected {
+            Ok(client) => Arc::new(client),
+            Err(error) => {
+                tracing::warn!(broker = %config.broker, %error, "cannot reach the broker; retrying");
+                self.reconnect_at = now + config.retry_backoff;
+                return None;
+            }
+        };
+        if config.idempotent && self.producer.is_none() {
+            match client.request(&InitProducerIdRequest).await {
+                Ok(id) => self.producer = Some((id.producer_id, id.producer_epoch)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot get a producer id; retrying");
+                    self.reconnect_at = now + config.retry_backoff;
+                    return None;
+                }
+            }
+        }
+        self.client = Some(Arc::clone(&client));
+        Some(client)
+    }
+
+    /// Sends every batch that may go now, in requests of at most `request_bytes_max`.
+    async fn send(&mut self, requests: &mut FuturesUnordered<Request>, now: Instant) {
+        if !self.has_waiting() {
+            return;
+        }
+        let Some(client) = self.connect(now).await else {
+            return;
+        };
+        if self.producer.is_some() {
+            self.reset_logs(&client).await;
+        }
+        let config = self.shared.config.clone();
+        // Lane 0 of every lane log before lane 1, and so on.
+        let mut keys: Vec<LogKey> = self.logs.keys().cloned().collect();
+        keys.sort_by(|a, b| (a.lane, &a.topic, a.partition).cmp(&(b.lane, &b.topic, b.partition)));
+        let mut batch_list: Vec<(LogKey, u64, Bytes)> = Vec::new();
+        let mut size = 0;
+        for key in keys {
+            let log = self.logs.get_mut(&key).expect("listed");
+            while !log.resetting && log.in_flight.len() < config.in_flight_per_log_max {
+                let Some(entry) = log.waiting.first_entry() else {
+                    break;
+                };
+                if entry.get().not_before > now {
+                    break;
+                }
+                let (number, batch) = entry.remove_entry();
+                size += batch.bytes.len();
+                batch_list.push((key.clone(), number, batch.bytes.clone()));
+                log.in_flight.insert(number, batch);
+                if size >= config.request_bytes_max {
+                    requests.push(request(&client, &config, std::mem::take(&mut batch_list)));
+                    size = 0;
+                }
+            }
+        }
+        if !batch_list.is_empty() {
+            requests.push(request(&client, &config, batch_list));
+        }
+    }
+
+    /// Gives lane logs that lost a batch for good a new producer id, once drained.
+    async fn reset_logs(&mut self, client: &Client) {
+        for log in self.logs.values_mut() {
+            if !log.resetting || !log.in_flight.is_empty() {
+                continue;
+            }
+            let Ok(id) = client.request(&InitProducerIdRequest).await else {
+                return;
+            };
+            log.producer = Some((id.producer_id, id.producer_epoch));
+            log.next_sequence = 0;
+            for batch in log.waiting.values_mut() {
+                let mut bytes = BytesMut::from(&batch.bytes[..]);
+                let stamp = ProducerStamp {
+                    producer_id: id.producer_id,
+                    producer_epoch: id.producer_epoch,
+                    base_sequence: log.next_sequence,
+                };
+                restamp_producer(&mut bytes, stamp);
+                batch.bytes = bytes.freeze();
+                batch.base_sequence = log.next_sequence;
+                log.next_sequence = sequence_plus(log.next_sequence, batch.records);
+            }
+            log.resetting = false;
+        }
+    }
+
+    fn complete(&mut self, done: Done) {
+        let now = Instant::now();
+        match done.result {
+            Ok(Some(response)) => {
+                let results = response
+                    .topics
+                    .into_iter()
+                    .flat_map(|topic| topic.partitions.into_iter().flat_map(|p| p.lanes));
+                let mut results = results.fuse();
+                for (key, number) in done.sent {
+                    match results.next() {
+                        Some(result) if result.error_code == ErrorCode::None => {
+                            self.succeed(&key, number, Some(result.base_offset));
+                        }
+                        Some(result) if result.error_code.is_retriable() => {
+                            let message = format!("{}: {}", result.error_code, result.error_message);
+                            self.retry(&key, number, message, now);
+                        }
+                        Some(result) => self.fail(
+                            &key,
+                            number,
+                            ProduceError::Broker {
+                                code: result.error_code,
+                                message: result.error_message,
+                            },
+                        ),
+                        None => self.retry(&key, number, "the response left a batch out".into(), now),
+                    }
+                }
+            }
+            Ok(None) => {
+                for (key, number) in done.sent {
+                    self.succeed(&key, number, None);
+                }
+            }
+            Err(error) if error.is_connection_lost() || error.code().is_some_and(ErrorCode::is_retriable) => {
+                if error.is_connection_lost() {
+                    self.client = None;
+                }
+                for (key, number) in done.sent {
+                    self.retry(&key, number, error.to_string(), now);
+                }
+            }
+            Err(error) => {
+                let error = ProduceError::from(error);
+                for (key, number) in done.sent {
+                    self.fail(&key, number, error.clone());
+                }
+            }
+        }
+    }
+
+    fn take_in_flight(&mut self, key: &LogKey, number: u64) -> Option<(&mut LogState, Sealed)> {
+        let log = self.logs.get_mut(key)?;
+        let batch = log.in_flight.remove(&number)?;
+        Some((log, batch))
+    }
+
+    fn succeed(&mut self, key: &LogKey, number: u64, base_offset: Option<Offset>) {
+        if let Some((_, batch)) = self.take_in_flight(key, number) {
+            batch.result.complete(Ok(base_offset));
+            self.shared.buffer.add_permits(batch.reserved);
+        }
+    }
+
+    fn retry(&mut self, key: &LogKey, number: u64, message: String, now: Instant) {
+        let shared = Arc::clone(&self.shared);
+        let config = &shared.config;
+        let Some((log, mut batch)) = self.take_in_flight(key, number) else {
+            return;
+        };
+        if now.duration_since(batch.created) >= config.delivery_timeout {
+            batch.result.complete(Err(ProduceError::TimedOut(message)));
+            shared.buffer.add_permits(batch.reserved);
+            if log.producer.is_some() {
+                log.resetting = true;
+            }
+            return;
+        }
+        tracing::debug!(topic = %key.topic, partition = %key.partition, lane = %key.lane, %message, "retrying a batch");
+        batch.not_before = now + config.retry_backoff;
+        batch.last_error = message;
+        log.waiting.insert(number, batch);
+    }
+
+    fn fail(&mut self, key: &LogKey, number: u64, error: ProduceError) {
+        let Some((log, batch)) = self.take_in_flight(key, number) else {
+            return;
+        };
+        tracing::warn!(topic = %key.topic, partition = %key.partition, lane = %key.lane, %error,
+            sequence = batch.base_sequence, "a batch failed");
+        if log.producer.is_some() {
+            log.resetting = true;
+        }
+        batch.result.complete(Err(error));
+        self.shared.buffer.add_permits(batch.reserved);
+    }
+}
+
+/// One produce request for `batches`, as a future.
+fn request(
+    client: &Arc<Client>,
+    config: &crate::ProducerConfig,
+    batches: Vec<(LogKey, u64, Bytes)>,
+) -> Request {
+    let mut topics: Vec<TopicItems<ProduceLane>> = Vec::new();
+    let mut sent = Vec::with_capacity(batches.len());
+    for (key, number, bytes) in batches {
+        let topic_index = match topics.iter().position(|t| *t.name == *key.topic) {
+            Some(index) => index,
+            None => {
+                topics.push(TopicItems {
+                    name: key.topic.to_string(),
+                    partitions: Vec::new(),
+                });
+                topics.len() - 1
+            }
+        };
+        let partitions = &mut topics[topic_index].partitions;
+        let partition_index = match partitions.iter().position(|p| p.partition == key.partition) {
+            Some(index) => index,
+            None => {
+                partitions.push(PartitionItems {
+                    partition: key.partition,
+                    lanes: Vec::new(),
+                });
+                partitions.len() - 1
+            }
+        };
+        partitions[partition_index].lanes.push(ProduceLane {
+            lane: key.lane,
+            batch: bytes,
+        });
+        sent.push((key, number));
+    }
+    // The response lists lanes in request order: topic by topic, partition by partition.
+    let mut order = Vec::with_capacity(sent.len());
+    for topic in &topics {
+        for partition in &topic.partitions {
+            for lane in &partition.lanes {
+                let position = sent
+                    .iter()
+                    .position(|(key, _)| {
+                        *key.topic == *topic.name
+                            && key.partition == partition.partition
+                            && key.lane == lane.lane
+                    })
+                    .expect("every lane was sent");
+                // `remove`, not `swap_remove`: batches of one lane log keep their order.
+                order.push(sent.remove(position));
+            }
+        }
+    }
+    let request = ProduceRequest {
+        acks: config.acks,
+        timeout_ms: u32::try_from(config.durability_timeout.as_millis()).unwrap_or(u32::MAX),
+        topics,
+    };
+    let client = Arc::clone(client);
+    Box::pin(async move {
+        let result = if request.acks == Acks::None {
+            client.send_only(&request).await.map(|()| None)
+        } else {
+            client.request(&request).await.map(Some)
+        };
+        Done { sent: order, result }
+    })
+}
