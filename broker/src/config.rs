@@ -232,8 +232,15 @@ impl Settings {
                 ),
             );
         }
-        if self.requests_bytes_max < u64::from(self.frame_bytes_max) {
-            return invalid("requests_bytes_max", "must be at least frame_bytes_max".into());
+        if self.frame_bytes_max > u32::MAX - 4 {
+            return invalid("frame_bytes_max", format!("must be at most {}", u32::MAX - 4));
+        }
+        // A frame reserves its length and its 4-byte prefix.
+        if self.requests_bytes_max < u64::from(self.frame_bytes_max) + 4 {
+            return invalid(
+                "requests_bytes_max",
+                "must be at least frame_bytes_max + 4".into(),
+            );
         }
         for (key, value) in [
             ("requests_in_flight_max", self.requests_in_flight_max),

@@ -79,6 +79,8 @@ pub fn storage_error_code(error: &StorageError) -> ErrorCode {
         StorageError::Corrupt { .. } => ErrorCode::CorruptData,
         StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
         StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+        StorageError::DuplicateSequence { .. } => ErrorCode::DuplicateSequence,
+        StorageError::SequenceReused { .. } => ErrorCode::InvalidBatch,
         StorageError::Closed { .. } => ErrorCode::ShuttingDown,
         StorageError::Locked { .. } => ErrorCode::Internal,
         StorageError::InvalidConfig(_) => ErrorCode::Internal,
@@ -479,6 +481,17 @@ impl Topics {
                     Err(error) => {
                         tracing::warn!(dir = %handle.log.dir().display(), %error, "retention failed")
                     }
+                }
+            }
+        }
+    }
+
+    /// Queues every lane log with unsynced data for an fsync, whatever the policy.
+    pub fn request_sync_all(&self) {
+        for topic in self.list() {
+            for (_, _, handle) in topic.logs() {
+                if handle.log.next_offset() > handle.log.durable_offset() {
+                    self.syncer.request(handle);
                 }
             }
         }

@@ -110,6 +110,15 @@ async fn bad_input_is_answered_or_closed_while_others_are_served() {
     assert_eq!(response(&mut stream).await, Some((42, ErrorCode::FrameTooLarge)));
     closed(&mut stream).await;
 
+    // The same when the head arrives after the prefix, in another segment.
+    let mut stream = connect(&broker).await;
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(&[0, 4, 0, 0, 0, 0, 0, 44]).await.unwrap();
+    assert_eq!(response(&mut stream).await, Some((44, ErrorCode::FrameTooLarge)));
+    closed(&mut stream).await;
+
     // A frame just over frame_bytes_max: the same.
     let mut stream = connect(&broker).await;
     let mut frame = ((2u32 << 20) + 1).to_be_bytes().to_vec();
@@ -199,5 +208,75 @@ async fn bad_input_is_answered_or_closed_while_others_are_served() {
         seen += consumer.poll().await.unwrap().len();
     }
     assert_eq!(seen, total);
+    broker.stop().await;
+}
+
+/// Reads one response frame whatever its size, keeping only the header.
+async fn response_len(stream: &mut TcpStream) -> (u32, ErrorCode, usize) {
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).await.unwrap();
+    let length = u32::from_be_bytes(length) as usize;
+    let mut head = [0u8; 6];
+    stream.read_exact(&mut head).await.unwrap();
+    let mut left = length - 6;
+    let mut sink = vec![0u8; 1 << 16];
+    while left > 0 {
+        let n = stream.read(&mut sink[..left.min(1 << 16)]).await.unwrap();
+        assert!(n > 0, "closed mid-response");
+        left -= n;
+    }
+    let correlation_id = u32::from_be_bytes(head[0..4].try_into().unwrap());
+    let code = ErrorCode::from_u16(u16::from_be_bytes(head[4..6].try_into().unwrap())).unwrap();
+    (correlation_id, code, length)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cannot_multiply_into_a_huge_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let mut stream = connect(&broker).await;
+    handshake(&mut stream).await;
+    // A produce naming 5000 partitions × 8 lanes of a topic whose (invalid) name is
+    // 249 control characters, every batch empty: 40,000 errors to report.
+    let name = vec![1u8; 249];
+    let partitions: u32 = 5_000;
+    let mut body = vec![1u8];
+    body.extend_from_slice(&1000u32.to_be_bytes());
+    body.extend_from_slice(&1u32.to_be_bytes());
+    body.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    body.extend_from_slice(&name);
+    body.extend_from_slice(&partitions.to_be_bytes());
+    for partition in 0..partitions {
+        body.extend_from_slice(&partition.to_be_bytes());
+        body.extend_from_slice(&8u32.to_be_bytes());
+        for lane in 0..8u8 {
+            body.push(lane);
+            body.extend_from_slice(&0u32.to_be_bytes());
+        }
+    }
+    let frame = request_frame(4, 2, &body);
+    stream.write_all(&frame).await.unwrap();
+    let (id, code, length) = tokio::time::timeout(DEADLINE, response_len(&mut stream))
+        .await
+        .unwrap();
+    assert_eq!((id, code), (2, ErrorCode::None));
+    assert!(
+        length < 10 * frame.len(),
+        "a request of {} bytes made a response of {length} bytes",
+        frame.len()
+    );
+    // Metadata naming one topic many times describes it once.
+    let mut metadata = Vec::new();
+    metadata.extend_from_slice(&1000u32.to_be_bytes());
+    for _ in 0..1000 {
+        metadata.extend_from_slice(&6u16.to_be_bytes());
+        metadata.extend_from_slice(b"orders");
+    }
+    stream.write_all(&request_frame(3, 3, &metadata)).await.unwrap();
+    let (id, code, length) = tokio::time::timeout(DEADLINE, response_len(&mut stream))
+        .await
+        .unwrap();
+    assert_eq!((id, code), (3, ErrorCode::None));
+    assert!(length < 200, "{length} bytes for one unknown topic");
     broker.stop().await;
 }

@@ -28,12 +28,12 @@ pub(crate) enum FetcherCommand {
 /// What the fetcher tells the consumer.
 #[derive(Debug)]
 pub(crate) enum Fetched {
-    /// A checked batch; `bytes` of prefetch budget go back when it is taken.
+    /// A checked batch; `permits` of prefetch budget go back when it is taken.
     Batch {
         key: LogKey,
         epoch: u64,
         batch: RecordBatch,
-        bytes: usize,
+        permits: usize,
     },
     /// The lane log no longer held the position; fetching went on from `offset`.
     Reset { key: LogKey, epoch: u64, offset: Offset },
@@ -48,6 +48,8 @@ pub(crate) async fn run(
 ) {
     let mut epoch = 0;
     let mut positions: HashMap<LogKey, Offset> = HashMap::new();
+    // Never ask for more than the budget holds: a response (apart from one oversized
+    // batch, below) always fits.
     let reserve = (config.fetch_bytes_max as usize).min(config.prefetch_bytes_max);
     loop {
         while let Ok(command) = commands.try_recv() {
@@ -65,7 +67,7 @@ pub(crate) async fn run(
             return;
         };
         permit.forget();
-        let request = fetch_request(&config, &positions);
+        let request = fetch_request(&config, &positions, reserve);
         let response = tokio::select! {
             response = client.request(&request) => response,
             command = commands.recv() => {
@@ -91,7 +93,9 @@ pub(crate) async fn run(
             }
         };
         let mut events = Vec::new();
-        let mut used = 0;
+        let mut sizes = Vec::new();
+        let mut failed_lanes = Vec::new();
+        let mut back_off = false;
         for topic in response.topics {
             let name: Arc<str> = Arc::from(topic.name.as_str());
             for partition in topic.partitions {
@@ -112,12 +116,20 @@ pub(crate) async fn run(
                                     *position = offset;
                                     events.push(Ok(Fetched::Reset { key, epoch, offset }));
                                 }
-                                Err(error) => events.push(Err(error)),
+                                Err(error) => {
+                                    events.push(Err(error));
+                                    failed_lanes.push(key);
+                                }
                             }
                             continue;
                         }
-                        code if code.is_retriable() => continue,
+                        code if code.is_retriable() => {
+                            back_off = true;
+                            continue;
+                        }
                         code => {
+                            // Reported once; this lane log is not fetched again until
+                            // the consumer seeks or reassigns it.
                             events.push(Err(ConsumeError::Fetch {
                                 topic: key.topic.to_string(),
                                 partition: key.partition,
@@ -125,6 +137,7 @@ pub(crate) async fn run(
                                 code,
                                 message: lane.error_message,
                             }));
+                            failed_lanes.push(key);
                             continue;
                         }
                     }
@@ -133,17 +146,27 @@ pub(crate) async fn run(
                         batch_records_max: u32::MAX,
                     };
                     for batch in Batches::new(lane.records, limits) {
+                        let batch = match batch {
+                            Ok(batch) if batch.last_offset() < *position => continue,
+                            // The base offset is outside the checksum: a batch that starts
+                            // past the position would silently skip records.
+                            Ok(batch) if batch.base_offset() > *position => Err(format!(
+                                "batch starts at offset {} but {} was expected",
+                                batch.base_offset(),
+                                *position
+                            )),
+                            Ok(batch) => Ok(batch),
+                            Err(error) => Err(error.to_string()),
+                        };
                         match batch {
-                            Ok(batch) if batch.last_offset() < *position => {}
                             Ok(batch) => {
                                 *position = batch.last_offset().plus(1);
-                                let bytes = batch.bytes().len();
-                                used += bytes;
+                                sizes.push(batch.bytes().len());
                                 events.push(Ok(Fetched::Batch {
                                     key: key.clone(),
                                     epoch,
                                     batch,
-                                    bytes,
+                                    permits: 0,
                                 }));
                             }
                             Err(error) => {
@@ -151,6 +174,7 @@ pub(crate) async fn run(
                                     "{} partition {} lane {}: {error}",
                                     key.topic, key.partition, key.lane
                                 ))));
+                                failed_lanes.push(key.clone());
                                 break;
                             }
                         }
@@ -158,19 +182,35 @@ pub(crate) async fn run(
                 }
             }
         }
-        // Settle the budget with what the response actually held.
-        if used < reserve {
-            prefetch.add_permits(reserve - used);
-        } else if used > reserve {
-            match prefetch.acquire_many((used - reserve) as u32).await {
+        // Settle the budget with what the response held. One batch may be larger than
+        // the whole budget (a fetch always returns at least one batch): then the budget
+        // is held in full, never more, so the permits cannot outgrow the semaphore.
+        let used: usize = sizes.iter().sum();
+        let held = used.min(config.prefetch_bytes_max);
+        if held < reserve {
+            prefetch.add_permits(reserve - held);
+        } else if held > reserve {
+            match prefetch.acquire_many((held - reserve) as u32).await {
                 Ok(extra) => extra.forget(),
                 Err(_) => return,
             }
         }
-        for event in events {
+        let mut unassigned = held;
+        let mut sizes = sizes.into_iter();
+        for mut event in events {
+            if let Ok(Fetched::Batch { permits, .. }) = &mut event {
+                *permits = sizes.next().unwrap_or(0).min(unassigned);
+                unassigned -= *permits;
+            }
             if fetched.send(event).await.is_err() {
                 return;
             }
+        }
+        for key in failed_lanes {
+            positions.remove(&key);
+        }
+        if back_off {
+            tokio::time::sleep(RETRY_BACKOFF).await;
         }
     }
 }
@@ -187,7 +227,12 @@ fn apply(command: FetcherCommand, epoch: &mut u64, positions: &mut HashMap<LogKe
     }
 }
 
-fn fetch_request(config: &ConsumerConfig, positions: &HashMap<LogKey, Offset>) -> FetchRequest {
+fn fetch_request(
+    config: &ConsumerConfig,
+    positions: &HashMap<LogKey, Offset>,
+    bytes_max: usize,
+) -> FetchRequest {
+    let bytes_max = u32::try_from(bytes_max).unwrap_or(u32::MAX);
     let mut keys: Vec<(&LogKey, &Offset)> = positions.iter().collect();
     keys.sort();
     let mut topics: Vec<TopicItems<FetchLane>> = Vec::new();
@@ -208,13 +253,13 @@ fn fetch_request(config: &ConsumerConfig, positions: &HashMap<LogKey, Offset>) -
         partitions.last_mut().expect("pushed").lanes.push(FetchLane {
             lane: key.lane,
             offset: *offset,
-            bytes_max: config.lane_bytes_max,
+            bytes_max: config.lane_bytes_max.min(bytes_max),
         });
     }
     FetchRequest {
         wait_ms_max: u32::try_from(config.fetch_wait.as_millis()).unwrap_or(u32::MAX),
         bytes_min: config.fetch_bytes_min,
-        bytes_max: config.fetch_bytes_max,
+        bytes_max,
         topics,
     }
 }

@@ -364,9 +364,9 @@ impl Consumer {
                 key,
                 epoch,
                 batch,
-                bytes,
+                permits,
             } => {
-                self.prefetch.add_permits(bytes);
+                self.prefetch.add_permits(permits);
                 (key, epoch, batch)
             }
         };

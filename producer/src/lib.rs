@@ -32,12 +32,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
-use lanes_protocol::messages::{Acks, CreateTopicRequest, MetadataRequest};
+use lanes_protocol::messages::{Acks, CreateTopicRequest, InitProducerIdRequest, MetadataRequest};
 use lanes_protocol::partitioner::partition_for_key;
 use lanes_protocol::{BatchLimits, BuildError, ErrorCode, Lane, PartitionId, RecordBatchBuilder};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
-use record::BatchResult;
+use record::{Abandon, BatchResult};
 pub use record::{Delivery, LaneSelector, ProducerRecord, RecordMetadata};
 use sender::{Accumulator, Command, LogKey, OpenBatch};
 
@@ -185,6 +185,7 @@ pub(crate) struct Shared {
     /// Wakes the sender: a batch filled up or a lane log got its first record.
     pub(crate) wake: Notify,
     pub(crate) closed: AtomicBool,
+    pub(crate) abandon: Arc<Abandon>,
 }
 
 /// A producer: cheap to share behind an `Arc`; `send` may be called from many tasks.
@@ -192,7 +193,8 @@ pub(crate) struct Shared {
 pub struct Producer {
     shared: Arc<Shared>,
     topics: tokio::sync::Mutex<HashMap<String, Arc<TopicInfo>>>,
-    admin: Arc<Client>,
+    /// For metadata and topic creation; replaced when its connection is lost.
+    admin: tokio::sync::Mutex<Arc<Client>>,
     commands: mpsc::Sender<Command>,
     sender: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -209,19 +211,32 @@ impl Producer {
                 .clamp(1, lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX);
         }
         let admin = Arc::new(Client::connect(&config.broker, client_config(&config)).await?);
+        // The id before the first batch: every lane log is idempotent from its first batch.
+        let producer = if config.idempotent {
+            let id = admin.request(&InitProducerIdRequest).await?;
+            Some((id.producer_id, id.producer_epoch))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             buffer: Semaphore::new(config.buffer_bytes_max),
             accumulator: Mutex::new(Accumulator::default()),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
+            abandon: Arc::new(Abandon::default()),
             config,
         });
         let (commands, receiver) = mpsc::channel(16);
-        let task = tokio::spawn(sender::run(Arc::clone(&shared), receiver));
+        let task = tokio::spawn(sender::run(
+            Arc::clone(&shared),
+            Arc::clone(&admin),
+            producer,
+            receiver,
+        ));
         Ok(Producer {
             shared,
             topics: tokio::sync::Mutex::new(HashMap::new()),
-            admin,
+            admin: tokio::sync::Mutex::new(admin),
             commands,
             sender: Mutex::new(Some(task)),
         })
@@ -269,16 +284,17 @@ impl Producer {
         let (delivery, wake) = {
             let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
             let mut wake = false;
+            let abandon = &self.shared.abandon;
             let open = accumulator.open.entry(key.clone()).or_insert_with(|| {
                 wake = true;
-                OpenBatch::new(limits)
+                OpenBatch::new(limits, abandon)
             });
             let pushed = open
                 .builder
                 .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
             let pushed = match pushed {
                 Err(BuildError::BatchFull) => {
-                    let full = std::mem::replace(open, OpenBatch::new(limits));
+                    let full = std::mem::replace(open, OpenBatch::new(limits, abandon));
                     accumulator.closed.push_back((key.clone(), full));
                     wake = true;
                     let open = accumulator.open.get_mut(&key).expect("just replaced");
@@ -358,7 +374,7 @@ impl Producer {
         let request = MetadataRequest {
             topics: vec![name.to_owned()],
         };
-        let mut metadata = self.admin.request(&request).await?;
+        let mut metadata = self.admin_request(&request).await?;
         let mut topic = metadata
             .topics
             .pop()
@@ -372,7 +388,7 @@ impl Producer {
                 lanes: defaults.lanes.clone(),
                 configs: Vec::new(),
             };
-            match self.admin.request(&create).await {
+            match self.admin_request(&create).await {
                 Ok(_) => {}
                 Err(ClientError::Broker {
                     code: ErrorCode::TopicAlreadyExists,
@@ -380,7 +396,7 @@ impl Producer {
                 }) => {}
                 Err(error) => return Err(error.into()),
             }
-            metadata = self.admin.request(&request).await?;
+            metadata = self.admin_request(&request).await?;
             topic = metadata
                 .topics
                 .pop()
@@ -397,6 +413,32 @@ impl Producer {
         })
     }
 
+    /// Sends an admin request, reconnecting and retrying after a lost connection
+    /// until the delivery timeout.
+    async fn admin_request<R: lanes_protocol::RequestBody>(
+        &self,
+        request: &R,
+    ) -> Result<R::Response, ClientError> {
+        let config = &self.shared.config;
+        let deadline = tokio::time::Instant::now() + config.delivery_timeout;
+        loop {
+            let client = Arc::clone(&*self.admin.lock().await);
+            let error = match client.request(request).await {
+                Ok(response) => return Ok(response),
+                Err(error) if error.is_connection_lost() && tokio::time::Instant::now() < deadline => error,
+                Err(error) => return Err(error),
+            };
+            tracing::debug!(%error, "admin connection lost; reconnecting");
+            tokio::time::sleep(config.retry_backoff).await;
+            let mut admin = self.admin.lock().await;
+            if Arc::ptr_eq(&admin, &client)
+                && let Ok(fresh) = Client::connect(&config.broker, client_config(config)).await
+            {
+                *admin = Arc::new(fresh);
+            }
+        }
+    }
+
     /// Lane names of a topic, lane 0 first.
     pub async fn lanes(&self, topic: &str) -> Result<Vec<String>, ProduceError> {
         Ok(self.topic(topic).await?.lanes.clone())
@@ -404,10 +446,13 @@ impl Producer {
 }
 
 impl Drop for Producer {
+    /// Without `close`, records not yet acknowledged are abandoned: their deliveries
+    /// end with [`ProduceError::Closed`] instead of waiting forever.
     fn drop(&mut self) {
         if let Some(task) = self.sender.lock().expect("sender lock poisoned").take() {
             task.abort();
         }
+        self.shared.abandon.raise();
     }
 }
 
@@ -426,10 +471,10 @@ fn now_ms() -> i64 {
 }
 
 impl OpenBatch {
-    fn new(limits: BatchLimits) -> OpenBatch {
+    fn new(limits: BatchLimits, abandon: &Arc<Abandon>) -> OpenBatch {
         OpenBatch {
             builder: RecordBatchBuilder::new(limits),
-            result: Arc::new(BatchResult::default()),
+            result: Arc::new(BatchResult::new(Arc::clone(abandon))),
             opened_at: tokio::time::Instant::now(),
             reserved: 0,
         }

@@ -1,5 +1,6 @@
 //! What a producer sends, and what it gets back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -92,19 +93,44 @@ impl ProducerRecord {
 pub struct RecordMetadata {
     pub partition: PartitionId,
     pub lane: Lane,
-    /// `None` with `acks = none`: the broker does not answer.
+    /// `None` with `acks = none` (the broker does not answer), or when a retry found the
+    /// record appended so long ago that the broker no longer knows its offset.
     pub offset: Option<Offset>,
 }
 
-/// The outcome of one batch, shared by the deliveries of its records.
+/// Raised when the producer is dropped without `close`: its sender is gone, so
+/// deliveries it never completed end with [`ProduceError::Closed`].
 #[derive(Debug, Default)]
+pub(crate) struct Abandon {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Abandon {
+    pub(crate) fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+/// The outcome of one batch, shared by the deliveries of its records.
+#[derive(Debug)]
 pub(crate) struct BatchResult {
     /// The batch's base offset (`None` with `acks = none`), or why it failed.
     outcome: OnceLock<Result<Option<Offset>, ProduceError>>,
     done: Notify,
+    abandon: Arc<Abandon>,
 }
 
 impl BatchResult {
+    pub(crate) fn new(abandon: Arc<Abandon>) -> BatchResult {
+        BatchResult {
+            outcome: OnceLock::new(),
+            done: Notify::new(),
+            abandon,
+        }
+    }
+
     pub(crate) fn complete(&self, outcome: Result<Option<Offset>, ProduceError>) {
         if self.outcome.set(outcome).is_ok() {
             self.done.notify_waiters();
@@ -113,11 +139,17 @@ impl BatchResult {
 
     pub(crate) async fn wait(&self) -> Result<Option<Offset>, ProduceError> {
         loop {
-            let notified = self.done.notified();
+            let (done, abandoned) = (self.done.notified(), self.abandon.notify.notified());
             if let Some(outcome) = self.outcome.get() {
                 return outcome.clone();
             }
-            notified.await;
+            if self.abandon.raised.load(Ordering::Acquire) {
+                return Err(ProduceError::Closed);
+            }
+            tokio::select! {
+                () = done => {}
+                () = abandoned => {}
+            }
         }
     }
 }

@@ -5,11 +5,18 @@
 //! `in_flight_per_log_max` per lane log, and never lets a batch overtake an earlier one
 //! of its lane log: a batch waiting out a retry backoff holds back those after it.
 //!
-//! A retriable failure (lost connection, a transient broker error) puts the batch back
-//! in its place. A permanent failure fails the batch; with idempotence the lane log's
-//! sequence now has a hole the broker would never fill, so once its in-flight batches
-//! are back, the lane log gets a fresh producer id and its waiting batches are
-//! renumbered from 0.
+//! A retriable failure puts the batch back in its place. Each batch remembers whether
+//! an attempt may have appended it: a lost connection, a timeout or `REQUEST_TIMED_OUT`
+//! leave that possible, while an error the broker gives after its duplicate check
+//! (`OUT_OF_ORDER_SEQUENCE`, `STORAGE_FULL`) proves it was not.
+//!
+//! A permanent failure fails the batch, and with idempotence leaves a hole in the lane
+//! log's sequence that nothing can fill. The lane log then *resets*: batches that may
+//! already be in the log keep being retried as they are (a retry of an appended batch is
+//! recognized; one that was not appended now gets `OUT_OF_ORDER_SEQUENCE`, which proves
+//! it); once none are left in doubt, the lane log gets a fresh producer id and the
+//! waiting batches, none of them in the log, are renumbered from 0. Renumbering a batch
+//! that might be in the log would append it twice.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -74,6 +81,8 @@ struct Sealed {
     created: Instant,
     not_before: Instant,
     last_error: String,
+    /// An attempt may have appended it (the outcome was not known).
+    maybe_appended: bool,
 }
 
 #[derive(Debug, Default)]
@@ -84,8 +93,16 @@ struct LogState {
     /// By seal number: waiting to be sent, in order.
     waiting: BTreeMap<u64, Sealed>,
     in_flight: BTreeMap<u64, Sealed>,
-    /// A batch failed for good: drain, then renumber under a new producer id.
+    /// A batch failed for good: settle the batches in doubt, then renumber the rest
+    /// under a new producer id.
     resetting: bool,
+}
+
+impl LogState {
+    /// Whether this batch may be sent now.
+    fn may_send(&self, batch: &Sealed, now: Instant) -> bool {
+        batch.not_before <= now && (!self.resetting || batch.maybe_appended)
+    }
 }
 
 /// What a finished request reports.
@@ -102,17 +119,23 @@ struct Sender {
     next_number: u64,
     client: Option<Arc<Client>>,
     reconnect_at: Instant,
+    /// The producer id new lane logs start with (idempotent producers).
     producer: Option<(i64, i16)>,
 }
 
-pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+    producer: Option<(i64, i16)>,
+    mut commands: mpsc::Receiver<Command>,
+) {
     let mut sender = Sender {
         shared: Arc::clone(&shared),
         logs: HashMap::new(),
         next_number: 0,
-        client: None,
+        client: Some(client),
         reconnect_at: Instant::now(),
-        producer: None,
+        producer,
     };
     let mut requests: FuturesUnordered<Request> = FuturesUnordered::new();
     let mut stopping = false;
@@ -124,14 +147,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Comman
         if stopping && requests.is_empty() && sender.idle() {
             return;
         }
+        let now = Instant::now();
+        // Only future instants: one already past would make the loop spin.
         let deadline = [
             next_linger,
-            sender.next_retry(),
+            sender.next_retry(now),
             sender.next_expiry(),
-            Some(sender.reconnect_at).filter(|_| sender.has_waiting()),
+            sender.next_reconnect(now),
         ]
         .into_iter()
         .flatten()
+        .filter(|at| *at > now)
         .min()
         .unwrap_or_else(|| now + std::time::Duration::from_secs(3600));
         tokio::select! {
@@ -207,6 +233,7 @@ impl Sender {
             created: open.opened_at,
             not_before: now,
             last_error: String::new(),
+            maybe_appended: false,
         };
         log.waiting.insert(self.next_number, sealed);
         self.next_number += 1;
@@ -227,13 +254,17 @@ impl Sender {
     }
 
     /// When the earliest backed-off batch may go again.
-    fn next_retry(&self) -> Option<Instant> {
-        let now = Instant::now();
+    fn next_retry(&self, now: Instant) -> Option<Instant> {
         self.logs
             .values()
             .filter_map(|log| log.waiting.values().next().map(|b| b.not_before))
             .filter(|at| *at > now)
             .min()
+    }
+
+    fn next_reconnect(&self, now: Instant) -> Option<Instant> {
+        let disconnected = self.client.as_ref().is_none_or(|c| c.is_closed());
+        (disconnected && self.has_waiting() && self.reconnect_at > now).then_some(self.reconnect_at)
     }
 
     /// Fails the waiting batches that are out of time: while the broker cannot be
@@ -290,27 +321,18 @@ impl Sender {
             return None;
         }
         let config = &self.shared.config;
-        let connected = Client::connect(&config.broker, client_config(config)).await;
-        let client = match connected {
-            Ok(client) => Arc::new(client),
+        match Client::connect(&config.broker, client_config(config)).await {
+            Ok(client) => {
+                let client = Arc::new(client);
+                self.client = Some(Arc::clone(&client));
+                Some(client)
+            }
             Err(error) => {
                 tracing::warn!(broker = %config.broker, %error, "cannot reach the broker; retrying");
-                self.reconnect_at = now + config.retry_backoff;
-                return None;
-            }
-        };
-        if config.idempotent && self.producer.is_none() {
-            match client.request(&InitProducerIdRequest).await {
-                Ok(id) => self.producer = Some((id.producer_id, id.producer_epoch)),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot get a producer id; retrying");
-                    self.reconnect_at = now + config.retry_backoff;
-                    return None;
-                }
+                self.reconnect_at = Instant::now() + config.retry_backoff;
+                None
             }
         }
-        self.client = Some(Arc::clone(&client));
-        Some(client)
     }
 
     /// Sends every batch that may go now, in requests of at most `request_bytes_max`.
@@ -321,10 +343,9 @@ impl Sender {
         let Some(client) = self.connect(now).await else {
             return;
         };
-        if self.producer.is_some() {
-            self.reset_logs(&client).await;
-        }
-        let config = self.shared.config.clone();
+        self.reset_logs(&client).await;
+        let config = Arc::clone(&self.shared);
+        let config = &config.config;
         // Lane 0 of every lane log before lane 1, and so on.
         let mut keys: Vec<LogKey> = self.logs.keys().cloned().collect();
         keys.sort_by(|a, b| (a.lane, &a.topic, a.partition).cmp(&(b.lane, &b.topic, b.partition)));
@@ -332,32 +353,34 @@ impl Sender {
         let mut size = 0;
         for key in keys {
             let log = self.logs.get_mut(&key).expect("listed");
-            while !log.resetting && log.in_flight.len() < config.in_flight_per_log_max {
-                let Some(entry) = log.waiting.first_entry() else {
+            while log.in_flight.len() < config.in_flight_per_log_max {
+                let Some((&number, first)) = log.waiting.first_key_value() else {
                     break;
                 };
-                if entry.get().not_before > now {
+                if !log.may_send(first, now) {
                     break;
                 }
-                let (number, batch) = entry.remove_entry();
+                let batch = log.waiting.remove(&number).expect("just seen");
                 size += batch.bytes.len();
                 batch_list.push((key.clone(), number, batch.bytes.clone()));
                 log.in_flight.insert(number, batch);
                 if size >= config.request_bytes_max {
-                    requests.push(request(&client, &config, std::mem::take(&mut batch_list)));
+                    requests.push(request(&client, config, std::mem::take(&mut batch_list)));
                     size = 0;
                 }
             }
         }
         if !batch_list.is_empty() {
-            requests.push(request(&client, &config, batch_list));
+            requests.push(request(&client, config, batch_list));
         }
     }
 
-    /// Gives lane logs that lost a batch for good a new producer id, once drained.
+    /// Gives resetting lane logs a new producer id once no batch of theirs is in doubt,
+    /// and renumbers their waiting batches from 0.
     async fn reset_logs(&mut self, client: &Client) {
         for log in self.logs.values_mut() {
-            if !log.resetting || !log.in_flight.is_empty() {
+            let settled = log.in_flight.is_empty() && log.waiting.values().all(|b| !b.maybe_appended);
+            if !log.resetting || !settled {
                 continue;
             }
             let Ok(id) = client.request(&InitProducerIdRequest).await else {
@@ -385,29 +408,34 @@ impl Sender {
         let now = Instant::now();
         match done.result {
             Ok(Some(response)) => {
-                let results = response
+                let mut results = response
                     .topics
                     .into_iter()
                     .flat_map(|topic| topic.partitions.into_iter().flat_map(|p| p.lanes));
-                let mut results = results.fuse();
                 for (key, number) in done.sent {
-                    match results.next() {
-                        Some(result) if result.error_code == ErrorCode::None => {
-                            self.succeed(&key, number, Some(result.base_offset));
+                    let Some(result) = results.next() else {
+                        self.retry(&key, number, "the response left the batch out".into(), true, now);
+                        continue;
+                    };
+                    let message = format!("{}: {}", result.error_code, result.error_message);
+                    match result.error_code {
+                        ErrorCode::None => self.succeed(&key, number, Some(result.base_offset)),
+                        // Appended by an earlier attempt whose offsets the broker no
+                        // longer remembers: delivered, offsets unknown.
+                        ErrorCode::DuplicateSequence => self.succeed(&key, number, None),
+                        // Refused after the duplicate check: certainly not in the log.
+                        ErrorCode::OutOfOrderSequence | ErrorCode::StorageFull => {
+                            self.retry(&key, number, message, false, now);
                         }
-                        Some(result) if result.error_code.is_retriable() => {
-                            let message = format!("{}: {}", result.error_code, result.error_message);
-                            self.retry(&key, number, message, now);
-                        }
-                        Some(result) => self.fail(
+                        code if code.is_retriable() => self.retry(&key, number, message, true, now),
+                        code => self.fail(
                             &key,
                             number,
                             ProduceError::Broker {
-                                code: result.error_code,
+                                code,
                                 message: result.error_message,
                             },
                         ),
-                        None => self.retry(&key, number, "the response left a batch out".into(), now),
                     }
                 }
             }
@@ -421,7 +449,7 @@ impl Sender {
                     self.client = None;
                 }
                 for (key, number) in done.sent {
-                    self.retry(&key, number, error.to_string(), now);
+                    self.retry(&key, number, error.to_string(), true, now);
                 }
             }
             Err(error) => {
@@ -446,7 +474,9 @@ impl Sender {
         }
     }
 
-    fn retry(&mut self, key: &LogKey, number: u64, message: String, now: Instant) {
+    /// Puts a batch back to wait its turn; `maybe_appended` says whether this attempt
+    /// may have appended it.
+    fn retry(&mut self, key: &LogKey, number: u64, message: String, maybe_appended: bool, now: Instant) {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
         let Some((log, mut batch)) = self.take_in_flight(key, number) else {
@@ -463,6 +493,7 @@ impl Sender {
         tracing::debug!(topic = %key.topic, partition = %key.partition, lane = %key.lane, %message, "retrying a batch");
         batch.not_before = now + config.retry_backoff;
         batch.last_error = message;
+        batch.maybe_appended = maybe_appended;
         log.waiting.insert(number, batch);
     }
 

@@ -209,14 +209,18 @@ impl Client {
         Ok(decode_response_body(reader)?)
     }
 
-    /// Sends a request that gets no response (a produce with `acks = none`).
+    /// Sends a request that gets no response (a produce with `acks = none`); waits at
+    /// most `request_timeout` for room in the outgoing queue.
     pub async fn send_only<R: RequestBody>(&self, request: &R) -> Result<(), ClientError> {
         let correlation_id = self.next_correlation_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_request(correlation_id, &self.config.client_id, request);
-        self.outgoing
-            .send(Outgoing { frame, reply: None })
-            .await
-            .map_err(|_| self.closed_error())
+        tokio::time::timeout(
+            self.config.request_timeout,
+            self.outgoing.send(Outgoing { frame, reply: None }),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(self.config.request_timeout))?
+        .map_err(|_| self.closed_error())
     }
 
     fn closed_error(&self) -> ClientError {

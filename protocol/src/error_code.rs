@@ -85,6 +85,9 @@ error_codes! {
     LimitExceeded = 22, "LIMIT_EXCEEDED", false;
     /// An unexpected broker error; the message says more.
     Internal = 23, "INTERNAL", true;
+    /// An idempotent producer's batch was appended long ago: it is a retry older than the
+    /// batches the broker remembers, so its offsets are no longer known.
+    DuplicateSequence = 24, "DUPLICATE_SEQUENCE", false;
 }
 
 impl fmt::Display for ErrorCode {

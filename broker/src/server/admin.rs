@@ -51,9 +51,13 @@ pub(super) fn metadata(broker: &Arc<Broker>, id: u32, request: &MetadataRequest)
     let topics = if request.topics.is_empty() {
         broker.topics.list().iter().map(|t| describe(t)).collect()
     } else {
+        // Each topic once, however often it is named: a request cannot multiply the
+        // (large) description of a topic.
+        let mut seen = std::collections::HashSet::new();
         request
             .topics
             .iter()
+            .filter(|name| seen.insert(name.as_str()))
             .map(|name| match broker.topics.get(name) {
                 Some(topic) => describe(&topic),
                 None => TopicMetadata {
@@ -100,7 +104,7 @@ fn describe(topic: &Topic) -> TopicMetadata {
 }
 
 pub(super) fn list_offsets(broker: &Arc<Broker>, id: u32, request: ListOffsetsRequest) -> Vec<Bytes> {
-    let topics = request
+    let mut topics: Vec<_> = request
         .topics
         .into_iter()
         .map(|topic_request| {
@@ -120,6 +124,15 @@ pub(super) fn list_offsets(broker: &Arc<Broker>, id: u32, request: ListOffsetsRe
             })
         })
         .collect();
+    super::quiet_messages(
+        topics
+            .iter_mut()
+            .flat_map(
+                |t: &mut lanes_protocol::messages::TopicItems<ListOffsetsLaneResult>| t.partitions.iter_mut(),
+            )
+            .flat_map(|p| p.lanes.iter_mut())
+            .map(|lane| &mut lane.error_message),
+    );
     encode_response(id, &ListOffsetsResponse { topics })
 }
 

@@ -90,9 +90,20 @@ pub(super) async fn serve(
             break;
         }
         connection.reserve_for_next_frame();
+        let frame_bytes_max = settings.frame_bytes_max as usize;
         let can_read = !connection.closing
             && connection.in_flight.len() < in_flight_max
-            && (connection.reserved.is_some() || FrameCodec::pending_frame_len(&connection.buf).is_none());
+            && match FrameCodec::pending_frame_len(&connection.buf) {
+                None => true,
+                // Too large: read on, so the codec sees the head it answers to.
+                Some(length) if length > frame_bytes_max => true,
+                Some(_) => connection.reserved.is_some(),
+            };
+        if !can_read && connection.partial_since.is_some() {
+            // The clock for receiving a request only runs while the broker reads: a
+            // client is not cut off for waiting on the broker's own limits.
+            connection.partial_since = Some(Instant::now());
+        }
         let deadline = connection.deadline(&settings);
         tokio::select! {
             biased;
@@ -200,7 +211,7 @@ impl Connection {
         if length > self.broker.settings.frame_bytes_max as usize {
             return; // refused by the codec, never read
         }
-        let permits = u32::try_from(length + 4).expect("frames are bounded below 4 GiB");
+        let permits = u32::try_from(length + 4).expect("frame_bytes_max is validated below 4 GiB - 4");
         let semaphore = Arc::clone(&self.broker.request_bytes);
         match Arc::clone(&semaphore).try_acquire_many_owned(permits) {
             Ok(permit) => self.reserved = Some(permit),

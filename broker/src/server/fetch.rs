@@ -84,7 +84,7 @@ pub(super) async fn fetch(
 fn read(topics: &[TopicItems<Target>], bytes_max: usize) -> (FetchResponse, usize, bool) {
     let mut total = 0;
     let mut errors = false;
-    let topics = topics
+    let mut topics: Vec<TopicItems<FetchLaneResult>> = topics
         .iter()
         .map(|topic| {
             topic.as_ref().map_lanes(|_, _, target| {
@@ -95,6 +95,13 @@ fn read(topics: &[TopicItems<Target>], bytes_max: usize) -> (FetchResponse, usiz
             })
         })
         .collect();
+    super::quiet_messages(
+        topics
+            .iter_mut()
+            .flat_map(|t| t.partitions.iter_mut())
+            .flat_map(|p| p.lanes.iter_mut())
+            .map(|lane| &mut lane.error_message),
+    );
     (FetchResponse { topics }, total, errors)
 }
 

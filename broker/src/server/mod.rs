@@ -101,6 +101,8 @@ impl Broker {
             });
         }
         connections.close();
+        // In-flight durable acks need their fsync now, not at the next interval.
+        self.topics.request_sync_all();
         let grace = Duration::from_millis(self.settings.shutdown_ms_max);
         if tokio::time::timeout(grace, connections.wait()).await.is_err() {
             tracing::warn!(
@@ -130,6 +132,29 @@ impl Broker {
         let result = self.topics.close();
         self.syncer.stop();
         result
+    }
+}
+
+/// Most bytes of a per-item error message (one lane log's result).
+const ITEM_MESSAGE_BYTES_MAX: usize = 128;
+
+/// Keeps per-item error messages from multiplying a response: each is cut to
+/// [`ITEM_MESSAGE_BYTES_MAX`], and one equal to the previous item's is sent empty (its
+/// error code says the rest). Without this, a small request naming thousands of lane
+/// logs of a bad topic would get a response a hundred times its size.
+pub(crate) fn quiet_messages<'a>(messages: impl Iterator<Item = &'a mut String>) {
+    let mut previous = String::new();
+    for message in messages {
+        if message.is_empty() {
+            continue;
+        }
+        let cut = lanes_protocol::api::truncate(message, ITEM_MESSAGE_BYTES_MAX).len();
+        message.truncate(cut);
+        if *message == previous {
+            message.clear();
+        } else {
+            previous.clone_from(message);
+        }
     }
 }
 

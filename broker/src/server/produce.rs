@@ -59,6 +59,7 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
     }
     let mut response = ProduceResponse { topics };
     if waits.is_empty() {
+        quiet(&mut response);
         return ready(encode_response(id, &response));
     }
     Box::pin(async move {
@@ -85,8 +86,20 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
             result.error_code = failure.0;
             result.error_message = failure.1.to_owned();
         }
+        quiet(&mut response);
         Some(encode_response(id, &response))
     })
+}
+
+fn quiet(response: &mut ProduceResponse) {
+    super::quiet_messages(
+        response
+            .topics
+            .iter_mut()
+            .flat_map(|t| t.partitions.iter_mut())
+            .flat_map(|p| p.lanes.iter_mut())
+            .map(|lane| &mut lane.error_message),
+    );
 }
 
 type Appended = (Arc<LogHandle>, crate::storage::AppendOutcome);

@@ -43,6 +43,14 @@ pub enum StorageError {
         expected: i32,
         received: i32,
     },
+    #[error("producer {producer_id}: sequence {received} was appended long ago (expected {expected})")]
+    DuplicateSequence {
+        producer_id: i64,
+        expected: i32,
+        received: i32,
+    },
+    #[error("producer {producer_id}: sequence {base_sequence} was already used by a different batch")]
+    SequenceReused { producer_id: i64, base_sequence: i32 },
     #[error("lane log {path} is open elsewhere (another broker on the same data directory?)")]
     Locked { path: PathBuf },
     #[error("lane log {path} is closed")]

@@ -17,7 +17,8 @@
 //! |    4 | `crc`                 | CRC-32 of everything before it             |
 //!
 //! Producer entry: `producer_id` i64, `epoch` i16, `batch_count` u8, then `batch_count`
-//! times (`base_sequence` i32, `last_sequence` i32, `base_offset` u64, `last_offset` u64).
+//! times (`base_sequence` i32, `last_sequence` i32, `base_offset` u64, `last_offset` u64,
+//! `crc` u32).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -31,7 +32,7 @@ use super::StorageError;
 pub const SEQUENCES_REMEMBERED: usize = lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX;
 
 const MAGIC: &[u8; 4] = b"LPS1";
-const BATCH_META_BYTES: usize = 24;
+const BATCH_META_BYTES: usize = 28;
 
 /// What the log remembers of one appended batch of an idempotent producer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub(crate) struct BatchMeta {
     pub(crate) last_sequence: i32,
     pub(crate) base_offset: Offset,
     pub(crate) last_offset: Offset,
+    /// The batch's checksum: a retry is the same bytes, so the same checksum. A
+    /// different batch reusing the sequences is a client bug, not a retry.
+    pub(crate) crc: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +120,14 @@ impl ProducerStateTable {
             .iter()
             .find(|b| b.base_sequence == header.base_sequence && b.last_sequence == last_sequence)
         {
-            return Ok(SequenceCheck::Duplicate(*batch));
+            return if batch.crc == header.crc {
+                Ok(SequenceCheck::Duplicate(*batch))
+            } else {
+                Err(StorageError::SequenceReused {
+                    producer_id: header.producer_id,
+                    base_sequence: header.base_sequence,
+                })
+            };
         }
         let expected = entry
             .batches
@@ -124,6 +135,13 @@ impl ProducerStateTable {
             .map_or(0, |last| sequence_plus(last.last_sequence, 1));
         if header.base_sequence == expected {
             Ok(SequenceCheck::Append)
+        } else if is_behind(header.base_sequence, expected) {
+            // Appended long ago: a retry older than the batches remembered.
+            Err(StorageError::DuplicateSequence {
+                producer_id: header.producer_id,
+                expected,
+                received: header.base_sequence,
+            })
         } else {
             Err(out_of_order(expected))
         }
@@ -157,6 +175,7 @@ impl ProducerStateTable {
             last_sequence: header.last_sequence(),
             base_offset: header.base_offset,
             last_offset: header.last_offset(),
+            crc: header.crc,
         });
     }
 
@@ -189,6 +208,7 @@ impl ProducerStateTable {
                 out.extend_from_slice(&batch.last_sequence.to_be_bytes());
                 out.extend_from_slice(&batch.base_offset.0.to_be_bytes());
                 out.extend_from_slice(&batch.last_offset.0.to_be_bytes());
+                out.extend_from_slice(&batch.crc.to_be_bytes());
             }
         }
         let crc = crc32fast::hash(&out);
@@ -226,6 +246,7 @@ impl ProducerStateTable {
                     last_sequence: reader.u32()? as i32,
                     base_offset: Offset(reader.u64()?),
                     last_offset: Offset(reader.u64()?),
+                    crc: reader.u32()?,
                 });
             }
             table.producers.insert(id, ProducerEntry { epoch, batches });
@@ -238,6 +259,14 @@ impl ProducerStateTable {
         }
         Some((offset, table))
     }
+}
+
+/// Whether `sequence` comes before `expected` (within half the sequence space behind it,
+/// as sequences wrap from `i32::MAX` to 0).
+fn is_behind(sequence: i32, expected: i32) -> bool {
+    let modulus = i64::from(i32::MAX) + 1;
+    let distance = (i64::from(expected) - i64::from(sequence)).rem_euclid(modulus);
+    distance > 0 && distance < modulus / 2
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -265,7 +294,7 @@ mod tests {
     fn header(producer_id: i64, epoch: i16, base_sequence: i32, count: u32, base_offset: u64) -> BatchHeader {
         BatchHeader {
             base_offset: Offset(base_offset),
-            crc: 0,
+            crc: base_sequence as u32 ^ count,
             batch_length: 0,
             magic: 1,
             attributes: 0,
@@ -305,6 +334,32 @@ mod tests {
                 ..
             })
         ));
+        let reused = BatchHeader {
+            crc: 12345,
+            ..header(1, 0, 0, 3, 0)
+        };
+        assert!(matches!(
+            table.check(&reused),
+            Err(StorageError::SequenceReused { base_sequence: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_retry_older_than_the_remembered_batches_is_a_duplicate_not_a_gap() {
+        let mut table = ProducerStateTable::new(10);
+        for i in 0..8 {
+            table.record(&header(1, 0, i, 1, i as u64));
+        }
+        assert!(matches!(
+            table.check(&header(1, 0, 1, 1, 0)),
+            Err(StorageError::DuplicateSequence {
+                expected: 8,
+                received: 1,
+                ..
+            })
+        ));
+        assert!(is_behind(i32::MAX, 2), "sequences wrap");
+        assert!(!is_behind(5, 2));
     }
 
     #[test]
@@ -349,7 +404,10 @@ mod tests {
         for i in 0..8 {
             table.record(&header(1, 0, i, 1, i as u64));
         }
-        assert!(table.check(&header(1, 0, 2, 1, 0)).is_err());
+        assert!(matches!(
+            table.check(&header(1, 0, 2, 1, 0)),
+            Err(StorageError::DuplicateSequence { .. })
+        ));
         assert!(matches!(
             table.check(&header(1, 0, 3, 1, 0)),
             Ok(SequenceCheck::Duplicate(_))

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use super::{TopicItems, decode_topics, encode_topics, get_error, get_lane, put_error};
 use crate::api::{ApiKey, RequestBody, ResponseBody};
 use crate::wire::{DecodeError, Reader, Writer};
-use crate::{ErrorCode, Lane, Offset};
+use crate::{ErrorCode, LANES_MAX, Lane, Offset};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FetchLane {
@@ -54,7 +54,7 @@ impl FetchRequest {
             wait_ms_max: reader.u32("wait_ms_max")?,
             bytes_min: reader.u32("bytes_min")?,
             bytes_max: reader.u32("bytes_max")?,
-            topics: decode_topics(reader, 1 + 8 + 4, |reader| {
+            topics: decode_topics(reader, 1 + 8 + 4, LANES_MAX, |reader| {
                 Ok(FetchLane {
                     lane: get_lane(reader)?,
                     offset: Offset(reader.u64("offset")?),
@@ -109,7 +109,7 @@ impl ResponseBody for FetchResponse {
     }
 
     fn decode(reader: &mut Reader) -> Result<FetchResponse, DecodeError> {
-        let topics = decode_topics(reader, 1 + 4 + 16 + 4, |reader| {
+        let topics = decode_topics(reader, 1 + 4 + 16 + 4, LANES_MAX, |reader| {
             let lane = get_lane(reader)?;
             let (error_code, error_message) = get_error(reader)?;
             Ok(FetchLaneResult {

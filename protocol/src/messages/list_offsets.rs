@@ -13,7 +13,7 @@
 use super::{TopicItems, decode_topics, encode_topics, get_error, get_lane, put_error};
 use crate::api::{ApiKey, RequestBody, ResponseBody};
 use crate::wire::{DecodeError, Reader, Writer};
-use crate::{ErrorCode, Lane, Offset};
+use crate::{ErrorCode, LANES_MAX, Lane, Offset};
 
 /// Which offset to look up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub struct ListOffsetsRequest {
 impl ListOffsetsRequest {
     pub(crate) fn decode(reader: &mut Reader) -> Result<ListOffsetsRequest, DecodeError> {
         Ok(ListOffsetsRequest {
-            topics: decode_topics(reader, 1 + 8, |reader| {
+            topics: decode_topics(reader, 1 + 8, LANES_MAX, |reader| {
                 Ok(ListOffsetsLane {
                     lane: get_lane(reader)?,
                     spec: OffsetSpec::from_wire(reader.i64("spec")?)?,
@@ -104,7 +104,7 @@ impl ResponseBody for ListOffsetsResponse {
     }
 
     fn decode(reader: &mut Reader) -> Result<ListOffsetsResponse, DecodeError> {
-        let topics = decode_topics(reader, 1 + 4 + 8, |reader| {
+        let topics = decode_topics(reader, 1 + 4 + 8, LANES_MAX, |reader| {
             let lane = get_lane(reader)?;
             let (error_code, error_message) = get_error(reader)?;
             Ok(ListOffsetsLaneResult {

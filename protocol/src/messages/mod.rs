@@ -136,16 +136,19 @@ pub(crate) fn encode_topics<T>(
     }
 }
 
+/// Items per partition in one message: one per lane, except in Produce, which may carry
+/// up to [`produce::IN_FLIGHT_PER_LOG_MAX`] batches of each lane log.
 pub(crate) fn decode_topics<T>(
     reader: &mut Reader,
     item_bytes_min: usize,
+    items_per_partition_max: usize,
     mut item: impl FnMut(&mut Reader) -> Result<T, DecodeError>,
 ) -> Result<Vec<TopicItems<T>>, DecodeError> {
     reader.array("topics", TOPICS_PER_REQUEST_MAX, 2 + 4, |reader| {
         let name = reader.string("topic", TOPIC_NAME_BYTES_MAX)?;
         let partitions = reader.array("partitions", PARTITIONS_MAX, 4 + 4, |reader| {
             let partition = PartitionId(reader.u32("partition")?);
-            let lanes = reader.array("lanes", LANES_MAX, item_bytes_min, &mut item)?;
+            let lanes = reader.array("lanes", items_per_partition_max, item_bytes_min, &mut item)?;
             Ok(PartitionItems { partition, lanes })
         })?;
         Ok(TopicItems { name, partitions })

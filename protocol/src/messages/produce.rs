@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use super::{TopicItems, decode_topics, encode_topics, get_error, get_lane, put_error};
 use crate::api::{ApiKey, RequestBody, ResponseBody};
 use crate::wire::{DecodeError, Reader, Writer};
-use crate::{ErrorCode, Lane, Offset};
+use crate::{ErrorCode, LANES_MAX, Lane, Offset};
 
 /// How many batches of one lane log an idempotent producer may have in flight. The
 /// broker remembers this many of each producer's latest batches per lane log, so a
@@ -87,7 +87,7 @@ impl ProduceRequest<BytesMut> {
             value: i64::from(raw_acks),
         })?;
         let timeout_ms = reader.u32("timeout_ms")?;
-        let topics = decode_topics(reader, 1 + 4, |reader| {
+        let topics = decode_topics(reader, 1 + 4, LANES_MAX * IN_FLIGHT_PER_LOG_MAX, |reader| {
             Ok(ProduceLane {
                 lane: get_lane(reader)?,
                 batch: reader.bytes_mut("batch", BATCH_BYTES_MAX)?,
@@ -142,7 +142,7 @@ impl ResponseBody for ProduceResponse {
     }
 
     fn decode(reader: &mut Reader) -> Result<ProduceResponse, DecodeError> {
-        let topics = decode_topics(reader, 1 + 4 + 24, |reader| {
+        let topics = decode_topics(reader, 1 + 4 + 24, LANES_MAX * IN_FLIGHT_PER_LOG_MAX, |reader| {
             let lane = get_lane(reader)?;
             let (error_code, error_message) = get_error(reader)?;
             Ok(ProduceLaneResult {

@@ -1,0 +1,358 @@
+//! The producer and consumer libraries against a real broker: retries that never
+//! duplicate, through connections cut mid-response; bounded prefetch; backoff on
+//! errors; no busy waiting; no delivery left pending.
+
+mod server_support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
+use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
+use lanes_protocol::client::{Client, ClientConfig};
+use lanes_protocol::messages::{CreateTopicRequest, DeleteTopicRequest};
+use lanes_protocol::{Lane, PartitionId};
+use server_support::TestBroker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn create_topic(address: &str, name: &str, partitions: u32) {
+    let client = Client::connect(address, ClientConfig::default()).await.unwrap();
+    client
+        .request(&CreateTopicRequest {
+            name: name.into(),
+            partitions,
+            lanes: vec![],
+            configs: vec![],
+        })
+        .await
+        .unwrap();
+}
+
+fn record(topic: &str, partition: u32, lane: u8, value: impl Into<bytes::Bytes>) -> ProducerRecord {
+    ProducerRecord::new(topic, value)
+        .partition(PartitionId(partition))
+        .lane(LaneSelector::Index(Lane(lane)))
+}
+
+/// Every record of `topic`, per lane log, in offset order.
+async fn read_all(address: &str, topic: &str, lanes: Option<&[Lane]>) -> HashMap<(u32, u8), Vec<String>> {
+    let mut consumer = Consumer::connect(ConsumerConfig::new(address)).await.unwrap();
+    consumer
+        .assign(topic, None, lanes, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut logs: HashMap<(u32, u8), Vec<String>> = HashMap::new();
+    let mut empty_polls = 0;
+    while empty_polls < 3 {
+        let records = consumer.poll().await.unwrap();
+        empty_polls = if records.is_empty() { empty_polls + 1 } else { 0 };
+        for r in records {
+            logs.entry((r.partition.0, r.lane.0))
+                .or_default()
+                .push(String::from_utf8_lossy(&r.value).into_owned());
+        }
+    }
+    logs
+}
+
+/// A TCP proxy to `broker` that cuts each connection after passing some bytes of
+/// responses (a different amount each time), so that clients lose answers mid-stream
+/// and must retry over a new connection.
+/// Returns its address and a count of the connections it accepted.
+async fn chaos_proxy(broker: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&connections);
+    tokio::spawn(async move {
+        let mut cut_after = 700usize;
+        while let Ok((mut client, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let Ok(mut upstream) = TcpStream::connect(broker).await else {
+                continue;
+            };
+            // Budgets large enough for any single response, small enough to cut often.
+            cut_after = cut_after * 7 % 1_000 + 150;
+            let budget = cut_after;
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.split();
+                let (mut upstream_read, mut upstream_write) = upstream.split();
+                let requests = tokio::io::copy(&mut client_read, &mut upstream_write);
+                let responses = async {
+                    let mut passed = 0;
+                    let mut buf = vec![0u8; 4096];
+                    while passed < budget {
+                        let n = upstream_read
+                            .read(&mut buf[..(budget - passed).min(4096)])
+                            .await?;
+                        if n == 0 {
+                            break;
+                        }
+                        client_write.write_all(&buf[..n]).await?;
+                        passed += n;
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
+                // Whichever ends first ends the connection: the cut.
+                tokio::select! {
+                    _ = requests => {}
+                    _ = responses => {}
+                }
+            });
+        }
+    });
+    (address, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_through_cut_connections_never_duplicate_or_reorder() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "orders", 2).await;
+    let (proxy, connections) = chaos_proxy(broker.addr).await;
+    let mut config = ProducerConfig::new(proxy.to_string());
+    config.retry_backoff = Duration::from_millis(5);
+    config.delivery_timeout = Duration::from_secs(120);
+    config.linger = Duration::from_millis(1);
+    config.batch_bytes_max = 1024;
+    let producer = loop {
+        // Even the handshake may be cut.
+        if let Ok(producer) = Producer::connect(config.clone()).await {
+            break producer;
+        }
+    };
+    let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..3_000u32 {
+        let (partition, lane) = (i % 2, (i % 3) as u8);
+        let value = format!("event-{i}");
+        sent.entry((partition, lane)).or_default().push(value.clone());
+        deliveries.push(
+            producer
+                .send(record("orders", partition, lane, value))
+                .await
+                .unwrap(),
+        );
+    }
+    for delivery in deliveries {
+        delivery
+            .wait()
+            .await
+            .expect("every record is delivered despite the cuts");
+    }
+    drop(producer);
+    let cuts = connections.load(Ordering::Relaxed);
+    assert!(cuts > 5, "the proxy cut connections ({cuts} of them)");
+    let stored = read_all(&broker.address(), "orders", None).await;
+    for (log, expected) in &sent {
+        let got = stored.get(log).map_or(&[][..], Vec::as_slice);
+        let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
+        assert!(
+            got == expected.as_slice(),
+            "lane log {log:?}: {} records stored, {} sent, first difference at {first_difference:?}",
+            got.len(),
+            expected.len()
+        );
+    }
+    broker.stop().await;
+}
+
+/// A fetch response larger than the consumer's prefetch budget must not stall it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_prefetch_budget_still_gets_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "t", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(broker.address()))
+        .await
+        .unwrap();
+    for i in 0..4u8 {
+        producer.send(record("t", 0, 0, vec![i; 30_000])).await.unwrap();
+        producer.flush().await.unwrap(); // one batch each
+    }
+    // And one batch larger than the whole budget.
+    producer.send(record("t", 0, 0, vec![9; 100_000])).await.unwrap();
+    producer.close().await.unwrap();
+
+    let mut config = ConsumerConfig::new(broker.address());
+    config.prefetch_bytes_max = 64 * 1024;
+    let mut consumer = Consumer::connect(config).await.unwrap();
+    consumer
+        .assign("t", None, None, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "{seen} of 5 records");
+        seen += consumer.poll().await.unwrap().len();
+    }
+    broker.stop().await;
+}
+
+/// A lane log that answers with an error is reported once, not fetched in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_lane_log_is_reported_without_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "gone", 1).await;
+    let mut consumer = Consumer::connect(ConsumerConfig::new(broker.address()))
+        .await
+        .unwrap();
+    consumer
+        .assign("gone", None, None, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let client = Client::connect(&broker.address(), ClientConfig::default())
+        .await
+        .unwrap();
+    client
+        .request(&DeleteTopicRequest { name: "gone".into() })
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let mut errors = 0;
+    while start.elapsed() < Duration::from_secs(1) {
+        if consumer.poll().await.is_err() {
+            errors += 1;
+        }
+    }
+    assert!(errors >= 1, "the deleted topic is reported");
+    assert!(
+        errors <= 3,
+        "{errors} errors in one second: one per lane log at most"
+    );
+    broker.stop().await;
+}
+
+/// Process CPU time (user + system) in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A producer whose batches wait (behind its in-flight limit, for durability that does
+/// not come) sleeps instead of spinning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_producer_does_not_spin() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |s| {
+        s.fsync = lanes_broker::config::FsyncMode::Interval;
+        s.fsync_interval_ms = 3_600_000;
+    })
+    .await;
+    create_topic(&broker.address(), "t", 1).await;
+    let mut config = ProducerConfig::new(broker.address());
+    config.in_flight_per_log_max = 1;
+    config.durability_timeout = Duration::from_secs(3);
+    let producer = Producer::connect(config).await.unwrap();
+    let _first = producer.send(record("t", 0, 0, "a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _second = producer.send(record("t", 0, 0, "b")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks() - before;
+    // 100 ticks a second is one core fully busy; a spinning loop burns most of them.
+    assert!(used < 50, "{used} ticks of CPU in one second of waiting");
+    drop(producer);
+    broker.stop().await;
+}
+
+/// Every lane log is idempotent from its first batch: a first batch whose answer is
+/// "written, not yet durable" is retried until durable, and appended once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_batch_of_a_lane_log_is_retried_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |s| {
+        s.fsync = lanes_broker::config::FsyncMode::Interval;
+        s.fsync_interval_ms = 300;
+    })
+    .await;
+    create_topic(&broker.address(), "t", 1).await;
+    let mut config = ProducerConfig::new(broker.address());
+    config.durability_timeout = Duration::ZERO; // every first answer: REQUEST_TIMED_OUT
+    config.retry_backoff = Duration::from_millis(20);
+    let producer = Producer::connect(config).await.unwrap();
+    producer
+        .send(record("t", 0, 0, "A"))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    producer.close().await.unwrap();
+    let stored = read_all(&broker.address(), "t", Some(&[Lane(0)])).await;
+    assert_eq!(stored[&(0, 0)], vec!["A".to_owned()]);
+    broker.stop().await;
+}
+
+/// After a batch fails for good, later batches that may already be in the log are
+/// settled under their old numbers before the lane log is renumbered: none is appended
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_after_a_failed_batch_appends_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |s| {
+        s.fsync = lanes_broker::config::FsyncMode::Interval;
+        s.fsync_interval_ms = 600;
+    })
+    .await;
+    create_topic(&broker.address(), "t", 1).await;
+    let mut config = ProducerConfig::new(broker.address());
+    config.durability_timeout = Duration::ZERO;
+    config.delivery_timeout = Duration::from_millis(500);
+    config.retry_backoff = Duration::from_millis(10);
+    let producer = Producer::connect(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let a = producer.send(record("t", 0, 0, "A")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = producer.send(record("t", 0, 0, "B")).await.unwrap();
+    let c = producer.send(record("t", 0, 0, "C")).await.unwrap();
+    let outcomes = (
+        a.wait().await.is_ok(),
+        b.wait().await.is_ok(),
+        c.wait().await.is_ok(),
+    );
+    let _ = producer.close().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // an fsync makes all visible
+    let stored = read_all(&broker.address(), "t", Some(&[Lane(0)])).await;
+    let log = &stored[&(0, 0)];
+    for value in ["A", "B", "C"] {
+        assert!(
+            log.iter().filter(|v| *v == value).count() <= 1,
+            "{value} twice in {log:?}"
+        );
+    }
+    assert!(outcomes.0 || outcomes.1 || outcomes.2 || !log.is_empty());
+    broker.stop().await;
+}
+
+/// Dropping a producer without closing it ends its pending deliveries with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_producer_ends_its_pending_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |s| {
+        s.fsync = lanes_broker::config::FsyncMode::Interval;
+        s.fsync_interval_ms = 3_600_000; // never acknowledged
+    })
+    .await;
+    create_topic(&broker.address(), "t", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(broker.address()))
+        .await
+        .unwrap();
+    let delivery = producer.send(record("t", 0, 0, "x")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(producer);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), delivery.wait())
+        .await
+        .expect("the delivery ends");
+    assert!(matches!(outcome, Err(lanes_producer::ProduceError::Closed)));
+    broker.stop().await;
+}
