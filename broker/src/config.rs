@@ -165,6 +165,19 @@ settings! {
     auto_create_topics: bool = true, "LANES_AUTO_CREATE_TOPICS";
     /// Idempotent producers remembered per lane log.
     producer_ids_max: u32 = 10_000, "LANES_PRODUCER_IDS_MAX";
+    /// Shortest session timeout a group member may ask for (ms).
+    group_session_timeout_ms_min: u32 = 1_000, "LANES_GROUP_SESSION_TIMEOUT_MS_MIN";
+    /// Longest session timeout a group member may ask for (ms).
+    group_session_timeout_ms_max: u32 = 300_000, "LANES_GROUP_SESSION_TIMEOUT_MS_MAX";
+    /// A group without members is deleted, with its committed offsets, after this (ms).
+    group_empty_expiry_ms: u64 = 7 * DAY_MS, "LANES_GROUP_EMPTY_EXPIRY_MS";
+    /// Most consumer groups.
+    groups_max: u32 = 10_000, "LANES_GROUPS_MAX";
+    /// Most members of one group.
+    group_members_max: u32 = 1_000, "LANES_GROUP_MEMBERS_MAX";
+    /// Segment size of the group offsets log (bytes); it is rewritten and trimmed after
+    /// about this much (or twice its live size) has been appended.
+    offsets_segment_bytes_max: u32 = 16 * MIB, "LANES_OFFSETS_SEGMENT_BYTES_MAX";
     /// On shutdown, how long in-flight requests may take to finish (ms).
     shutdown_ms_max: u64 = 30_000, "LANES_SHUTDOWN_MS_MAX";
 }
@@ -248,10 +261,19 @@ impl Settings {
             ("topics_max", self.topics_max),
             ("topic_partitions_default", self.topic_partitions_default),
             ("producer_ids_max", self.producer_ids_max),
+            ("groups_max", self.groups_max),
+            ("group_members_max", self.group_members_max),
+            ("group_session_timeout_ms_min", self.group_session_timeout_ms_min),
         ] {
             if value == 0 {
                 return invalid(key, "must be at least 1".into());
             }
+        }
+        if self.group_session_timeout_ms_min > self.group_session_timeout_ms_max {
+            return invalid(
+                "group_session_timeout_ms_min",
+                "exceeds group_session_timeout_ms_max".into(),
+            );
         }
         if self.topic_partitions_default > self.topic_partitions_max {
             return invalid("topic_partitions_default", "exceeds topic_partitions_max".into());

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod durability;
+pub mod group;
 pub mod producer_ids;
 pub mod server;
 pub mod storage;

@@ -1,5 +1,5 @@
 //! `lanes-broker`: runs the broker (no subcommand) or manages a running one
-//! (`lanes-broker topics …`).
+//! (`lanes-broker topics …`, `lanes-broker groups …`).
 
 mod admin;
 
@@ -51,12 +51,21 @@ enum Command {
         #[command(subcommand)]
         command: admin::TopicsCommand,
     },
+    /// List consumer groups and show their members, assignment, offsets and lag.
+    Groups {
+        /// The broker to talk to.
+        #[arg(long, env = "LANES_BROKER", default_value = "127.0.0.1:7070", global = true)]
+        broker: String,
+        #[command(subcommand)]
+        command: admin::GroupsCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Topics { broker, command }) => admin::run(&broker, command),
+        Some(Command::Topics { broker, command }) => admin::run(&broker, admin::Admin::Topics(command)),
+        Some(Command::Groups { broker, command }) => admin::run(&broker, admin::Admin::Groups(command)),
         None => serve(cli.settings, cli.config, cli.print_config, cli.log_format),
     };
     match result {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use lanes_protocol::messages::{CreateTopicRequest, TopicConfig, is_valid_topic_name};
@@ -304,6 +304,8 @@ pub struct Topics {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serializes creates and deletes.
     admin: Mutex<()>,
+    /// Counts creates and deletes, so others can notice that topics changed.
+    version: AtomicU64,
     syncer: Arc<Syncer>,
 }
 
@@ -320,6 +322,7 @@ impl Topics {
             meta_dir,
             topics: RwLock::new(HashMap::new()),
             admin: Mutex::new(()),
+            version: AtomicU64::new(0),
             syncer,
         };
         let mut specs = Vec::new();
@@ -395,6 +398,11 @@ impl Topics {
         Ok(Arc::new(Topic { spec, logs }))
     }
 
+    /// Changes whenever a topic is created or deleted.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
         self.read().get(name).cloned()
     }
@@ -428,6 +436,7 @@ impl Topics {
         let json = serde_json::to_vec_pretty(&spec).expect("specs serialize");
         files::write_file_atomic(&self.spec_path(&spec.name), &json)?;
         self.write().insert(spec.name.clone(), Arc::clone(&topic));
+        self.version.fetch_add(1, Ordering::AcqRel);
         tracing::info!(topic = %spec.name, partitions = spec.partitions, lanes = ?spec.lanes, "topic created");
         Ok(topic)
     }
@@ -456,6 +465,7 @@ impl Topics {
         let Some(topic) = self.write().remove(name) else {
             return Err(TopicError::Unknown(name.to_owned()));
         };
+        self.version.fetch_add(1, Ordering::AcqRel);
         let spec_path = self.spec_path(name);
         files::remove_if_exists(&spec_path)?;
         files::fsync_dir(&self.meta_dir)?;

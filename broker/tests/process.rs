@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 use lanes_broker::storage::{LaneLog, LogConfig};
 use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
 use lanes_producer::{Producer, ProducerConfig, ProducerRecord, TopicDefaults};
-use lanes_protocol::Offset;
+use lanes_protocol::client::{Client, ClientConfig};
+use lanes_protocol::messages::{
+    CommitLane, CreateTopicRequest, DescribeGroupRequest, JoinGroupRequest, OffsetCommitRequest,
+    OffsetFetchRequest, PartitionItems, TopicItems,
+};
+use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -320,4 +325,281 @@ fn readme_quickstart_works_as_written() {
     assert!(events_of_1001[0].contains("placed") && events_of_1001[1].contains("paid"));
     assert!(stdout.contains("PARTITION  LANE"), "topics describe ran");
     assert!(stderr.contains("\"records_acked\":5"), "{stderr}");
+}
+
+/// The directory of the workspace's binaries; the sibling tools are built by the
+/// README's test command.
+fn bin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_lanes-broker"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    for tool in ["lanes-produce", "lanes-consume"] {
+        assert!(
+            dir.join(tool).exists(),
+            "{tool} is not built in {}: run the README's test command, cargo test --workspace",
+            dir.display()
+        );
+    }
+    dir
+}
+
+fn group_commit(member: &str, partition: u32, offset: u64) -> OffsetCommitRequest {
+    OffsetCommitRequest {
+        group: "fulfilment".into(),
+        member_id: member.into(),
+        topics: vec![TopicItems {
+            name: "orders".into(),
+            partitions: vec![PartitionItems {
+                partition: PartitionId(partition),
+                lanes: vec![CommitLane {
+                    lane: Lane(1),
+                    offset: Offset(offset),
+                }],
+            }],
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path());
+    let producer = Producer::connect(producer_config(&broker.address)).await.unwrap();
+    for i in 0..40 {
+        let record = ProducerRecord::new("orders", format!("e{i}"))
+            .partition(PartitionId(0))
+            .lane(lanes_producer::LaneSelector::Index(Lane(1)));
+        producer.send(record).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    let client = Client::connect(&broker.address, ClientConfig::default())
+        .await
+        .unwrap();
+    let joined = client
+        .request(&JoinGroupRequest {
+            group: "fulfilment".into(),
+            member_id: String::new(),
+            client_id: "worker".into(),
+            topics: vec!["orders".into()],
+            session_timeout_ms: 30_000,
+        })
+        .await
+        .unwrap();
+    // A few commits, the last one acknowledged just before the kill.
+    for offset in [10, 20, 33] {
+        let response = client
+            .request(&group_commit(&joined.member_id, 0, offset))
+            .await
+            .unwrap();
+        assert_eq!(
+            response.topics[0].partitions[0].lanes[0].error_code,
+            ErrorCode::None
+        );
+    }
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+
+    let broker = BrokerProcess::start(dir.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_lanes-broker"))
+        .args(["groups", "--broker", &broker.address, "describe", "fulfilment"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("state       empty"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("orders") && l.contains("1:standard") && l.split_whitespace().nth(1) == Some("0")
+        })
+        .unwrap_or_else(|| panic!("no line for orders/0 lane 1:\n{text}"));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    // TOPIC PARTITION LANE OWNER COMMITTED END LAG
+    assert_eq!(&columns[4..], ["33", "40", "7"], "{line}");
+    let list = Command::new(env!("CARGO_BIN_EXE_lanes-broker"))
+        .args(["groups", "--broker", &broker.address, "list"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("fulfilment"));
+}
+
+/// A child process, killed when dropped, whose stdout lines are collected.
+struct Tool {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tool {
+    fn start(exe: &Path, args: &[&str]) -> Tool {
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn({
+            let lines = Arc::clone(&lines);
+            move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            }
+        });
+        Tool { child, lines }
+    }
+
+    /// (partition, lane, offset) of every record printed.
+    fn printed(&self) -> Vec<(u64, u64, u64)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                let record: serde_json::Value = serde_json::from_str(line).unwrap();
+                let field = |name: &str| record[name].as_u64().unwrap();
+                (field("partition"), field("lane"), field("offset"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn produce_keyed(address: &str, from: usize, count: usize) {
+    let producer = Producer::connect(producer_config(address)).await.unwrap();
+    for i in from..from + count {
+        let record = ProducerRecord::new("orders", format!("e{i}")).key(format!("order-{i}"));
+        producer.send(record).await.unwrap();
+    }
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_consumers_split_a_topic_and_a_survivor_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let client = Client::connect(&broker.address, ClientConfig::default())
+        .await
+        .unwrap();
+    client
+        .request(&CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 4,
+            lanes: vec![],
+            configs: vec![],
+        })
+        .await
+        .unwrap();
+    let exe = bin_dir().join("lanes-consume");
+    let args = [
+        "--broker",
+        &broker.address,
+        "--topic",
+        "orders",
+        "--group",
+        "fulfilment",
+        "--session-timeout-ms",
+        "2000",
+        "--format",
+        "json",
+    ];
+    let first = Tool::start(&exe, &args);
+    let mut second = Tool::start(&exe, &args);
+    let describe = DescribeGroupRequest {
+        group: "fulfilment".into(),
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(group) = client.request(&describe).await
+            && group.state == "stable"
+            && group.members.len() == 2
+            && group.members.iter().all(|m| m.owned[0].partitions.len() == 2)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the two members never split the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    produce_keyed(&broker.address, 0, 400).await;
+    let distinct = |tools: &[&Tool]| {
+        tools
+            .iter()
+            .flat_map(|t| t.printed())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    wait_for("the two printed all 400 records", || {
+        distinct(&[&first, &second]) == 400
+    })
+    .await;
+    assert!(
+        !first.printed().is_empty() && !second.printed().is_empty(),
+        "both got a share"
+    );
+    assert_eq!(
+        first.printed().len() + second.printed().len(),
+        400,
+        "nothing printed twice"
+    );
+
+    // The second dies without leaving; after its session times out the first takes
+    // over its partitions, from where it committed.
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+    produce_keyed(&broker.address, 400, 400).await;
+    wait_for("all 800 records were printed", || {
+        distinct(&[&first, &second]) == 800
+    })
+    .await;
+    let partitions: std::collections::BTreeSet<u64> = first.printed().iter().map(|r| r.0).collect();
+    assert_eq!(partitions.len(), 4, "the survivor read every partition");
+
+    // It commits after printing: the group catches up with the end of every lane log.
+    let fetch = OffsetFetchRequest {
+        group: "fulfilment".into(),
+        partitions: vec![lanes_protocol::messages::TopicPartitions {
+            topic: "orders".into(),
+            partitions: (0..4).map(PartitionId).collect(),
+        }],
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let committed = client.request(&fetch).await.unwrap();
+        let total: u64 = committed.topics[0]
+            .lanes()
+            .map(|(_, _, l)| l.committed.map_or(0, |o| o.0))
+            .sum();
+        if total == 800 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "committed {total} of 800");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,4 +1,7 @@
-//! The Lanes consumer: reads records from lane logs of a broker.
+//! The Lanes consumer: reads records from lane logs of a broker, either lane logs it is
+//! given ([`Consumer::assign`]) or, as a member of a consumer group
+//! ([`Consumer::subscribe`]), the partitions the group gives it. The [`Worker`] runs a
+//! handler over a group's records with bounded concurrency, keeping each key's order.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lanes_consumer::ConsumeError> {
@@ -13,26 +16,47 @@
 //! # }
 //! ```
 //!
+//! In a group (at-least-once):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lanes_consumer::ConsumeError> {
+//! use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig};
+//! let mut consumer = Consumer::connect(ConsumerConfig::new("127.0.0.1:7070")).await?;
+//! consumer.subscribe(GroupConfig::new("fulfilment", &["orders"]))?;
+//! loop {
+//!     for record in consumer.poll().await? {
+//!         // Handle it. The next poll commits it (auto-commit), or call `commit`.
+//!     }
+//! }
+//! # }
+//! ```
+//!
 //! A background fetcher long-polls every assigned lane log in one Fetch request and
 //! keeps at most `prefetch_bytes_max` bytes of fetched batches; every batch's checksum
 //! is checked before its records are handed out. Records come as slices of the fetched
 //! bytes: no copy. Offsets are tracked per lane log; [`Consumer::seek`] moves them.
 
 mod fetcher;
+mod group;
+mod worker;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
 use lanes_protocol::messages::{
-    ListOffsetsLane, ListOffsetsRequest, MetadataRequest, OffsetSpec, PartitionItems, TopicItems,
+    CommitLane, LeaveGroupRequest, ListOffsetsLane, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
+    OffsetFetchRequest, OffsetSpec, PartitionItems, TopicItems,
 };
 use lanes_protocol::{ErrorCode, Header, Lane, Offset, PartitionId};
 use tokio::sync::{Semaphore, mpsc};
 
 use fetcher::{Fetched, FetcherCommand};
+pub use group::{GroupConfig, TopicPartition};
+use group::{GroupHandle, to_assignment};
+pub use worker::{Worker, WorkerConfig, WorkerStats};
 
 /// Settings of a consumer.
 #[derive(Clone, Debug)]
@@ -114,6 +138,24 @@ pub enum ConsumeError {
     },
     #[error("a fetched batch failed its checks: {0}")]
     InvalidBatch(String),
+    #[error("group {group}: {code}: {message}")]
+    Group {
+        group: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("committing {topic} partition {partition} lane {lane}: {code}: {message}")]
+    Commit {
+        topic: String,
+        partition: PartitionId,
+        lane: Lane,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("dead-letter topic {topic}: {message}")]
+    DeadLetter { topic: String, message: String },
     #[error("the consumer is closed")]
     Closed,
 }
@@ -153,9 +195,13 @@ pub struct TopicInfo {
     pub lanes: Vec<String>,
 }
 
-/// A consumer of explicitly assigned lane logs.
+/// A consumer of explicitly assigned lane logs, or of what its group gives it.
 #[derive(Debug)]
 pub struct Consumer {
+    /// Set by [`Consumer::subscribe`].
+    group: Option<GroupHandle>,
+    /// What the group has committed for each lane log, as far as this member knows.
+    committed: HashMap<LogKey, Offset>,
     client: Arc<Client>,
     config: ConsumerConfig,
     topics: HashMap<String, TopicInfo>,
@@ -196,6 +242,8 @@ impl Consumer {
             fetched_sender,
         ));
         Ok(Consumer {
+            group: None,
+            committed: HashMap::new(),
             client,
             config,
             topics: HashMap::new(),
@@ -243,6 +291,9 @@ impl Consumer {
         lanes: Option<&[Lane]>,
         from: StartFrom,
     ) -> Result<(), ConsumeError> {
+        if self.group.is_some() {
+            return Err(ConsumeError::Usage("a group member reads what its group assigns"));
+        }
         let info = self.topic(topic).await?;
         let unknown = |what: String| ConsumeError::Unknown {
             topic: topic.to_owned(),
@@ -332,14 +383,22 @@ impl Consumer {
 
     /// The records that are ready, waiting up to `fetch_wait` for some.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ConsumeError> {
+        self.poll_timeout(self.config.fetch_wait).await
+    }
+
+    /// The records that are ready, waiting up to `wait` for some. In a group, first
+    /// follows the group: starts reading partitions it was given, gives up those moving
+    /// to other members (committing first, with auto-commit), and auto-commits.
+    pub async fn poll_timeout(&mut self, wait: Duration) -> Result<Vec<ConsumerRecord>, ConsumeError> {
+        self.sync_group().await?;
         if self.ready.is_empty() {
-            let deadline = tokio::time::Instant::now() + self.config.fetch_wait;
+            let deadline = tokio::time::Instant::now() + wait;
             while self.ready.is_empty() {
-                let fetched = tokio::select! {
-                    fetched = self.fetched.recv() => fetched.ok_or(ConsumeError::Closed)?,
+                tokio::select! {
+                    fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)??),
+                    () = group_changed(&mut self.group) => self.sync_group().await?,
                     () = tokio::time::sleep_until(deadline) => break,
-                };
-                self.take(fetched?);
+                }
             }
         }
         // Whatever else has already arrived, without waiting.
@@ -347,6 +406,352 @@ impl Consumer {
             self.take(fetched?);
         }
         Ok(self.ready.drain(..).collect())
+    }
+
+    /// Waits until [`Consumer::poll`] has something to do: records arrived, or the group
+    /// changed. Cancel-safe, so it can race other work (as the [`Worker`] does) before a
+    /// `poll_timeout(Duration::ZERO)`.
+    pub async fn wait(&mut self) -> Result<(), ConsumeError> {
+        if !self.ready.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)??),
+            () = group_changed(&mut self.group) => {}
+        }
+        Ok(())
+    }
+
+    /// Joins a consumer group: from the next [`Consumer::poll`] on, the consumer reads
+    /// the partitions (every lane of each) the group gives it, from the group's committed
+    /// offsets (or per [`ConsumerConfig::reset`] where there are none). Membership is
+    /// kept by a background heartbeat.
+    pub fn subscribe(&mut self, config: GroupConfig) -> Result<(), ConsumeError> {
+        if self.group.is_some() || !self.positions.is_empty() {
+            return Err(ConsumeError::Usage(
+                "subscribe once, on a consumer without assigned lane logs",
+            ));
+        }
+        self.group = Some(GroupHandle::start(
+            config,
+            &self.config.broker,
+            &self.config.client_id,
+        ));
+        Ok(())
+    }
+
+    /// The member id the group gave this consumer, once it joined.
+    pub fn member_id(&self) -> Option<String> {
+        self.group.as_ref().and_then(|g| g.membership().member_id.clone())
+    }
+
+    /// The partitions this consumer holds in its group.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        self.group
+            .as_ref()
+            .map(|g| g.membership().held.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// With [`GroupConfig::manual_release`]: the partitions the group is moving to other
+    /// members. Finish the work on them and give them up with [`Consumer::release`].
+    pub fn revoking(&self) -> Vec<TopicPartition> {
+        let Some(group) = &self.group else {
+            return Vec::new();
+        };
+        let membership = group.membership();
+        membership.held.difference(&membership.answer).cloned().collect()
+    }
+
+    /// Commits `offsets` (best effort: the partitions are going anyway) and gives up
+    /// `partitions`: stops reading them and tells the group at once.
+    pub async fn release(&mut self, partitions: &[TopicPartition], offsets: &[(LogKey, Offset)]) {
+        if !offsets.is_empty()
+            && let Err(error) = self.commit_offsets(offsets).await
+        {
+            tracing::warn!(%error, "commit before giving partitions up failed");
+        }
+        self.drop_partitions(partitions);
+        if let Some(group) = &self.group {
+            let mut membership = group.membership();
+            for partition in partitions {
+                membership.held.remove(partition);
+            }
+            drop(membership);
+            group.wake.notify_one();
+        }
+    }
+
+    /// Commits the offsets of every record handed out so far: call after handling them.
+    pub async fn commit(&mut self) -> Result<(), ConsumeError> {
+        let offsets = self.uncommitted(None);
+        self.commit_offsets(&offsets).await
+    }
+
+    /// Commits the given offsets (each the offset of the next record to read) for this
+    /// member's group. Durable when this returns `Ok`.
+    pub async fn commit_offsets(&mut self, offsets: &[(LogKey, Offset)]) -> Result<(), ConsumeError> {
+        let Some(group) = &mut self.group else {
+            return Err(ConsumeError::Usage("commit needs a group: call subscribe first"));
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let Some(member_id) = group.membership().member_id.clone() else {
+            return Err(ConsumeError::Group {
+                group: group.config.group.clone(),
+                code: ErrorCode::UnknownMember,
+                message: "not a member of the group (yet)".into(),
+            });
+        };
+        let mut sorted: Vec<&(LogKey, Offset)> = offsets.iter().collect();
+        sorted.sort();
+        let mut topics: Vec<TopicItems<CommitLane>> = Vec::new();
+        for (key, offset) in sorted {
+            push_lane(
+                &mut topics,
+                key,
+                CommitLane {
+                    lane: key.lane,
+                    offset: *offset,
+                },
+            );
+        }
+        let request = OffsetCommitRequest {
+            group: group.config.group.clone(),
+            member_id,
+            topics,
+        };
+        let response = group
+            .link
+            .request(&request)
+            .await
+            .map_err(|error| group_error(&group.config, error))?;
+        group.last_commit = Instant::now();
+        let mut first_error = None;
+        for topic in &response.topics {
+            for (name, partition, result) in topic.lanes() {
+                let key = LogKey {
+                    topic: Arc::from(name),
+                    partition,
+                    lane: result.lane,
+                };
+                if result.error_code == ErrorCode::None {
+                    if let Some((_, offset)) = offsets.iter().find(|(k, _)| *k == key) {
+                        self.committed.insert(key, *offset);
+                    }
+                } else if first_error.is_none() {
+                    first_error = Some(ConsumeError::Commit {
+                        topic: name.to_owned(),
+                        partition,
+                        lane: result.lane,
+                        code: result.error_code,
+                        message: result.error_message.clone(),
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Leaves the group (after a last commit, with auto-commit), so its partitions move
+    /// to other members at once instead of after the session timeout.
+    pub async fn close(mut self) -> Result<(), ConsumeError> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        group.task.abort();
+        let mut result = Ok(());
+        if group.config.auto_commit_interval.is_some() {
+            result = self.commit().await;
+        }
+        let group = self.group.as_ref().expect("checked");
+        let member_id = group.membership().member_id.clone();
+        if let Some(member_id) = member_id {
+            let request = LeaveGroupRequest {
+                group: group.config.group.clone(),
+                member_id,
+            };
+            if let Err(error) = group.link.request(&request).await {
+                result = result.and(Err(group_error(&group.config, error)));
+            }
+        }
+        result
+    }
+
+    /// Positions that differ from what was committed, of held partitions (or of
+    /// `only` these).
+    fn uncommitted(&self, only: Option<&[TopicPartition]>) -> Vec<(LogKey, Offset)> {
+        self.positions
+            .iter()
+            .filter(|(key, _)| {
+                only.is_none_or(|only| {
+                    only.iter()
+                        .any(|p| *p.topic == *key.topic && p.partition == key.partition)
+                })
+            })
+            .filter(|(key, offset)| self.committed.get(*key) != Some(*offset))
+            .map(|(key, offset)| (key.clone(), *offset))
+            .collect()
+    }
+
+    /// Follows the group: see [`Consumer::poll_timeout`].
+    async fn sync_group(&mut self) -> Result<(), ConsumeError> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        let (lost, revoked, assigned) = {
+            let mut membership = group.membership();
+            if let Some(error) = membership.error.take() {
+                return Err(error);
+            }
+            let lost: Vec<TopicPartition> = if std::mem::take(&mut membership.lost) {
+                std::mem::take(&mut membership.held).into_iter().collect()
+            } else {
+                Vec::new()
+            };
+            let revoked: Vec<TopicPartition> =
+                membership.held.difference(&membership.answer).cloned().collect();
+            let assigned: Vec<TopicPartition> =
+                membership.answer.difference(&membership.held).cloned().collect();
+            // Held from now on: the next heartbeat reports them even if taking them
+            // below is still under way.
+            membership.held.extend(assigned.iter().cloned());
+            (lost, revoked, assigned)
+        };
+        let manual_release = group.config.manual_release;
+        let auto_commit = group.config.auto_commit_interval;
+        if !lost.is_empty() {
+            tracing::warn!(
+                partitions = lost.len(),
+                "lost the group membership; dropping its partitions uncommitted"
+            );
+            self.drop_partitions(&lost);
+        }
+        if !revoked.is_empty() && !manual_release {
+            let offsets = if auto_commit.is_some() {
+                self.uncommitted(Some(&revoked))
+            } else {
+                Vec::new()
+            };
+            self.release(&revoked, &offsets).await;
+        }
+        if !assigned.is_empty()
+            && let Err(error) = self.take_partitions(&assigned).await
+        {
+            if let Some(group) = &self.group {
+                let mut membership = group.membership();
+                for partition in &assigned {
+                    membership.held.remove(partition);
+                }
+            }
+            match error {
+                ConsumeError::Connection(_) => {
+                    tracing::warn!(%error, "could not start reading assigned partitions; retrying at the next poll")
+                }
+                error => return Err(error),
+            }
+        }
+        if let Some(interval) = auto_commit
+            && self
+                .group
+                .as_ref()
+                .is_some_and(|g| g.last_commit.elapsed() >= interval)
+        {
+            let offsets = self.uncommitted(None);
+            if let Some(group) = &mut self.group {
+                group.last_commit = Instant::now();
+            }
+            if let Err(error) = self.commit_offsets(&offsets).await {
+                tracing::warn!(%error, "auto-commit failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts reading partitions the group gave this member, from the group's committed
+    /// offsets.
+    async fn take_partitions(&mut self, partitions: &[TopicPartition]) -> Result<(), ConsumeError> {
+        let mut keys = Vec::new();
+        for p in partitions {
+            let info = self.topic(&p.topic).await?;
+            keys.extend((0..info.lanes.len() as u8).map(|lane| LogKey {
+                topic: Arc::clone(&p.topic),
+                partition: p.partition,
+                lane: Lane(lane),
+            }));
+        }
+        let group = self.group.as_ref().expect("in a group");
+        let request = OffsetFetchRequest {
+            group: group.config.group.clone(),
+            partitions: to_assignment(partitions),
+        };
+        let response = group
+            .link
+            .request(&request)
+            .await
+            .map_err(|error| group_error(&group.config, error))?;
+        let mut committed: HashMap<LogKey, Offset> = HashMap::new();
+        for topic in &response.topics {
+            for (name, partition, lane) in topic.lanes() {
+                if let Some(offset) = lane.committed {
+                    let key = LogKey {
+                        topic: Arc::from(name),
+                        partition,
+                        lane: lane.lane,
+                    };
+                    committed.insert(key, offset);
+                }
+            }
+        }
+        let (known, unknown): (Vec<LogKey>, Vec<LogKey>) =
+            keys.into_iter().partition(|k| committed.contains_key(k));
+        let spec = match self.config.reset {
+            ResetPolicy::Earliest => OffsetSpec::Earliest,
+            ResetPolicy::Latest => OffsetSpec::Latest,
+            ResetPolicy::Fail if unknown.is_empty() => OffsetSpec::Earliest,
+            ResetPolicy::Fail => {
+                let key = &unknown[0];
+                return Err(ConsumeError::OffsetOutOfRange {
+                    topic: key.topic.to_string(),
+                    partition: key.partition,
+                    lane: key.lane,
+                    offset: Offset::ZERO,
+                });
+            }
+        };
+        let reset = if unknown.is_empty() {
+            Vec::new()
+        } else {
+            list_offsets(&self.client, &unknown, spec).await?
+        };
+        for key in known {
+            let offset = committed[&key];
+            self.committed.insert(key.clone(), offset);
+            self.positions.insert(key, offset);
+        }
+        for (key, offset) in unknown.into_iter().zip(reset) {
+            self.positions.insert(key, offset);
+        }
+        tracing::info!(
+            partitions = partitions.len(),
+            "started reading assigned partitions"
+        );
+        self.restart_fetching();
+        Ok(())
+    }
+
+    /// Stops reading partitions, without committing.
+    fn drop_partitions(&mut self, partitions: &[TopicPartition]) {
+        let held = |topic: &str, partition: PartitionId| {
+            partitions
+                .iter()
+                .any(|p| *p.topic == *topic && p.partition == partition)
+        };
+        self.positions.retain(|key, _| !held(&key.topic, key.partition));
+        self.committed.retain(|key, _| !held(&key.topic, key.partition));
+        self.ready.retain(|r| !held(&r.topic, r.partition));
+        self.restart_fetching();
     }
 
     /// Turns a fetched batch into ready records, skipping what was already handed out.
@@ -398,6 +803,47 @@ impl Consumer {
     }
 }
 
+/// Resolves when the group membership changed; never without a group.
+async fn group_changed(group: &mut Option<GroupHandle>) {
+    match group {
+        Some(group) => {
+            if group.changed.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn group_error(config: &GroupConfig, error: ClientError) -> ConsumeError {
+    match error {
+        ClientError::Broker { code, message } => ConsumeError::Group {
+            group: config.group.clone(),
+            code,
+            message,
+        },
+        error => ConsumeError::Connection(error.to_string()),
+    }
+}
+
+/// Adds an item for `key` to the common topic/partition/lane nesting (keys in order).
+fn push_lane<T>(topics: &mut Vec<TopicItems<T>>, key: &LogKey, item: T) {
+    if topics.last().is_none_or(|t| *t.name != *key.topic) {
+        topics.push(TopicItems {
+            name: key.topic.to_string(),
+            partitions: Vec::new(),
+        });
+    }
+    let partitions = &mut topics.last_mut().expect("pushed").partitions;
+    if partitions.last().is_none_or(|p| p.partition != key.partition) {
+        partitions.push(PartitionItems {
+            partition: key.partition,
+            lanes: Vec::new(),
+        });
+    }
+    partitions.last_mut().expect("pushed").lanes.push(item);
+}
+
 /// Looks up offsets of lane logs.
 pub(crate) async fn list_offsets(
     client: &Client,
@@ -406,24 +852,7 @@ pub(crate) async fn list_offsets(
 ) -> Result<Vec<Offset>, ConsumeError> {
     let mut topics: Vec<TopicItems<ListOffsetsLane>> = Vec::new();
     for key in keys {
-        if topics.last().is_none_or(|t| *t.name != *key.topic) {
-            topics.push(TopicItems {
-                name: key.topic.to_string(),
-                partitions: Vec::new(),
-            });
-        }
-        let partitions = &mut topics.last_mut().expect("pushed").partitions;
-        if partitions.last().is_none_or(|p| p.partition != key.partition) {
-            partitions.push(PartitionItems {
-                partition: key.partition,
-                lanes: Vec::new(),
-            });
-        }
-        partitions
-            .last_mut()
-            .expect("pushed")
-            .lanes
-            .push(ListOffsetsLane { lane: key.lane, spec });
+        push_lane(&mut topics, key, ListOffsetsLane { lane: key.lane, spec });
     }
     let response = client.request(&ListOffsetsRequest { topics }).await?;
     let results: Vec<_> = response

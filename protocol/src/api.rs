@@ -23,8 +23,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::ErrorCode;
 use crate::messages::{
-    ApiVersionsRequest, CreateTopicRequest, DeleteTopicRequest, FetchRequest, InitProducerIdRequest,
-    ListOffsetsRequest, MetadataRequest, ProduceRequest,
+    ApiVersionsRequest, CreateTopicRequest, DeleteTopicRequest, DescribeGroupRequest, FetchRequest,
+    HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest,
+    ListOffsetsRequest, MetadataRequest, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -46,6 +47,13 @@ pub enum ApiKey {
     Fetch = 5,
     ListOffsets = 6,
     InitProducerId = 7,
+    JoinGroup = 8,
+    Heartbeat = 9,
+    LeaveGroup = 10,
+    OffsetCommit = 11,
+    OffsetFetch = 12,
+    DescribeGroup = 13,
+    ListGroups = 14,
 }
 
 impl ApiKey {
@@ -58,6 +66,13 @@ impl ApiKey {
         ApiKey::Fetch,
         ApiKey::ListOffsets,
         ApiKey::InitProducerId,
+        ApiKey::JoinGroup,
+        ApiKey::Heartbeat,
+        ApiKey::LeaveGroup,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::DescribeGroup,
+        ApiKey::ListGroups,
     ];
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {
@@ -114,6 +129,13 @@ pub enum Request {
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
     InitProducerId(InitProducerIdRequest),
+    JoinGroup(JoinGroupRequest),
+    Heartbeat(HeartbeatRequest),
+    LeaveGroup(LeaveGroupRequest),
+    OffsetCommit(OffsetCommitRequest),
+    OffsetFetch(OffsetFetchRequest),
+    DescribeGroup(DescribeGroupRequest),
+    ListGroups(ListGroupsRequest),
 }
 
 /// Why a request frame could not be turned into a [`Request`].
@@ -176,6 +198,13 @@ pub fn decode_request(frame: BytesMut) -> Result<(RequestHeader, Request), Reque
         ApiKey::Fetch => FetchRequest::decode(&mut reader).map(Request::Fetch),
         ApiKey::ListOffsets => ListOffsetsRequest::decode(&mut reader).map(Request::ListOffsets),
         ApiKey::InitProducerId => InitProducerIdRequest::decode(&mut reader).map(Request::InitProducerId),
+        ApiKey::JoinGroup => JoinGroupRequest::decode(&mut reader).map(Request::JoinGroup),
+        ApiKey::Heartbeat => HeartbeatRequest::decode(&mut reader).map(Request::Heartbeat),
+        ApiKey::LeaveGroup => LeaveGroupRequest::decode(&mut reader).map(Request::LeaveGroup),
+        ApiKey::OffsetCommit => OffsetCommitRequest::decode(&mut reader).map(Request::OffsetCommit),
+        ApiKey::OffsetFetch => OffsetFetchRequest::decode(&mut reader).map(Request::OffsetFetch),
+        ApiKey::DescribeGroup => DescribeGroupRequest::decode(&mut reader).map(Request::DescribeGroup),
+        ApiKey::ListGroups => ListGroupsRequest::decode(&mut reader).map(Request::ListGroups),
     };
     let request = decoded
         .and_then(|request| reader.finish().map(|()| request))
@@ -367,6 +396,62 @@ mod tests {
         });
         request_roundtrip(&crate::messages::InitProducerIdRequest, |r| {
             assert!(matches!(r, Request::InitProducerId(_)))
+        });
+        let partitions = vec![crate::messages::TopicPartitions {
+            topic: "orders".into(),
+            partitions: vec![PartitionId(1), PartitionId(4)],
+        }];
+        let join = crate::messages::JoinGroupRequest {
+            group: "fulfilment".into(),
+            member_id: String::new(),
+            client_id: "worker-1".into(),
+            topics: vec!["orders".into()],
+            session_timeout_ms: 10_000,
+        };
+        request_roundtrip(&join, |r| {
+            assert!(matches!(r, Request::JoinGroup(j) if j == join))
+        });
+        let heartbeat = crate::messages::HeartbeatRequest {
+            group: "fulfilment".into(),
+            member_id: "m-1".into(),
+            owned: partitions.clone(),
+        };
+        request_roundtrip(&heartbeat, |r| {
+            assert!(matches!(r, Request::Heartbeat(h) if h == heartbeat))
+        });
+        let leave = crate::messages::LeaveGroupRequest {
+            group: "fulfilment".into(),
+            member_id: "m-1".into(),
+        };
+        request_roundtrip(&leave, |r| {
+            assert!(matches!(r, Request::LeaveGroup(l) if l == leave))
+        });
+        let commit = crate::messages::OffsetCommitRequest {
+            group: "fulfilment".into(),
+            member_id: "m-1".into(),
+            topics: one_lane(crate::messages::CommitLane {
+                lane: Lane(2),
+                offset: Offset(99),
+            }),
+        };
+        request_roundtrip(&commit, |r| {
+            assert!(matches!(r, Request::OffsetCommit(c) if c == commit))
+        });
+        let fetch_offsets = crate::messages::OffsetFetchRequest {
+            group: "fulfilment".into(),
+            partitions,
+        };
+        request_roundtrip(&fetch_offsets, |r| {
+            assert!(matches!(r, Request::OffsetFetch(f) if f == fetch_offsets))
+        });
+        let describe = crate::messages::DescribeGroupRequest {
+            group: "fulfilment".into(),
+        };
+        request_roundtrip(&describe, |r| {
+            assert!(matches!(r, Request::DescribeGroup(d) if d == describe))
+        });
+        request_roundtrip(&crate::messages::ListGroupsRequest, |r| {
+            assert!(matches!(r, Request::ListGroups(_)))
         });
     }
 

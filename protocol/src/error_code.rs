@@ -88,6 +88,14 @@ error_codes! {
     /// An idempotent producer's batch was appended long ago: it is a retry older than the
     /// batches the broker remembers, so its offsets are no longer known.
     DuplicateSequence = 24, "DUPLICATE_SEQUENCE", false;
+    /// The group does not know this member (never joined, left, or its session timed
+    /// out): join again.
+    UnknownMember = 25, "UNKNOWN_MEMBER", false;
+    /// The member does not own this partition now: a commit from a former owner.
+    NotPartitionOwner = 26, "NOT_PARTITION_OWNER", false;
+    /// Group names follow the rules of topic names.
+    InvalidGroupName = 27, "INVALID_GROUP_NAME", false;
+    UnknownGroup = 28, "UNKNOWN_GROUP", false;
 }
 
 impl fmt::Display for ErrorCode {

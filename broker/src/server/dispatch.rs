@@ -15,7 +15,7 @@ use lanes_protocol::messages::ApiVersionsResponse;
 use lanes_protocol::{ApiKey, ErrorCode, Request};
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, VERSION, admin, fetch, produce};
+use super::{Broker, VERSION, admin, fetch, group, produce};
 
 /// A response frame to come; `None` for requests answered with silence (acks = none).
 pub(super) type ResponseFuture = Pin<Box<dyn Future<Output = Option<Vec<Bytes>>> + Send>>;
@@ -65,6 +65,13 @@ pub(super) fn dispatch(
         Request::Fetch(request) => Box::pin(fetch::fetch(Arc::clone(broker), id, request, shutdown.clone())),
         Request::ListOffsets(request) => ready(admin::list_offsets(broker, id, request)),
         Request::InitProducerId(_) => ready(admin::init_producer_id(broker, id)),
+        Request::JoinGroup(request) => ready(group::join(broker, id, &request)),
+        Request::Heartbeat(request) => ready(group::heartbeat(broker, id, &request)),
+        Request::LeaveGroup(request) => ready(group::leave(broker, id, &request)),
+        Request::OffsetCommit(request) => ready(group::offset_commit(broker, id, request)),
+        Request::OffsetFetch(request) => ready(group::offset_fetch(broker, id, &request)),
+        Request::DescribeGroup(request) => ready(group::describe(broker, id, &request)),
+        Request::ListGroups(_) => ready(group::list(broker, id)),
     };
     Reply { frame, close: false }
 }

@@ -6,6 +6,7 @@ mod admin;
 mod connection;
 mod dispatch;
 mod fetch;
+mod group;
 mod produce;
 
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::durability::Syncer;
+use crate::group::Coordinator;
+use crate::group::offsets::OffsetsError;
 use crate::producer_ids::ProducerIds;
 use crate::storage::StorageError;
 use crate::topic::{TopicError, Topics};
@@ -25,11 +28,26 @@ use crate::topic::{TopicError, Topics};
 /// The broker's software version, as ApiVersions reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Why the data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Topics(#[from] TopicError),
+    #[error(transparent)]
+    Offsets(#[from] OffsetsError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// How often group sessions are checked for expiry.
+const GROUP_TICK: Duration = Duration::from_millis(100);
+
 /// A running broker's state.
 #[derive(Debug)]
 pub struct Broker {
     pub settings: Settings,
     pub topics: Topics,
+    pub groups: Coordinator,
     producer_ids: ProducerIds,
     syncer: Arc<Syncer>,
     /// Bytes of requests being received or handled, over all connections.
@@ -40,7 +58,7 @@ pub struct Broker {
 impl Broker {
     /// Opens the data directory: recovers every topic's lane logs and starts the
     /// fsync threads. Does not listen yet.
-    pub fn open(settings: Settings) -> Result<Arc<Broker>, TopicError> {
+    pub fn open(settings: Settings) -> Result<Arc<Broker>, OpenError> {
         settings
             .validate()
             .map_err(|error| TopicError::InvalidConfig(error.to_string()))?;
@@ -51,6 +69,7 @@ impl Broker {
         );
         let topics = Topics::open(&settings, Arc::clone(&syncer))?;
         let producer_ids = ProducerIds::open(settings.data_dir.join("meta"))?;
+        let groups = Coordinator::open(&settings)?;
         Ok(Arc::new(Broker {
             request_bytes: Arc::new(Semaphore::new(
                 usize::try_from(settings.requests_bytes_max).unwrap_or(usize::MAX >> 4),
@@ -58,6 +77,7 @@ impl Broker {
             connections: Arc::new(Semaphore::new(settings.connections_max as usize)),
             settings,
             topics,
+            groups,
             producer_ids,
             syncer,
         }))
@@ -69,6 +89,7 @@ impl Broker {
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
         let retention = tokio::spawn(Arc::clone(self).run_retention(shutdown.clone()));
+        let group_ticks = tokio::spawn(Arc::clone(self).run_group_ticks(shutdown.clone()));
         let mut refused: u64 = 0;
         loop {
             let accepted = tokio::select! {
@@ -111,6 +132,19 @@ impl Broker {
             );
         }
         retention.abort();
+        group_ticks.abort();
+    }
+
+    async fn run_group_ticks(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(GROUP_TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            blocking(|| self.groups.tick(&self.topics, std::time::Instant::now()));
+        }
     }
 
     async fn run_retention(self: Arc<Self>, shutdown: CancellationToken) {
@@ -129,7 +163,7 @@ impl Broker {
 
     /// Fsyncs and closes every lane log cleanly and stops the fsync threads.
     pub fn close(&self) -> Result<(), StorageError> {
-        let result = self.topics.close();
+        let result = self.topics.close().and(self.groups.close());
         self.syncer.stop();
         result
     }

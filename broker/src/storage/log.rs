@@ -607,10 +607,21 @@ impl LaneLog {
     /// point is moved past it (an fsync round) and its checkpoint fsynced; the deletions
     /// themselves are made durable with an fsync of the directory.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome, StorageError> {
+        self.delete_old_segments(now_ms, Offset::ZERO)
+    }
+
+    /// Deletes the sealed segments that hold only records below `offset` (as well as
+    /// those retention would delete), like [`LaneLog::enforce_retention`]. A log that
+    /// rewrites its live records at its end (the group offsets) drops its past this way.
+    pub fn delete_segments_below(&self, offset: Offset) -> Result<RetentionOutcome, StorageError> {
+        self.delete_old_segments(unix_now_ms(), offset)
+    }
+
+    fn delete_old_segments(&self, now_ms: i64, below: Offset) -> Result<RetentionOutcome, StorageError> {
         if self.failed.load(Ordering::Acquire) || self.corruption().is_some() {
             return Ok(RetentionOutcome::default());
         }
-        let planned = self.retention_plan(now_ms, Offset(u64::MAX));
+        let planned = self.retention_plan(now_ms, below, Offset(u64::MAX));
         let Some(newest_planned) = planned.last() else {
             return Ok(RetentionOutcome::default());
         };
@@ -625,7 +636,9 @@ impl LaneLog {
             .min(self.pending_checkpoint_segment.load(Ordering::Acquire));
         let deleted = {
             let mut segments = self.segments.write().expect("segments lock poisoned");
-            let count = self.retention_plan_of(&segments, now_ms, Offset(floor)).len();
+            let count = self
+                .retention_plan_of(&segments, now_ms, below, Offset(floor))
+                .len();
             let deleted: Vec<Arc<Segment>> = segments.drain(..count).collect();
             self.start_offset
                 .store(segments[0].base_offset().0, Ordering::Release);
@@ -653,27 +666,35 @@ impl LaneLog {
         Ok(outcome)
     }
 
-    /// The oldest segments retention would delete, all below `floor`.
-    fn retention_plan(&self, now_ms: i64, floor: Offset) -> Vec<Arc<Segment>> {
+    /// The oldest segments retention would delete, or that hold only records below
+    /// `below`; all of them below `floor`.
+    fn retention_plan(&self, now_ms: i64, below: Offset, floor: Offset) -> Vec<Arc<Segment>> {
         let segments = self.segments.read().expect("segments lock poisoned");
-        self.retention_plan_of(&segments, now_ms, floor)
+        self.retention_plan_of(&segments, now_ms, below, floor)
     }
 
-    fn retention_plan_of(&self, segments: &[Arc<Segment>], now_ms: i64, floor: Offset) -> Vec<Arc<Segment>> {
+    fn retention_plan_of(
+        &self,
+        segments: &[Arc<Segment>],
+        now_ms: i64,
+        below: Offset,
+        floor: Offset,
+    ) -> Vec<Arc<Segment>> {
         let mut total: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
         let oldest_kept_ms = self
             .config
             .retention_ms
             .map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
         let mut planned = Vec::new();
-        for segment in &segments[..segments.len() - 1] {
+        for (segment, next) in segments.iter().zip(&segments[1..]) {
             let size = u64::from(segment.size());
+            let superseded = next.base_offset() <= below;
             let expired = oldest_kept_ms.is_some_and(|oldest| segment.max_timestamp_ms() < oldest);
             let oversized = self
                 .config
                 .retention_bytes
                 .is_some_and(|bytes| total - size >= bytes);
-            if !(expired || oversized) || segment.base_offset() >= floor {
+            if !(expired || oversized || superseded) || segment.base_offset() >= floor {
                 break;
             }
             total -= size;

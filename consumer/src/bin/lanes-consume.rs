@@ -1,4 +1,4 @@
-//! `lanes-consume`: prints records of a topic.
+//! `lanes-consume`: prints records of a topic, alone or as a member of a group.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -8,14 +8,24 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use lanes_consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
+use lanes_consumer::{Consumer, ConsumerConfig, ConsumerRecord, GroupConfig, LogKey, ResetPolicy, StartFrom};
 use lanes_protocol::{Lane, Offset, PartitionId};
 use serde_json::{Value, json};
 
-/// Prints the records of a topic, one per line.
+/// Prints the records of a topic, one per line. With --group, joins a consumer group,
+/// prints the records of the partitions the group gives it, and commits after printing.
 #[derive(Debug, Parser)]
 #[command(name = "lanes-consume", version)]
 struct Cli {
+    /// Join this consumer group: share the topic's partitions with the group's other
+    /// members and start from the group's committed offsets (--from earliest|latest
+    /// applies where there are none).
+    #[arg(long)]
+    group: Option<String>,
+    /// With --group: the group gives this member's partitions to others when it has not
+    /// heard from it for this long (ms).
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
     /// The broker, host:port.
     #[arg(long, env = "LANES_BROKER", default_value = "127.0.0.1:7070")]
     broker: String,
@@ -135,9 +145,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(idle) = cli.idle_exit_ms {
         config.fetch_wait = Duration::from_millis(idle.clamp(1, 500));
     }
+    if cli.group.is_some() {
+        config.reset = match from {
+            StartFrom::Earliest => ResetPolicy::Earliest,
+            StartFrom::Latest => ResetPolicy::Latest,
+            _ => {
+                bail!("with --group, --from is earliest or latest (where the group has no committed offset)")
+            }
+        };
+        if !cli.partitions.is_empty() || !cli.lanes.is_empty() {
+            bail!("with --group, the group decides the partitions, and every lane of each is read");
+        }
+    }
     let mut consumer = Consumer::connect(config)
         .await
         .context("connecting to the broker")?;
+    if let Some(group) = &cli.group {
+        let mut group_config = GroupConfig::new(group.clone(), &[cli.topic.as_str()]);
+        group_config.session_timeout = Duration::from_millis(cli.session_timeout_ms);
+        // Committed explicitly, right after printing.
+        group_config.auto_commit_interval = None;
+        consumer.subscribe(group_config)?;
+        let stop = stop_signal();
+        let result = tokio::select! {
+            result = print_records(&cli, &mut consumer) => result,
+            () = stop => Ok(()),
+        };
+        // Leave, so the group moves this member's partitions at once.
+        let left = consumer.close().await;
+        result?;
+        return left.context("leaving the group");
+    }
     let topic = consumer.topic(&cli.topic).await?;
     let mut lanes = Vec::new();
     for lane in &cli.lanes {
@@ -163,6 +201,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             from,
         )
         .await?;
+    print_records(&cli, &mut consumer).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Prints records until --count or --idle-exit-ms says to stop; in a group, commits
+/// what was printed after each batch.
+async fn print_records(cli: &Cli, consumer: &mut Consumer) -> anyhow::Result<()> {
+    // A group member may start before the topic exists (joining creates it).
+    let mut lane_names: Vec<String> = Vec::new();
+    let in_group = cli.group.is_some();
+    let mut printed_up_to: Vec<(LogKey, Offset)> = Vec::new();
     let mut printed = 0u64;
     let mut last_record = Instant::now();
     let stdout = std::io::stdout();
@@ -181,7 +243,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             continue;
         }
         last_record = Instant::now();
+        if lane_names.is_empty() {
+            lane_names = consumer.topic(&cli.topic).await?.lanes;
+        }
         let mut out = stdout.lock();
+        printed_up_to.clear();
         for record in records {
             if cli.count.is_some_and(|count| printed >= count) {
                 break;
@@ -191,10 +257,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.write_all(&record.value)?;
                     out.write_all(b"\n")?;
                 }
-                Format::Json => writeln!(out, "{}", to_json(&record, &topic.lanes))?,
+                Format::Json => writeln!(out, "{}", to_json(&record, &lane_names))?,
             }
             printed += 1;
+            if in_group {
+                let key = LogKey {
+                    topic: record.topic.clone(),
+                    partition: record.partition,
+                    lane: record.lane,
+                };
+                let next = record.offset.plus(1);
+                match printed_up_to.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, offset)) => *offset = next,
+                    None => printed_up_to.push((key, next)),
+                }
+            }
         }
         out.flush()?;
+        drop(out);
+        if in_group && let Err(error) = consumer.commit_offsets(&printed_up_to).await {
+            eprintln!("lanes-consume: commit failed (the records will be read again): {error}");
+        }
     }
 }

@@ -5,6 +5,7 @@ mod api_versions;
 mod create_topic;
 mod delete_topic;
 mod fetch;
+mod group;
 mod init_producer_id;
 mod list_offsets;
 mod metadata;
@@ -17,6 +18,13 @@ pub use create_topic::{
 };
 pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
 pub use fetch::{FetchLane, FetchLaneResult, FetchRequest, FetchResponse};
+pub use group::{
+    Assignment, CommitLane, CommitLaneResult, CommittedLane, DescribeGroupRequest, DescribeGroupResponse,
+    GROUP_NAME_BYTES_MAX, GroupMember, GroupSummary, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
+    JoinGroupResponse, LaneLag, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
+    MEMBER_ID_BYTES_MAX, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    TopicPartitions,
+};
 pub use init_producer_id::{InitProducerIdRequest, InitProducerIdResponse};
 pub use list_offsets::{
     ListOffsetsLane, ListOffsetsLaneResult, ListOffsetsRequest, ListOffsetsResponse, OffsetSpec,

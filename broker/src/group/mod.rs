@@ -1,0 +1,684 @@
+//! Consumer groups: who is in a group, which member owns which partition, and what
+//! each group has committed.
+//!
+//! Moves are cooperative. The coordinator keeps two maps per group: the *target*
+//! ([`assignment::assign`], recomputed on every membership or topic change, each change
+//! a new generation) and the *owners* (who holds a partition now). A heartbeat reports
+//! what the member holds; partitions it no longer reports are released, and free
+//! partitions whose target is the member are granted to it. A partition whose target
+//! moved is left out of its owner's answer: the owner stops reading it, commits, and
+//! leaves it out of its next heartbeat, and only then is it granted to its new owner.
+//! A member whose session times out, or that leaves, releases everything at once.
+//!
+//! Commits are accepted only from a partition's current owner, checked and appended
+//! under the same lock that moves partitions, so a former owner's late commit can never
+//! land after its successor's (no zombie commits).
+
+pub mod assignment;
+pub mod offsets;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lanes_protocol::messages::{
+    Assignment, CommitLaneResult, CommittedLane, DescribeGroupResponse, GroupMember, GroupSummary,
+    HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LaneLag, OffsetCommitRequest,
+    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, PartitionItems, TopicItems,
+    TopicPartitions, is_valid_topic_name,
+};
+use lanes_protocol::{ErrorCode, Lane, PartitionId};
+
+use self::assignment::{TopicPartition, assign};
+use self::offsets::{LaneKey, OffsetStore, OffsetsError};
+use crate::config::Settings;
+use crate::storage::StorageError;
+use crate::topic::{TopicError, Topics, storage_error_code};
+
+/// Why a group request failed, with its wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("invalid group name {0:?}: use 1 to 249 characters of [A-Za-z0-9._-]")]
+    InvalidName(String),
+    #[error("member {member:?} is not in group {group}: join again")]
+    UnknownMember { group: String, member: String },
+    #[error("group {0} does not exist")]
+    UnknownGroup(String),
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl GroupError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            GroupError::InvalidName(_) => ErrorCode::InvalidGroupName,
+            GroupError::UnknownMember { .. } => ErrorCode::UnknownMember,
+            GroupError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            GroupError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            GroupError::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            GroupError::Topic(error) => error.code(),
+            GroupError::Storage(error) => storage_error_code(error),
+        }
+    }
+}
+
+/// The coordinator's bounds, from the broker settings.
+#[derive(Clone, Debug)]
+struct Limits {
+    session_ms_min: u32,
+    session_ms_max: u32,
+    empty_expiry: Duration,
+    groups_max: usize,
+    members_max: usize,
+}
+
+#[derive(Debug)]
+struct Member {
+    client_id: String,
+    topics: BTreeSet<String>,
+    session: Duration,
+    deadline: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    members: BTreeMap<String, Member>,
+    /// Where each partition should be.
+    target: BTreeMap<TopicPartition, String>,
+    /// Who holds each partition now (granted and not yet released).
+    owners: BTreeMap<TopicPartition, String>,
+    generation: u32,
+    /// When the last member left (or the broker started, for a group known only by its
+    /// offsets).
+    empty_since: Option<Instant>,
+}
+
+impl Group {
+    /// Recomputes the target; a changed target is a new generation.
+    fn rebalance(&mut self, topics: &Topics) {
+        let mut universe = BTreeSet::new();
+        let subscribed: BTreeSet<&String> = self.members.values().flat_map(|m| &m.topics).collect();
+        for name in subscribed {
+            if let Some(topic) = topics.get(name) {
+                universe.extend((0..topic.spec.partitions).map(|p| TopicPartition {
+                    topic: name.clone(),
+                    partition: PartitionId(p),
+                }));
+            }
+        }
+        // A deleted topic's partitions are held by nobody.
+        self.owners.retain(|p, _| universe.contains(p));
+        let members = self
+            .members
+            .iter()
+            .map(|(id, member)| (id.clone(), member.topics.clone()))
+            .collect();
+        let target = assign(&members, &universe, &self.target);
+        if target != self.target {
+            self.target = target;
+            self.generation = self.generation.wrapping_add(1);
+        }
+    }
+
+    fn remove_member(&mut self, member: &str, now: Instant) {
+        self.members.remove(member);
+        self.owners.retain(|_, owner| owner != member);
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
+    }
+
+    /// What `member` should hold now, granting it the free partitions whose target it
+    /// is, and how many more are still held by their previous owners.
+    fn answer(&mut self, member: &str) -> (Assignment, u32) {
+        let mut holds = Vec::new();
+        let mut pending = 0;
+        for (partition, target) in &self.target {
+            if target != member {
+                continue;
+            }
+            match self.owners.get(partition) {
+                None => {
+                    self.owners.insert(partition.clone(), member.to_owned());
+                    holds.push(partition);
+                }
+                Some(owner) if owner == member => holds.push(partition),
+                Some(_) => pending += 1,
+            }
+        }
+        (to_assignment(holds), pending)
+    }
+
+    fn state(&self) -> &'static str {
+        if self.members.is_empty() {
+            "empty"
+        } else if self.target.len() != self.owners.len()
+            || self.target.iter().any(|(p, m)| self.owners.get(p) != Some(m))
+        {
+            "rebalancing"
+        } else {
+            "stable"
+        }
+    }
+
+    fn partitions_of<'a>(
+        map: &'a BTreeMap<TopicPartition, String>,
+        member: &'a str,
+    ) -> Vec<&'a TopicPartition> {
+        map.iter().filter(|(_, m)| *m == member).map(|(p, _)| p).collect()
+    }
+}
+
+fn to_assignment<'a>(partitions: impl IntoIterator<Item = &'a TopicPartition>) -> Assignment {
+    let mut assignment: Assignment = Vec::new();
+    for p in partitions {
+        match assignment.last_mut() {
+            Some(last) if last.topic == p.topic => last.partitions.push(p.partition),
+            _ => assignment.push(TopicPartitions {
+                topic: p.topic.clone(),
+                partitions: vec![p.partition],
+            }),
+        }
+    }
+    assignment
+}
+
+fn from_assignment(assignment: &Assignment) -> BTreeSet<TopicPartition> {
+    assignment
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(|p| TopicPartition {
+                topic: t.topic.clone(),
+                partition: *p,
+            })
+        })
+        .collect()
+}
+
+/// Every group of the broker.
+#[derive(Debug)]
+pub struct Coordinator {
+    limits: Limits,
+    offsets: OffsetStore,
+    groups: Mutex<HashMap<String, Group>>,
+    /// Makes member ids unique across broker restarts.
+    boot_id: u64,
+    members_joined: AtomicU64,
+    /// [`Topics::version`] when groups were last rebalanced for topic changes.
+    topics_version: AtomicU64,
+}
+
+impl Coordinator {
+    /// Opens the committed offsets in `DATA_DIR/meta/offsets`; every group that has
+    /// some starts out empty.
+    pub fn open(settings: &Settings) -> Result<Coordinator, OffsetsError> {
+        let dir: PathBuf = settings.data_dir.join("meta").join("offsets");
+        let offsets = OffsetStore::open(dir, settings.offsets_segment_bytes_max)?;
+        let now = Instant::now();
+        let groups = offsets
+            .groups()
+            .into_iter()
+            .map(|name| {
+                let group = Group {
+                    empty_since: Some(now),
+                    ..Group::default()
+                };
+                (name, group)
+            })
+            .collect();
+        let boot_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Ok(Coordinator {
+            limits: Limits {
+                session_ms_min: settings.group_session_timeout_ms_min,
+                session_ms_max: settings.group_session_timeout_ms_max,
+                empty_expiry: Duration::from_millis(settings.group_empty_expiry_ms),
+                groups_max: settings.groups_max as usize,
+                members_max: settings.group_members_max as usize,
+            },
+            offsets,
+            groups: Mutex::new(groups),
+            boot_id,
+            members_joined: AtomicU64::new(0),
+            topics_version: AtomicU64::new(0),
+        })
+    }
+
+    fn groups(&self) -> MutexGuard<'_, HashMap<String, Group>> {
+        self.groups.lock().expect("groups lock poisoned")
+    }
+
+    /// Adds a member (or updates a member's subscription) and answers with what it may
+    /// hold now. Topics that do not exist are created if auto-creation is on.
+    pub fn join(&self, topics: &Topics, request: &JoinGroupRequest) -> Result<JoinGroupResponse, GroupError> {
+        if !is_valid_topic_name(&request.group) {
+            return Err(GroupError::InvalidName(request.group.clone()));
+        }
+        let session_ms = request.session_timeout_ms;
+        if !(self.limits.session_ms_min..=self.limits.session_ms_max).contains(&session_ms) {
+            return Err(GroupError::InvalidConfig(format!(
+                "session_timeout_ms {session_ms} is outside the broker's range {}..={} \
+                 (group_session_timeout_ms_min, group_session_timeout_ms_max)",
+                self.limits.session_ms_min, self.limits.session_ms_max
+            )));
+        }
+        if request.topics.is_empty() {
+            return Err(GroupError::InvalidConfig(
+                "a member subscribes to at least one topic".into(),
+            ));
+        }
+        for topic in &request.topics {
+            topics.get_or_create(topic)?;
+        }
+        let session = Duration::from_millis(u64::from(session_ms));
+        let now = Instant::now();
+        let mut groups = self.groups();
+        if !groups.contains_key(&request.group) && groups.len() >= self.limits.groups_max {
+            return Err(GroupError::LimitExceeded(format!(
+                "the broker holds groups_max = {} groups",
+                self.limits.groups_max
+            )));
+        }
+        let group = groups.entry(request.group.clone()).or_default();
+        let subscription: BTreeSet<String> = request.topics.iter().cloned().collect();
+        let member_id = if request.member_id.is_empty() {
+            if group.members.len() >= self.limits.members_max {
+                return Err(GroupError::LimitExceeded(format!(
+                    "group {} has group_members_max = {} members",
+                    request.group, self.limits.members_max
+                )));
+            }
+            let sequence = self.members_joined.fetch_add(1, Ordering::Relaxed);
+            let client = lanes_protocol::api::truncate(&request.client_id, 200);
+            let member_id = format!("{client}-{:x}-{sequence}", self.boot_id);
+            group.members.insert(
+                member_id.clone(),
+                Member {
+                    client_id: request.client_id.clone(),
+                    topics: subscription,
+                    session,
+                    deadline: now + session,
+                },
+            );
+            group.empty_since = None;
+            tracing::info!(group = %request.group, member = %member_id, "member joined");
+            group.rebalance(topics);
+            member_id
+        } else {
+            let Some(member) = group.members.get_mut(&request.member_id) else {
+                return Err(GroupError::UnknownMember {
+                    group: request.group.clone(),
+                    member: request.member_id.clone(),
+                });
+            };
+            member.session = session;
+            member.deadline = now + session;
+            if member.topics != subscription {
+                member.topics = subscription;
+                group.rebalance(topics);
+            }
+            request.member_id.clone()
+        };
+        let (assignment, pending) = group.answer(&member_id);
+        Ok(JoinGroupResponse {
+            member_id,
+            generation: group.generation,
+            heartbeat_interval_ms: heartbeat_interval_ms(session),
+            assignment,
+            pending,
+        })
+    }
+
+    /// Keeps a member's session alive, takes back what it released and answers with
+    /// what it may hold now.
+    pub fn heartbeat(&self, request: &HeartbeatRequest) -> Result<HeartbeatResponse, GroupError> {
+        let mut groups = self.groups();
+        let group = member_group(&mut groups, &request.group, &request.member_id)?;
+        let member = group.members.get_mut(&request.member_id).expect("checked");
+        member.deadline = Instant::now() + member.session;
+        let holds = from_assignment(&request.owned);
+        let released: Vec<TopicPartition> = group
+            .owners
+            .iter()
+            .filter(|(p, owner)| **owner == request.member_id && !holds.contains(*p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for partition in released {
+            group.owners.remove(&partition);
+        }
+        let (assignment, pending) = group.answer(&request.member_id);
+        Ok(HeartbeatResponse {
+            generation: group.generation,
+            assignment,
+            pending,
+        })
+    }
+
+    /// Removes a member; its partitions can go to others at once.
+    pub fn leave(&self, topics: &Topics, group_name: &str, member_id: &str) -> Result<(), GroupError> {
+        let mut groups = self.groups();
+        let group = member_group(&mut groups, group_name, member_id)?;
+        group.remove_member(member_id, Instant::now());
+        group.rebalance(topics);
+        tracing::info!(group = %group_name, member = %member_id, "member left");
+        Ok(())
+    }
+
+    /// Commits offsets for the lane logs the member owns; answers once they are durable.
+    /// Blocks on an fsync.
+    pub fn commit(
+        &self,
+        topics: &Topics,
+        request: OffsetCommitRequest,
+    ) -> Result<OffsetCommitResponse, GroupError> {
+        let member = request.member_id.as_str();
+        let mut accepted = Vec::new();
+        let mut response = OffsetCommitResponse::default();
+        {
+            let mut groups = self.groups();
+            let group = member_group(&mut groups, &request.group, member)?;
+            for items in &request.topics {
+                let topic = topics.get(&items.name);
+                let results = items.as_ref().map_lanes(|name, partition, lane| {
+                    let result = |error_code, error_message: String| CommitLaneResult {
+                        lane: lane.lane,
+                        error_code,
+                        error_message,
+                    };
+                    let key = TopicPartition {
+                        topic: name.to_owned(),
+                        partition,
+                    };
+                    if group.owners.get(&key).map(String::as_str) != Some(member) {
+                        return result(
+                            ErrorCode::NotPartitionOwner,
+                            format!(
+                                "{name}/{partition} is not held by this member in generation {}",
+                                group.generation
+                            ),
+                        );
+                    }
+                    let Some(topic) = &topic else {
+                        return result(ErrorCode::UnknownTopic, format!("topic {name} does not exist"));
+                    };
+                    let log = match topic.log(partition, lane.lane) {
+                        Ok(log) => log,
+                        Err(code) => return result(code, String::new()),
+                    };
+                    let end = log.visible_offset();
+                    if lane.offset > end {
+                        return result(
+                            ErrorCode::OffsetOutOfRange,
+                            format!("offset {} is beyond the end of the lane log ({end})", lane.offset),
+                        );
+                    }
+                    accepted.push((
+                        LaneKey {
+                            topic: key.topic,
+                            partition,
+                            lane: lane.lane,
+                        },
+                        lane.offset,
+                    ));
+                    result(ErrorCode::None, String::new())
+                });
+                response.topics.push(results);
+            }
+            if !accepted.is_empty()
+                && let Err(error) = self.offsets.commit(&request.group, &accepted)
+            {
+                fail_accepted(&mut response, &error);
+                return Ok(response);
+            }
+        }
+        if !accepted.is_empty()
+            && let Err(error) = self.offsets.flush()
+        {
+            fail_accepted(&mut response, &error);
+        }
+        Ok(response)
+    }
+
+    /// The committed offsets of every lane of the named partitions.
+    pub fn offset_fetch(&self, topics: &Topics, request: &OffsetFetchRequest) -> OffsetFetchResponse {
+        let committed = self.offsets.group(&request.group);
+        let mut response = OffsetFetchResponse::default();
+        for requested in &request.partitions {
+            let Some(topic) = topics.get(&requested.topic) else {
+                continue;
+            };
+            let lanes = topic.spec.lanes.len();
+            let partitions = requested
+                .partitions
+                .iter()
+                .filter(|p| p.0 < topic.spec.partitions)
+                .map(|&partition| PartitionItems {
+                    partition,
+                    lanes: (0..lanes)
+                        .map(|lane| {
+                            let key = LaneKey {
+                                topic: requested.topic.clone(),
+                                partition,
+                                lane: Lane(lane as u8),
+                            };
+                            CommittedLane {
+                                lane: key.lane,
+                                committed: committed.get(&key).copied(),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect();
+            response.topics.push(TopicItems {
+                name: requested.topic.clone(),
+                partitions,
+            });
+        }
+        response
+    }
+
+    /// A group's members, assignment, committed offsets and lag per lane log.
+    pub fn describe(&self, topics: &Topics, name: &str) -> Result<DescribeGroupResponse, GroupError> {
+        let (state, generation, members, subscribed) = {
+            let groups = self.groups();
+            let group = groups
+                .get(name)
+                .ok_or_else(|| GroupError::UnknownGroup(name.to_owned()))?;
+            let members = group
+                .members
+                .iter()
+                .map(|(id, member)| GroupMember {
+                    member_id: id.clone(),
+                    client_id: member.client_id.clone(),
+                    owned: to_assignment(Group::partitions_of(&group.owners, id)),
+                    target: to_assignment(Group::partitions_of(&group.target, id)),
+                })
+                .collect::<Vec<_>>();
+            let subscribed: BTreeSet<String> = group
+                .members
+                .values()
+                .flat_map(|m| m.topics.iter().cloned())
+                .collect();
+            (group.state(), group.generation, members, subscribed)
+        };
+        let committed = self.offsets.group(name);
+        let mut topic_names = subscribed;
+        topic_names.extend(committed.keys().map(|key| key.topic.clone()));
+        let mut offsets = Vec::new();
+        for topic in topic_names.iter().filter_map(|name| topics.get(name)) {
+            let mut partitions: Vec<PartitionItems<LaneLag>> = Vec::new();
+            for (partition, lane, log) in topic.logs() {
+                if partitions.last().is_none_or(|p| p.partition != partition) {
+                    partitions.push(PartitionItems {
+                        partition,
+                        lanes: Vec::new(),
+                    });
+                }
+                let key = LaneKey {
+                    topic: topic.spec.name.clone(),
+                    partition,
+                    lane,
+                };
+                let committed = committed.get(&key).copied();
+                let end_offset = log.visible_offset();
+                let from = committed.unwrap_or(log.log.start_offset());
+                partitions.last_mut().expect("pushed").lanes.push(LaneLag {
+                    lane,
+                    committed,
+                    end_offset,
+                    lag: end_offset.0.saturating_sub(from.0),
+                });
+            }
+            offsets.push(TopicItems {
+                name: topic.spec.name.clone(),
+                partitions,
+            });
+        }
+        Ok(DescribeGroupResponse {
+            group: name.to_owned(),
+            state: state.to_owned(),
+            generation,
+            members,
+            offsets,
+        })
+    }
+
+    /// Every group, sorted by name.
+    pub fn list(&self) -> Vec<GroupSummary> {
+        let groups = self.groups();
+        let mut list: Vec<GroupSummary> = groups
+            .iter()
+            .map(|(name, group)| GroupSummary {
+                name: name.clone(),
+                state: group.state().to_owned(),
+                generation: group.generation,
+                members: group.members.len() as u32,
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Expires members whose session timed out and groups empty for too long, and
+    /// follows topic creations and deletions. Called periodically; blocks on an fsync
+    /// when a group expires.
+    pub fn tick(&self, topics: &Topics, now: Instant) {
+        let version = topics.version();
+        let topics_changed = self.topics_version.swap(version, Ordering::AcqRel) != version;
+        let mut expired_groups = Vec::new();
+        {
+            let mut groups = self.groups();
+            for (name, group) in groups.iter_mut() {
+                let expired: Vec<String> = group
+                    .members
+                    .iter()
+                    .filter(|(_, m)| m.deadline <= now)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for member in &expired {
+                    tracing::info!(group = %name, %member, "member's session timed out");
+                    group.remove_member(member, now);
+                }
+                if !expired.is_empty() || topics_changed {
+                    group.rebalance(topics);
+                }
+                if group
+                    .empty_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= self.limits.empty_expiry)
+                {
+                    expired_groups.push(name.clone());
+                }
+            }
+            for name in &expired_groups {
+                groups.remove(name);
+                tracing::info!(group = %name, "empty group expired; its offsets are deleted");
+                if let Err(error) = self.offsets.forget_group(name) {
+                    tracing::warn!(group = %name, %error, "could not delete the offsets of an expired group");
+                }
+            }
+        }
+        if !expired_groups.is_empty()
+            && let Err(error) = self.offsets.flush()
+        {
+            tracing::warn!(%error, "could not flush the group offsets");
+        }
+    }
+
+    /// Drops every group's offsets of a deleted topic. Blocks on an fsync.
+    pub fn forget_topic(&self, topic: &str) -> Result<(), StorageError> {
+        self.offsets.forget_topic(topic)?;
+        self.offsets.flush()
+    }
+
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.offsets.close()
+    }
+}
+
+/// Members heartbeat three times per session, and at least once a second so that
+/// moves (which wait for heartbeats) take about a second.
+fn heartbeat_interval_ms(session: Duration) -> u32 {
+    (session.as_millis() / 3).clamp(1, 1000) as u32
+}
+
+fn member_group<'a>(
+    groups: &'a mut HashMap<String, Group>,
+    group: &str,
+    member: &str,
+) -> Result<&'a mut Group, GroupError> {
+    match groups.get_mut(group) {
+        Some(found) if found.members.contains_key(member) => Ok(found),
+        _ => Err(GroupError::UnknownMember {
+            group: group.to_owned(),
+            member: member.to_owned(),
+        }),
+    }
+}
+
+fn fail_accepted(response: &mut OffsetCommitResponse, error: &StorageError) {
+    for topic in &mut response.topics {
+        for partition in &mut topic.partitions {
+            for lane in &mut partition.lanes {
+                if lane.error_code == ErrorCode::None {
+                    lane.error_code = storage_error_code(error);
+                    lane.error_message = error.to_string();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_interval_is_a_third_of_the_session_at_most_a_second() {
+        assert_eq!(heartbeat_interval_ms(Duration::from_millis(1500)), 500);
+        assert_eq!(heartbeat_interval_ms(Duration::from_secs(30)), 1000);
+    }
+
+    #[test]
+    fn assignments_group_partitions_by_topic() {
+        let partitions: BTreeSet<TopicPartition> = [("a", 1), ("a", 3), ("b", 0)]
+            .into_iter()
+            .map(|(topic, p)| TopicPartition {
+                topic: topic.into(),
+                partition: PartitionId(p),
+            })
+            .collect();
+        let assignment = to_assignment(&partitions);
+        assert_eq!(assignment.len(), 2);
+        assert_eq!(assignment[0].partitions, vec![PartitionId(1), PartitionId(3)]);
+        assert_eq!(from_assignment(&assignment), partitions);
+    }
+}

@@ -1,0 +1,576 @@
+//! Consumer groups against a real broker: balanced, sticky moves on join, leave and
+//! session timeout with nothing skipped; fenced zombie commits; committed offsets that
+//! survive a restart; expiry of empty groups.
+
+mod server_support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, TopicPartition};
+use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
+use lanes_protocol::client::{Client, ClientConfig, ClientError};
+use lanes_protocol::messages::{
+    Assignment, CommitLane, CreateTopicRequest, DescribeGroupRequest, HeartbeatRequest, JoinGroupRequest,
+    ListGroupsRequest, ListOffsetsLane, ListOffsetsRequest, OffsetCommitRequest, OffsetFetchRequest,
+    OffsetSpec, PartitionItems, TopicItems, TopicPartitions,
+};
+use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
+use server_support::TestBroker;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn client(address: &str) -> Client {
+    Client::connect(address, ClientConfig::default()).await.unwrap()
+}
+
+async fn create_topic(address: &str, name: &str, partitions: u32) {
+    client(address)
+        .await
+        .request(&CreateTopicRequest {
+            name: name.into(),
+            partitions,
+            lanes: vec![],
+            configs: vec![],
+        })
+        .await
+        .unwrap();
+}
+
+/// Polls `condition` every 20 ms until it holds; fails after [`DEADLINE`].
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the members did, in one global order.
+#[derive(Clone, Debug)]
+enum Event {
+    Handled {
+        member: usize,
+        log: (u32, u8),
+        offset: u64,
+    },
+    Committed {
+        log: (u32, u8),
+        offset: u64,
+    },
+}
+
+#[derive(Debug)]
+enum Stop {
+    /// Leave the group cleanly.
+    Leave,
+    /// Vanish without a word, as a crashed process does.
+    Kill,
+}
+
+struct Member {
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
+    holds: Arc<Mutex<BTreeSet<u32>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Member {
+    fn holds(&self) -> BTreeSet<u32> {
+        self.holds.lock().unwrap().clone()
+    }
+
+    async fn stop(mut self, how: Stop) {
+        self.stop.take().unwrap().send(how).unwrap();
+        self.task.await.unwrap();
+    }
+}
+
+/// A group member that handles records by logging them, and commits after every third
+/// poll: a crash or a move then leaves an uncommitted window to handle again.
+fn start_member(address: &str, id: usize, events: Arc<Mutex<Vec<Event>>>) -> Member {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let holds = Arc::new(Mutex::new(BTreeSet::new()));
+    let address = address.to_owned();
+    let task = tokio::spawn({
+        let holds = Arc::clone(&holds);
+        async move {
+            let mut config = ConsumerConfig::new(address);
+            config.client_id = format!("member-{id}");
+            let mut consumer = Consumer::connect(config).await.unwrap();
+            let mut group = GroupConfig::new("fulfilment", &["orders"]);
+            group.session_timeout = Duration::from_millis(2000);
+            group.auto_commit_interval = None;
+            consumer.subscribe(group).unwrap();
+            let mut polls = 0u64;
+            loop {
+                tokio::select! {
+                    how = &mut stopped => {
+                        match how.unwrap() {
+                            Stop::Leave => consumer.close().await.unwrap(),
+                            Stop::Kill => drop(consumer),
+                        }
+                        return;
+                    }
+                    records = consumer.poll_timeout(Duration::from_millis(100)) => {
+                        let records = records.unwrap();
+                        {
+                            let mut events = events.lock().unwrap();
+                            for r in &records {
+                                events.push(Event::Handled { member: id, log: (r.partition.0, r.lane.0), offset: r.offset.0 });
+                            }
+                        }
+                        polls += 1;
+                        let positions: Vec<_> = consumer.positions().iter().map(|(k, o)| (k.clone(), *o)).collect();
+                        if polls.is_multiple_of(3) && consumer.commit_offsets(&positions).await.is_ok() {
+                            let mut events = events.lock().unwrap();
+                            for (key, offset) in positions {
+                                events.push(Event::Committed { log: (key.partition.0, key.lane.0), offset: offset.0 });
+                            }
+                        }
+                        *holds.lock().unwrap() = consumer.assignment().iter().map(|p: &TopicPartition| p.partition.0).collect();
+                    }
+                }
+            }
+        }
+    });
+    Member {
+        stop: Some(stop),
+        holds,
+        task,
+    }
+}
+
+/// Produces keyed records to every partition and lane until told to stop.
+fn start_producing(address: &str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let address = address.to_owned();
+    tokio::spawn(async move {
+        let producer = Producer::connect(ProducerConfig::new(address)).await.unwrap();
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let mut deliveries = Vec::new();
+            for _ in 0..24 {
+                let record = ProducerRecord::new("orders", format!("event-{sent}"))
+                    .key(format!("order-{}", sent % 97))
+                    .lane(LaneSelector::Index(Lane((sent % 3) as u8)));
+                deliveries.push(producer.send(record).await.unwrap());
+                sent += 1;
+            }
+            for delivery in deliveries {
+                delivery.wait().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        producer.close().await.unwrap();
+        sent
+    })
+}
+
+async fn end_offsets(address: &str, partitions: u32) -> BTreeMap<(u32, u8), u64> {
+    let lanes = (0..3).map(|lane| ListOffsetsLane {
+        lane: Lane(lane),
+        spec: OffsetSpec::Latest,
+    });
+    let request = ListOffsetsRequest {
+        topics: vec![TopicItems {
+            name: "orders".into(),
+            partitions: (0..partitions)
+                .map(|p| PartitionItems {
+                    partition: PartitionId(p),
+                    lanes: lanes.clone().collect(),
+                })
+                .collect(),
+        }],
+    };
+    let response = client(address).await.request(&request).await.unwrap();
+    response.topics[0]
+        .lanes()
+        .map(|(_, p, lane)| ((p.0, lane.lane.0), lane.offset.0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_partitions_and_moves_skip_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 12).await;
+    let stop_producing = Arc::new(AtomicBool::new(false));
+    let producing = start_producing(&address, Arc::clone(&stop_producing));
+    let events = Arc::new(Mutex::new(Vec::new()));
+
+    // Three members on twelve partitions: four each.
+    let a = start_member(&address, 0, Arc::clone(&events));
+    let b = start_member(&address, 1, Arc::clone(&events));
+    let c = start_member(&address, 2, Arc::clone(&events));
+    wait_until("each of three members holds 4 partitions", || {
+        [&a, &b, &c].iter().all(|m| m.holds().len() == 4)
+    })
+    .await;
+    let all: BTreeSet<u32> = [&a, &b, &c].iter().flat_map(|m| m.holds()).collect();
+    assert_eq!(all.len(), 12, "the three hold every partition once");
+
+    // One leaves: only its partitions move.
+    let (a_before, b_before) = (a.holds(), b.holds());
+    c.stop(Stop::Leave).await;
+    wait_until("two members hold 6 partitions each", || {
+        a.holds().len() == 6 && b.holds().len() == 6
+    })
+    .await;
+    assert!(
+        a.holds().is_superset(&a_before) && b.holds().is_superset(&b_before),
+        "nothing else moved"
+    );
+
+    // One is killed: its partitions move once its session times out.
+    let a_before = a.holds();
+    b.stop(Stop::Kill).await;
+    wait_until("the survivor holds all 12 partitions", || a.holds().len() == 12).await;
+    assert!(a.holds().is_superset(&a_before));
+
+    stop_producing.store(true, Ordering::Release);
+    let sent = producing.await.unwrap();
+    let ends = end_offsets(&address, 12).await;
+    assert_eq!(ends.values().sum::<u64>(), sent);
+    let handled_all = || {
+        let events = events.lock().unwrap();
+        let mut next: HashMap<(u32, u8), BTreeSet<u64>> = HashMap::new();
+        for event in events.iter() {
+            if let Event::Handled { log, offset, .. } = event {
+                next.entry(*log).or_default().insert(*offset);
+            }
+        }
+        ends.iter()
+            .all(|(log, end)| next.get(log).map_or(0, |s| s.len() as u64) == *end)
+    };
+    wait_until("every record was handled", handled_all).await;
+    a.stop(Stop::Leave).await;
+
+    // No record skipped: every offset below the end was handled. A record handled twice
+    // was not committed when it was handled the first time.
+    let events = events.lock().unwrap().clone();
+    let mut handled: HashMap<(u32, u8), BTreeSet<u64>> = HashMap::new();
+    let mut committed: HashMap<(u32, u8), u64> = HashMap::new();
+    let mut duplicates = 0;
+    for event in &events {
+        match *event {
+            Event::Handled { log, offset, member } => {
+                if !handled.entry(log).or_default().insert(offset) {
+                    duplicates += 1;
+                    let floor = committed.get(&log).copied().unwrap_or(0);
+                    assert!(
+                        offset >= floor,
+                        "member {member} handled {log:?}@{offset} again, below the committed {floor}"
+                    );
+                }
+            }
+            Event::Committed { log, offset } => {
+                let entry = committed.entry(log).or_default();
+                *entry = (*entry).max(offset);
+            }
+        }
+    }
+    for (log, end) in &ends {
+        let offsets = &handled[log];
+        assert_eq!(offsets.len() as u64, *end, "{log:?}: every offset handled");
+        assert_eq!(offsets.last().copied(), end.checked_sub(1));
+    }
+    println!("{sent} records, {duplicates} handled twice (from uncommitted windows)");
+    broker.stop().await;
+}
+
+fn assignment(partitions: &[u32]) -> Assignment {
+    vec![TopicPartitions {
+        topic: "orders".into(),
+        partitions: partitions.iter().copied().map(PartitionId).collect(),
+    }]
+}
+
+fn partitions_of(assignment: &Assignment) -> Vec<u32> {
+    assignment
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|p| p.0))
+        .collect()
+}
+
+async fn join(client: &Client, name: &str, session_timeout_ms: u32) -> (String, Vec<u32>) {
+    let joined = client
+        .request(&JoinGroupRequest {
+            group: "fulfilment".into(),
+            member_id: String::new(),
+            client_id: name.into(),
+            topics: vec!["orders".into()],
+            session_timeout_ms,
+        })
+        .await
+        .unwrap();
+    (joined.member_id, partitions_of(&joined.assignment))
+}
+
+async fn heartbeat(client: &Client, member: &str, owned: &[u32]) -> Result<(Vec<u32>, u32), ClientError> {
+    client
+        .request(&HeartbeatRequest {
+            group: "fulfilment".into(),
+            member_id: member.into(),
+            owned: assignment(owned),
+        })
+        .await
+        .map(|beat| (partitions_of(&beat.assignment), beat.pending))
+}
+
+async fn commit(
+    client: &Client,
+    member: &str,
+    partition: u32,
+    offset: u64,
+) -> Result<ErrorCode, ClientError> {
+    let response = client
+        .request(&OffsetCommitRequest {
+            group: "fulfilment".into(),
+            member_id: member.into(),
+            topics: vec![TopicItems {
+                name: "orders".into(),
+                partitions: vec![PartitionItems {
+                    partition: PartitionId(partition),
+                    lanes: vec![CommitLane {
+                        lane: Lane(0),
+                        offset: Offset(offset),
+                    }],
+                }],
+            }],
+        })
+        .await?;
+    Ok(response.topics[0].partitions[0].lanes[0].error_code)
+}
+
+async fn committed(client: &Client, partition: u32) -> Option<Offset> {
+    let response = client
+        .request(&OffsetFetchRequest {
+            group: "fulfilment".into(),
+            partitions: assignment(&[partition]),
+        })
+        .await
+        .unwrap();
+    response.topics[0].partitions[0].lanes[0].committed
+}
+
+async fn produce(address: &str, partition: u32, count: usize) {
+    let producer = Producer::connect(ProducerConfig::new(address)).await.unwrap();
+    for i in 0..count {
+        let record = ProducerRecord::new("orders", format!("r{i}"))
+            .partition(PartitionId(partition))
+            .lane(LaneSelector::Index(Lane(0)));
+        producer.send(record).await.unwrap();
+    }
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_owner_cannot_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 2).await;
+    produce(&address, 1, 20).await;
+    let client = client(&address).await;
+
+    let (a, a_holds) = join(&client, "a", 30_000).await;
+    assert_eq!(a_holds, vec![0, 1]);
+    let (b, b_holds) = join(&client, "b", 30_000).await;
+    assert!(b_holds.is_empty(), "partition 1 is still a's");
+    assert_eq!(
+        heartbeat(&client, &b, &[]).await.unwrap(),
+        (vec![], 1),
+        "one partition is on its way"
+    );
+
+    // a learns that partition 1 moves; it may still commit it until it lets go.
+    let (a_holds, _) = heartbeat(&client, &a, &[0, 1]).await.unwrap();
+    assert_eq!(a_holds, vec![0]);
+    assert_eq!(commit(&client, &a, 1, 10).await.unwrap(), ErrorCode::None);
+    heartbeat(&client, &a, &[0]).await.unwrap();
+    assert_eq!(heartbeat(&client, &b, &[]).await.unwrap(), (vec![1], 0));
+
+    // Now a is a zombie for partition 1: its commit is refused and changes nothing.
+    assert_eq!(
+        commit(&client, &a, 1, 15).await.unwrap(),
+        ErrorCode::NotPartitionOwner
+    );
+    assert_eq!(committed(&client, 1).await, Some(Offset(10)));
+    assert_eq!(commit(&client, &b, 1, 12).await.unwrap(), ErrorCode::None);
+    assert_eq!(committed(&client, 1).await, Some(Offset(12)));
+    // An offset past the end of the lane log is refused too.
+    assert_eq!(
+        commit(&client, &b, 1, 21).await.unwrap(),
+        ErrorCode::OffsetOutOfRange
+    );
+
+    // A member whose session timed out is not a member at all.
+    let (c, _) = join(&client, "c", 1000).await;
+    wait_until_member_gone(&client, &c).await;
+    let error = commit(&client, &c, 0, 0).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::UnknownMember));
+    assert_eq!(
+        heartbeat(&client, &c, &[]).await.unwrap_err().code(),
+        Some(ErrorCode::UnknownMember)
+    );
+    broker.stop().await;
+}
+
+async fn wait_until_member_gone(client: &Client, member: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let group = client
+            .request(&DescribeGroupRequest {
+                group: "fulfilment".into(),
+            })
+            .await
+            .unwrap();
+        if group.members.iter().all(|m| m.member_id != member) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{member}'s session never timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_a_restart_and_describe_shows_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 2).await;
+    produce(&address, 0, 30).await;
+    {
+        let client = client(&address).await;
+        let (a, holds) = join(&client, "a", 30_000).await;
+        assert_eq!(holds, vec![0, 1]);
+        assert_eq!(commit(&client, &a, 0, 25).await.unwrap(), ErrorCode::None);
+    }
+    broker.stop().await;
+
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let client = client(&broker.address()).await;
+    assert_eq!(committed(&client, 0).await, Some(Offset(25)));
+    assert_eq!(committed(&client, 1).await, None);
+    let group = client
+        .request(&DescribeGroupRequest {
+            group: "fulfilment".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        group.state, "empty",
+        "members do not survive a restart; their offsets do"
+    );
+    let lane = group.offsets[0].partitions[0].lanes[0];
+    assert_eq!(
+        (lane.committed, lane.end_offset, lane.lag),
+        (Some(Offset(25)), Offset(30), 5)
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_groups_expire_with_their_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let expiry = |s: &mut lanes_broker::Settings| s.group_empty_expiry_ms = 300;
+    let broker = TestBroker::start(dir.path(), expiry).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 1).await;
+    produce(&address, 0, 5).await;
+    let client = client(&address).await;
+    let (a, _) = join(&client, "a", 30_000).await;
+    assert_eq!(commit(&client, &a, 0, 5).await.unwrap(), ErrorCode::None);
+    client
+        .request(&lanes_protocol::messages::LeaveGroupRequest {
+            group: "fulfilment".into(),
+            member_id: a,
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !client
+        .request(&ListGroupsRequest)
+        .await
+        .unwrap()
+        .groups
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the empty group never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(committed(&client, 0).await, None);
+    broker.stop().await;
+    let broker = TestBroker::start(dir.path(), expiry).await;
+    let client = self::client(&broker.address()).await;
+    assert!(
+        client
+            .request(&ListGroupsRequest)
+            .await
+            .unwrap()
+            .groups
+            .is_empty(),
+        "expired for good"
+    );
+    assert_eq!(committed(&client, 0).await, None);
+    broker.stop().await;
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> Option<ErrorCode> {
+    result.unwrap_err().code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |s| s.auto_create_topics = false).await;
+    let client = client(&broker.address()).await;
+    let join = |group: &str, topics: Vec<String>, session_timeout_ms| JoinGroupRequest {
+        group: group.into(),
+        member_id: String::new(),
+        client_id: "c".into(),
+        topics,
+        session_timeout_ms,
+    };
+    let orders = vec!["orders".to_owned()];
+    assert_eq!(
+        code(client.request(&join("bad/name", orders.clone(), 10_000)).await),
+        Some(ErrorCode::InvalidGroupName)
+    );
+    assert_eq!(
+        code(client.request(&join("g", orders.clone(), 10)).await),
+        Some(ErrorCode::InvalidConfig)
+    );
+    assert_eq!(
+        code(client.request(&join("g", vec![], 10_000)).await),
+        Some(ErrorCode::InvalidConfig)
+    );
+    assert_eq!(
+        code(client.request(&join("g", orders, 10_000)).await),
+        Some(ErrorCode::UnknownTopic)
+    );
+    let describe = client
+        .request(&DescribeGroupRequest { group: "nope".into() })
+        .await;
+    assert_eq!(code(describe), Some(ErrorCode::UnknownGroup));
+    let beat = client
+        .request(&HeartbeatRequest {
+            group: "nope".into(),
+            member_id: "m".into(),
+            owned: vec![],
+        })
+        .await;
+    assert_eq!(code(beat), Some(ErrorCode::UnknownMember));
+    broker.stop().await;
+}
