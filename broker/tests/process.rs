@@ -308,7 +308,7 @@ fn readme_quickstart_works_as_written() {
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.len(), 5, "{stdout}");
+    assert_eq!(records.len(), 10, "read once alone, once as the group: {stdout}");
     for record in &records {
         let value: serde_json::Value = serde_json::from_str(record["value"].as_str().unwrap()).unwrap();
         assert_eq!(
@@ -324,6 +324,14 @@ fn readme_quickstart_works_as_written() {
         .collect();
     assert!(events_of_1001[0].contains("placed") && events_of_1001[1].contains("paid"));
     assert!(stdout.contains("PARTITION  LANE"), "topics describe ran");
+    assert!(
+        stdout.contains("group fulfilment"),
+        "groups describe ran: {stdout}"
+    );
+    assert!(
+        stdout.contains("total lag 0"),
+        "the group committed everything it printed: {stdout}"
+    );
     assert!(stderr.contains("\"records_acked\":5"), "{stderr}");
 }
 

@@ -879,3 +879,8 @@ pub(crate) async fn list_offsets(
         })
         .collect()
 }
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;

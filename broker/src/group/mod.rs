@@ -569,9 +569,9 @@ impl Coordinator {
     }
 
     /// Expires members whose session timed out and groups empty for too long, and
-    /// follows topic creations and deletions. Called periodically; blocks on an fsync
-    /// when a group expires.
-    pub fn tick(&self, topics: &Topics, now: Instant) {
+    /// follows topic creations and deletions. Called periodically. Returns whether
+    /// groups expired: their deleted offsets are durable after [`Coordinator::flush`].
+    pub fn tick(&self, topics: &Topics, now: Instant) -> bool {
         let version = topics.version();
         let topics_changed = self.topics_version.swap(version, Ordering::AcqRel) != version;
         let mut expired_groups = Vec::new();
@@ -606,11 +606,12 @@ impl Coordinator {
                 }
             }
         }
-        if !expired_groups.is_empty()
-            && let Err(error) = self.offsets.flush()
-        {
-            tracing::warn!(%error, "could not flush the group offsets");
-        }
+        !expired_groups.is_empty()
+    }
+
+    /// Makes every change to committed offsets durable. Blocks on an fsync.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.offsets.flush()
     }
 
     /// Drops every group's offsets of a deleted topic. Blocks on an fsync.

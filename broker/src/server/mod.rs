@@ -143,7 +143,13 @@ impl Broker {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            blocking(|| self.groups.tick(&self.topics, std::time::Instant::now()));
+            if self.groups.tick(&self.topics, std::time::Instant::now()) {
+                let broker = Arc::clone(&self);
+                let flushed = tokio::task::spawn_blocking(move || broker.groups.flush()).await;
+                if let Ok(Err(error)) = flushed {
+                    tracing::warn!(%error, "could not flush the deleted offsets of expired groups");
+                }
+            }
         }
     }
 
