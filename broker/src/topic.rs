@@ -459,8 +459,10 @@ impl Topics {
     }
 
     /// Deletes a topic: its spec file first (from then on it is gone, even after a
-    /// crash), then its lane logs and files.
-    pub fn delete(&self, name: &str) -> Result<(), TopicError> {
+    /// crash), then its lane logs and files. `forget` runs once the spec is gone and
+    /// before another create of the name can start, for state kept about the topic
+    /// elsewhere (the groups' committed offsets).
+    pub fn delete(&self, name: &str, forget: impl FnOnce(&str)) -> Result<(), TopicError> {
         let _admin = self.admin.lock().expect("admin lock poisoned");
         let Some(topic) = self.write().remove(name) else {
             return Err(TopicError::Unknown(name.to_owned()));
@@ -469,6 +471,7 @@ impl Topics {
         let spec_path = self.spec_path(name);
         files::remove_if_exists(&spec_path)?;
         files::fsync_dir(&self.meta_dir)?;
+        forget(name);
         for (_, _, log) in topic.logs() {
             let _ = log.log.close();
         }

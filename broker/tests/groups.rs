@@ -574,3 +574,51 @@ async fn bad_group_requests_get_clear_errors() {
     assert_eq!(code(beat), Some(ErrorCode::UnknownMember));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_rides_out_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 2).await;
+    produce(&address, 0, 50).await;
+    produce(&address, 1, 50).await;
+
+    let handled: Arc<Mutex<BTreeSet<(u32, u64)>>> = Arc::default();
+    let member = tokio::spawn({
+        let (address, handled) = (address.clone(), Arc::clone(&handled));
+        async move {
+            let mut consumer = Consumer::connect(ConsumerConfig::new(address)).await.unwrap();
+            let mut group = GroupConfig::new("fulfilment", &["orders"]);
+            group.session_timeout = Duration::from_millis(2000);
+            group.auto_commit_interval = Some(Duration::from_millis(50));
+            consumer.subscribe(group).unwrap();
+            loop {
+                // Errors while the broker is away are retried inside; none reaches here.
+                for record in consumer.poll().await.unwrap() {
+                    handled
+                        .lock()
+                        .unwrap()
+                        .insert((record.partition.0, record.offset.0));
+                }
+            }
+        }
+    });
+    wait_until("the first 100 records were handled", || {
+        handled.lock().unwrap().len() == 100
+    })
+    .await;
+    broker.stop().await;
+
+    let broker = TestBroker::start_on(address.parse().unwrap(), dir.path(), |_| {}).await;
+    produce(&address, 0, 50).await;
+    produce(&address, 1, 50).await;
+    wait_until(
+        "the member reconnected, joined again and handled the new records",
+        || handled.lock().unwrap().len() == 200,
+    )
+    .await;
+    assert!(!member.is_finished(), "the member kept running");
+    member.abort();
+    broker.stop().await;
+}

@@ -12,7 +12,9 @@ use std::time::Duration;
 use lanes_consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, Worker, WorkerConfig};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig};
-use lanes_protocol::messages::{CreateTopicRequest, OffsetFetchRequest, TopicPartitions};
+use lanes_protocol::messages::{
+    CreateTopicRequest, DescribeGroupRequest, OffsetFetchRequest, TopicPartitions,
+};
 use lanes_protocol::{Lane, PartitionId};
 use server_support::TestBroker;
 
@@ -113,7 +115,7 @@ async fn worker_keeps_key_order_under_concurrency_and_dead_letters_poison() {
                 let deadline = tokio::time::Instant::now() + DEADLINE;
                 while in_flight_max.load(Ordering::SeqCst) < OVERLAP && tokio::time::Instant::now() < deadline
                 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 tokio::time::sleep(Duration::from_micros((record.offset.0 % 7) * 300)).await;
                 in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -245,4 +247,133 @@ async fn read_dead_letters(address: &str) -> Vec<(String, HashMap<String, String
         }
         assert!(tokio::time::Instant::now() < deadline, "no dead letter");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_takes_a_share_without_losing_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    let admin = Client::connect(&address, ClientConfig::default()).await.unwrap();
+    admin
+        .request(&CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 4,
+            lanes: vec![],
+            configs: vec![],
+        })
+        .await
+        .unwrap();
+    const RECORDS: usize = 2000;
+    let produce = |range: std::ops::Range<usize>| {
+        let address = address.clone();
+        async move {
+            let producer = Producer::connect(ProducerConfig::new(&address)).await.unwrap();
+            for i in range {
+                let record = ProducerRecord::new("orders", format!("{i}"))
+                    .key(format!("order-{}", i % 100))
+                    .lane(LaneSelector::Index(Lane((i % 3) as u8)));
+                producer.send(record).await.unwrap();
+            }
+            producer.close().await.unwrap();
+        }
+    };
+    produce(0..RECORDS / 2).await;
+
+    // (worker, value) of every handling.
+    let handled: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
+    let start = |id: usize| {
+        let (address, handled) = (address.clone(), Arc::clone(&handled));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut config = WorkerConfig::new(&address, "fulfilment", &["orders"]);
+            config.group.session_timeout = Duration::from_millis(3000);
+            config.commit_interval = Duration::from_millis(50);
+            let worker = Worker::connect(config).await.unwrap();
+            let handler = move |record: ConsumerRecord| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let value: usize = std::str::from_utf8(&record.value).unwrap().parse().unwrap();
+                    handled.lock().unwrap().push((id, value));
+                    Ok::<(), String>(())
+                }
+            };
+            worker
+                .run_until(handler, 16, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap()
+        });
+        (stop, task)
+    };
+    let distinct = || {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| *v)
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let first = start(0);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while distinct() < 300 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The second joins while the first is busy: partitions move mid-stream.
+    let second = start(1);
+    let describe = DescribeGroupRequest {
+        group: "fulfilment".into(),
+    };
+    loop {
+        let group = admin.request(&describe).await.unwrap();
+        if group.state == "stable"
+            && group.members.len() == 2
+            && group
+                .members
+                .iter()
+                .all(|m| m.owned.first().is_some_and(|t| t.partitions.len() == 2))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the workers never split the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    produce(RECORDS / 2..RECORDS).await;
+    while distinct() < RECORDS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handled {} of {RECORDS}",
+            distinct()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (stop, task) in [first, second] {
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+    let by_second = handled.lock().unwrap().iter().filter(|(id, _)| *id == 1).count();
+    assert!(by_second > 0, "the second worker took a share");
+    let committed = admin
+        .request(&OffsetFetchRequest {
+            group: "fulfilment".into(),
+            partitions: vec![TopicPartitions {
+                topic: "orders".into(),
+                partitions: (0..4).map(PartitionId).collect(),
+            }],
+        })
+        .await
+        .unwrap();
+    let total: u64 = committed.topics[0]
+        .lanes()
+        .map(|(_, _, l)| l.committed.map_or(0, |o| o.0))
+        .sum();
+    assert_eq!(total as usize, RECORDS, "everything handled is committed");
+    broker.stop().await;
 }

@@ -1,16 +1,17 @@
 //! The background fetcher: long-polls the assigned lane logs and hands checked batches
 //! to the consumer, holding at most `prefetch_bytes_max` bytes that the consumer has
-//! not taken yet.
+//! not taken yet. A lost connection is made again (with backoff); fetching goes on from
+//! the same positions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lanes_protocol::client::Client;
 use lanes_protocol::messages::{FetchLane, FetchRequest, OffsetSpec, PartitionItems, TopicItems};
 use lanes_protocol::{BatchLimits, Batches, ErrorCode, Offset, RecordBatch};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::link::Link;
 use crate::{ConsumeError, ConsumerConfig, LogKey, ResetPolicy, list_offsets};
 
 /// Pause after a failed fetch before the next one.
@@ -37,14 +38,16 @@ pub(crate) enum Fetched {
     },
     /// The lane log no longer held the position; fetching went on from `offset`.
     Reset { key: LogKey, epoch: u64, offset: Offset },
+    /// A lane log failed for good; it is not fetched again until positions change.
+    Failed { epoch: u64, error: ConsumeError },
 }
 
 pub(crate) async fn run(
-    client: Arc<Client>,
+    client: Arc<Link>,
     config: ConsumerConfig,
     prefetch: Arc<Semaphore>,
     mut commands: mpsc::UnboundedReceiver<FetcherCommand>,
-    fetched: mpsc::Sender<Result<Fetched, ConsumeError>>,
+    fetched: mpsc::Sender<Fetched>,
 ) {
     let mut epoch = 0;
     let mut positions: HashMap<LogKey, Offset> = HashMap::new();
@@ -83,10 +86,6 @@ pub(crate) async fn run(
             Ok(response) => response,
             Err(error) => {
                 prefetch.add_permits(reserve);
-                if client.is_closed() {
-                    let _ = fetched.send(Err(error.into())).await;
-                    return;
-                }
                 tracing::warn!(%error, "fetch failed; retrying");
                 tokio::time::sleep(RETRY_BACKOFF).await;
                 continue;
@@ -114,10 +113,10 @@ pub(crate) async fn run(
                             match reset(&client, &config, &key, *position).await {
                                 Ok(offset) => {
                                     *position = offset;
-                                    events.push(Ok(Fetched::Reset { key, epoch, offset }));
+                                    events.push(Fetched::Reset { key, epoch, offset });
                                 }
                                 Err(error) => {
-                                    events.push(Err(error));
+                                    events.push(Fetched::Failed { epoch, error });
                                     failed_lanes.push(key);
                                 }
                             }
@@ -130,13 +129,16 @@ pub(crate) async fn run(
                         code => {
                             // Reported once; this lane log is not fetched again until
                             // the consumer seeks or reassigns it.
-                            events.push(Err(ConsumeError::Fetch {
-                                topic: key.topic.to_string(),
-                                partition: key.partition,
-                                lane: key.lane,
-                                code,
-                                message: lane.error_message,
-                            }));
+                            events.push(Fetched::Failed {
+                                epoch,
+                                error: ConsumeError::Fetch {
+                                    topic: key.topic.to_string(),
+                                    partition: key.partition,
+                                    lane: key.lane,
+                                    code,
+                                    message: lane.error_message,
+                                },
+                            });
                             failed_lanes.push(key);
                             continue;
                         }
@@ -162,18 +164,21 @@ pub(crate) async fn run(
                             Ok(batch) => {
                                 *position = batch.last_offset().plus(1);
                                 sizes.push(batch.bytes().len());
-                                events.push(Ok(Fetched::Batch {
+                                events.push(Fetched::Batch {
                                     key: key.clone(),
                                     epoch,
                                     batch,
                                     permits: 0,
-                                }));
+                                });
                             }
                             Err(error) => {
-                                events.push(Err(ConsumeError::InvalidBatch(format!(
-                                    "{} partition {} lane {}: {error}",
-                                    key.topic, key.partition, key.lane
-                                ))));
+                                events.push(Fetched::Failed {
+                                    epoch,
+                                    error: ConsumeError::InvalidBatch(format!(
+                                        "{} partition {} lane {}: {error}",
+                                        key.topic, key.partition, key.lane
+                                    )),
+                                });
                                 failed_lanes.push(key.clone());
                                 break;
                             }
@@ -198,7 +203,7 @@ pub(crate) async fn run(
         let mut unassigned = held;
         let mut sizes = sizes.into_iter();
         for mut event in events {
-            if let Ok(Fetched::Batch { permits, .. }) = &mut event {
+            if let Fetched::Batch { permits, .. } = &mut event {
                 *permits = sizes.next().unwrap_or(0).min(unassigned);
                 unassigned -= *permits;
             }
@@ -266,7 +271,7 @@ fn fetch_request(
 
 /// Where to continue a lane log that no longer holds `offset`.
 async fn reset(
-    client: &Client,
+    client: &Link,
     config: &ConsumerConfig,
     key: &LogKey,
     offset: Offset,

@@ -15,12 +15,13 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use lanes_protocol::client::{Client, ClientConfig, ClientError};
+use lanes_protocol::client::{ClientConfig, ClientError};
 use lanes_protocol::messages::{Assignment, HeartbeatRequest, JoinGroupRequest, TopicPartitions};
-use lanes_protocol::{ErrorCode, PartitionId, RequestBody};
+use lanes_protocol::{ErrorCode, PartitionId};
 use tokio::sync::{Notify, watch};
 
 use crate::ConsumeError;
+use crate::link::Link;
 
 /// Settings of group membership.
 #[derive(Clone, Debug)]
@@ -92,7 +93,14 @@ pub(crate) struct GroupHandle {
 
 impl GroupHandle {
     pub(crate) fn start(config: GroupConfig, broker: &str, client_id: &str) -> GroupHandle {
-        let link = Arc::new(Link::new(broker, client_id));
+        let link = Arc::new(Link::new(
+            broker,
+            ClientConfig {
+                client_id: client_id.to_owned(),
+                request_timeout: Duration::from_secs(30),
+                ..ClientConfig::default()
+            },
+        ));
         let shared = Arc::new(Mutex::new(Membership::default()));
         let (changes, changed) = watch::channel(0);
         let wake = Arc::new(Notify::new());
@@ -128,52 +136,6 @@ impl Drop for GroupHandle {
 
 fn lock(shared: &Mutex<Membership>) -> MutexGuard<'_, Membership> {
     shared.lock().expect("membership lock poisoned")
-}
-
-/// A connection to the broker that is made again after it is lost.
-#[derive(Debug)]
-pub(crate) struct Link {
-    broker: String,
-    config: ClientConfig,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
-}
-
-impl Link {
-    pub(crate) fn new(broker: &str, client_id: &str) -> Link {
-        Link {
-            broker: broker.to_owned(),
-            config: ClientConfig {
-                client_id: client_id.to_owned(),
-                request_timeout: Duration::from_secs(30),
-                ..ClientConfig::default()
-            },
-            client: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// Sends one request, connecting first if needed. A lost connection is dropped, so
-    /// the next request connects again; the caller decides whether to retry.
-    pub(crate) async fn request<R: RequestBody>(&self, request: &R) -> Result<R::Response, ClientError> {
-        let client = {
-            let mut slot = self.client.lock().await;
-            match slot.as_ref().filter(|c| !c.is_closed()) {
-                Some(client) => Arc::clone(client),
-                None => {
-                    let client = Arc::new(Client::connect(&self.broker, self.config.clone()).await?);
-                    *slot = Some(Arc::clone(&client));
-                    client
-                }
-            }
-        };
-        let result = client.request(request).await;
-        if result.as_ref().is_err_and(ClientError::is_connection_lost) {
-            let mut slot = self.client.lock().await;
-            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
-                *slot = None;
-            }
-        }
-        result
-    }
 }
 
 pub(crate) fn to_set(assignment: &Assignment) -> BTreeSet<TopicPartition> {

@@ -34,18 +34,22 @@
 //! A background fetcher long-polls every assigned lane log in one Fetch request and
 //! keeps at most `prefetch_bytes_max` bytes of fetched batches; every batch's checksum
 //! is checked before its records are handed out. Records come as slices of the fetched
-//! bytes: no copy. Offsets are tracked per lane log; [`Consumer::seek`] moves them.
+//! bytes: no copy. Offsets are tracked per lane log; [`Consumer::seek`] moves them. A
+//! lost connection is made again and fetching goes on from the same offsets; a group
+//! member that the broker dropped meanwhile (a restart, a session timeout) joins again
+//! and restarts from the group's committed offsets.
 
 mod fetcher;
 mod group;
+mod link;
 mod worker;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lanes_protocol::client::{Client, ClientConfig, ClientError};
+use lanes_protocol::client::{ClientConfig, ClientError};
 use lanes_protocol::messages::{
     CommitLane, LeaveGroupRequest, ListOffsetsLane, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
     OffsetFetchRequest, OffsetSpec, PartitionItems, TopicItems,
@@ -56,6 +60,7 @@ use tokio::sync::{Semaphore, mpsc};
 use fetcher::{Fetched, FetcherCommand};
 pub use group::{GroupConfig, TopicPartition};
 use group::{GroupHandle, to_assignment};
+use link::Link;
 pub use worker::{Worker, WorkerConfig, WorkerStats};
 
 /// Settings of a consumer.
@@ -202,7 +207,12 @@ pub struct Consumer {
     group: Option<GroupHandle>,
     /// What the group has committed for each lane log, as far as this member knows.
     committed: HashMap<LogKey, Offset>,
-    client: Arc<Client>,
+    /// Group partitions this consumer reads (has positions for).
+    taken: BTreeSet<TopicPartition>,
+    /// Partitions dropped because the membership was lost, not yet reported to the
+    /// [`Worker`].
+    lost: Vec<TopicPartition>,
+    client: Arc<Link>,
     config: ConsumerConfig,
     topics: HashMap<String, TopicInfo>,
     /// The offset of the next record to hand out, per assigned lane log.
@@ -212,7 +222,7 @@ pub struct Consumer {
     epoch: u64,
     ready: VecDeque<ConsumerRecord>,
     commands: mpsc::UnboundedSender<FetcherCommand>,
-    fetched: mpsc::Receiver<Result<Fetched, ConsumeError>>,
+    fetched: mpsc::Receiver<Fetched>,
     prefetch: Arc<Semaphore>,
     fetcher: tokio::task::JoinHandle<()>,
 }
@@ -230,7 +240,7 @@ impl Consumer {
             request_timeout: config.fetch_wait + Duration::from_secs(30),
             ..ClientConfig::default()
         };
-        let client = Arc::new(Client::connect(&config.broker, client_config).await?);
+        let client = Arc::new(Link::connect(&config.broker, client_config).await?);
         let prefetch = Arc::new(Semaphore::new(config.prefetch_bytes_max));
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let (fetched_sender, fetched) = mpsc::channel(1024);
@@ -244,6 +254,8 @@ impl Consumer {
         Ok(Consumer {
             group: None,
             committed: HashMap::new(),
+            taken: BTreeSet::new(),
+            lost: Vec::new(),
             client,
             config,
             topics: HashMap::new(),
@@ -395,7 +407,7 @@ impl Consumer {
             let deadline = tokio::time::Instant::now() + wait;
             while self.ready.is_empty() {
                 tokio::select! {
-                    fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)??),
+                    fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)?)?,
                     () = group_changed(&mut self.group) => self.sync_group().await?,
                     () = tokio::time::sleep_until(deadline) => break,
                 }
@@ -403,7 +415,7 @@ impl Consumer {
         }
         // Whatever else has already arrived, without waiting.
         while let Ok(fetched) = self.fetched.try_recv() {
-            self.take(fetched?);
+            self.take(fetched)?;
         }
         Ok(self.ready.drain(..).collect())
     }
@@ -416,7 +428,7 @@ impl Consumer {
             return Ok(());
         }
         tokio::select! {
-            fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)??),
+            fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)?)?,
             () = group_changed(&mut self.group) => {}
         }
         Ok(())
@@ -494,20 +506,36 @@ impl Consumer {
         let Some(group) = &mut self.group else {
             return Err(ConsumeError::Usage("commit needs a group: call subscribe first"));
         };
+        // Only partitions held by the current membership: after the membership was
+        // lost, offsets from before must never be sent under the new one.
+        let (member_id, offsets) = {
+            let membership = group.membership();
+            let member_id = membership.member_id.clone().filter(|_| !membership.lost);
+            let held: Vec<&(LogKey, Offset)> = offsets
+                .iter()
+                .filter(|(key, _)| {
+                    membership.held.contains(&TopicPartition {
+                        topic: Arc::clone(&key.topic),
+                        partition: key.partition,
+                    })
+                })
+                .collect();
+            (member_id, held)
+        };
         if offsets.is_empty() {
             return Ok(());
         }
-        let Some(member_id) = group.membership().member_id.clone() else {
+        let Some(member_id) = member_id else {
             return Err(ConsumeError::Group {
                 group: group.config.group.clone(),
                 code: ErrorCode::UnknownMember,
-                message: "not a member of the group (yet)".into(),
+                message: "not a member of the group now (joining, or the membership was lost)".into(),
             });
         };
-        let mut sorted: Vec<&(LogKey, Offset)> = offsets.iter().collect();
+        let mut sorted: Vec<&(LogKey, Offset)> = offsets;
         sorted.sort();
         let mut topics: Vec<TopicItems<CommitLane>> = Vec::new();
-        for (key, offset) in sorted {
+        for &(key, offset) in &sorted {
             push_lane(
                 &mut topics,
                 key,
@@ -537,7 +565,7 @@ impl Consumer {
                     lane: result.lane,
                 };
                 if result.error_code == ErrorCode::None {
-                    if let Some((_, offset)) = offsets.iter().find(|(k, _)| *k == key) {
+                    if let Some((_, offset)) = sorted.iter().find(|(k, _)| *k == key) {
                         self.committed.insert(key, *offset);
                     }
                 } else if first_error.is_none() {
@@ -579,20 +607,35 @@ impl Consumer {
         result
     }
 
-    /// Positions that differ from what was committed, of held partitions (or of
-    /// `only` these).
+    /// Per lane log (of `only` these partitions, or all), the offset after the last
+    /// record handed out, where it differs from what was committed. Records fetched
+    /// but not yet handed out (after [`Consumer::wait`]) are not counted.
     fn uncommitted(&self, only: Option<&[TopicPartition]>) -> Vec<(LogKey, Offset)> {
-        self.positions
-            .iter()
+        let mut handed_out: HashMap<LogKey, Offset> = self.positions.clone();
+        for record in self.ready.iter().rev() {
+            let key = LogKey {
+                topic: Arc::clone(&record.topic),
+                partition: record.partition,
+                lane: record.lane,
+            };
+            handed_out.insert(key, record.offset);
+        }
+        handed_out
+            .into_iter()
             .filter(|(key, _)| {
                 only.is_none_or(|only| {
                     only.iter()
                         .any(|p| *p.topic == *key.topic && p.partition == key.partition)
                 })
             })
-            .filter(|(key, offset)| self.committed.get(*key) != Some(*offset))
-            .map(|(key, offset)| (key.clone(), *offset))
+            .filter(|(key, offset)| self.committed.get(key) != Some(offset))
             .collect()
+    }
+
+    /// Partitions dropped since the last call because the group membership was lost:
+    /// whatever was done on them can no longer be committed.
+    pub(crate) fn take_lost(&mut self) -> Vec<TopicPartition> {
+        std::mem::take(&mut self.lost)
     }
 
     /// Follows the group: see [`Consumer::poll_timeout`].
@@ -602,20 +645,28 @@ impl Consumer {
         };
         let (lost, revoked, assigned) = {
             let mut membership = group.membership();
-            if let Some(error) = membership.error.take() {
-                return Err(error);
+            if let Some(error) = &membership.error {
+                // For good: every poll reports it.
+                return Err(error.clone());
             }
             let lost: Vec<TopicPartition> = if std::mem::take(&mut membership.lost) {
-                std::mem::take(&mut membership.held).into_iter().collect()
+                membership.held.clear();
+                self.taken.iter().cloned().collect()
             } else {
                 Vec::new()
             };
             let revoked: Vec<TopicPartition> =
                 membership.held.difference(&membership.answer).cloned().collect();
-            let assigned: Vec<TopicPartition> =
-                membership.answer.difference(&membership.held).cloned().collect();
-            // Held from now on: the next heartbeat reports them even if taking them
-            // below is still under way.
+            // Decided by what is read, not what is held: a take that was cut short (a
+            // cancelled poll) is tried again.
+            let assigned: Vec<TopicPartition> = membership
+                .answer
+                .iter()
+                .filter(|p| !self.taken.contains(*p) || lost.contains(p))
+                .cloned()
+                .collect();
+            // Held from now on: the next heartbeat reports them even while taking them
+            // below is under way.
             membership.held.extend(assigned.iter().cloned());
             (lost, revoked, assigned)
         };
@@ -627,6 +678,7 @@ impl Consumer {
                 "lost the group membership; dropping its partitions uncommitted"
             );
             self.drop_partitions(&lost);
+            self.lost.extend(lost);
         }
         if !revoked.is_empty() && !manual_release {
             let offsets = if auto_commit.is_some() {
@@ -639,17 +691,13 @@ impl Consumer {
         if !assigned.is_empty()
             && let Err(error) = self.take_partitions(&assigned).await
         {
-            if let Some(group) = &self.group {
-                let mut membership = group.membership();
-                for partition in &assigned {
-                    membership.held.remove(partition);
-                }
-            }
             match error {
-                ConsumeError::Connection(_) => {
+                ConsumeError::OffsetOutOfRange { .. } => return Err(error),
+                // Still held, not taken: tried again at the next poll (or released, if
+                // the group moves it meanwhile).
+                error => {
                     tracing::warn!(%error, "could not start reading assigned partitions; retrying at the next poll")
                 }
-                error => return Err(error),
             }
         }
         if let Some(interval) = auto_commit
@@ -733,6 +781,7 @@ impl Consumer {
         for (key, offset) in unknown.into_iter().zip(reset) {
             self.positions.insert(key, offset);
         }
+        self.taken.extend(partitions.iter().cloned());
         tracing::info!(
             partitions = partitions.len(),
             "started reading assigned partitions"
@@ -749,13 +798,14 @@ impl Consumer {
                 .any(|p| *p.topic == *topic && p.partition == partition)
         };
         self.positions.retain(|key, _| !held(&key.topic, key.partition));
+        self.taken.retain(|p| !held(&p.topic, p.partition));
         self.committed.retain(|key, _| !held(&key.topic, key.partition));
         self.ready.retain(|r| !held(&r.topic, r.partition));
         self.restart_fetching();
     }
 
     /// Turns a fetched batch into ready records, skipping what was already handed out.
-    fn take(&mut self, fetched: Fetched) {
+    fn take(&mut self, fetched: Fetched) -> Result<(), ConsumeError> {
         let (key, epoch, batch) = match fetched {
             Fetched::Reset { key, epoch, offset } => {
                 if epoch == self.epoch
@@ -763,7 +813,19 @@ impl Consumer {
                 {
                     *position = offset;
                 }
-                return;
+                return Ok(());
+            }
+            // About lane logs read before the last change of positions: stale.
+            Fetched::Failed { epoch, .. } if epoch != self.epoch => return Ok(()),
+            Fetched::Failed { error, .. } => {
+                let gone = matches!(&error, ConsumeError::Fetch { code, .. }
+                    if matches!(code, ErrorCode::UnknownTopic | ErrorCode::UnknownPartition));
+                if self.group.is_some() && gone {
+                    // A deleted topic: the group takes its partitions away.
+                    tracing::warn!(%error, "a group partition is gone");
+                    return Ok(());
+                }
+                return Err(error);
             }
             Fetched::Batch {
                 key,
@@ -776,13 +838,13 @@ impl Consumer {
             }
         };
         if epoch != self.epoch {
-            return;
+            return Ok(());
         }
         let Some(position) = self.positions.get_mut(&key) else {
-            return;
+            return Ok(());
         };
         if batch.last_offset() < *position {
-            return;
+            return Ok(());
         }
         for record in batch.records() {
             if record.offset < *position {
@@ -800,6 +862,7 @@ impl Consumer {
             });
         }
         *position = batch.last_offset().plus(1);
+        Ok(())
     }
 }
 
@@ -846,7 +909,7 @@ fn push_lane<T>(topics: &mut Vec<TopicItems<T>>, key: &LogKey, item: T) {
 
 /// Looks up offsets of lane logs.
 pub(crate) async fn list_offsets(
-    client: &Client,
+    client: &Link,
     keys: &[LogKey],
     spec: OffsetSpec,
 ) -> Result<Vec<Offset>, ConsumeError> {

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::group::Link;
+use crate::link::Link;
 use crate::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, GroupConfig, LogKey, TopicPartition};
 
 /// Settings of a [`Worker`].
@@ -111,7 +111,13 @@ impl Worker {
             .map_err(|error| ConsumeError::Connection(error.to_string()))?;
         let dead_letters = Arc::new(DeadLetters {
             producer,
-            link: Link::new(&config.consumer.broker, &config.consumer.client_id),
+            link: Link::new(
+                &config.consumer.broker,
+                lanes_protocol::client::ClientConfig {
+                    client_id: config.consumer.client_id.clone(),
+                    ..Default::default()
+                },
+            ),
             lanes: Mutex::new(HashMap::new()),
         });
         Ok(Worker {
@@ -155,13 +161,18 @@ impl Worker {
         let mut stats = WorkerStats::default();
         let mut failure: Option<ConsumeError> = None;
         let mut stopping = false;
+        // Partitions being given up. Once started, a release is finished even if the
+        // group changes its mind: the records dropped meanwhile are then read again
+        // from the committed offset, never skipped.
+        let mut releasing: BTreeSet<TopicPartition> = BTreeSet::new();
         let mut next_commit = Instant::now() + self.config.commit_interval;
         loop {
+            forget_lost(&mut self.consumer, &mut scheduler, &mut releasing);
             // Partitions moving to other members: drop their queued records, and once
             // none of theirs is running, commit what is done and give them up.
-            let revoking: BTreeSet<TopicPartition> = self.consumer.revoking().into_iter().collect();
-            scheduler.drop_queued(&revoking);
-            let releasable: Vec<TopicPartition> = revoking
+            releasing.extend(self.consumer.revoking());
+            scheduler.drop_queued(&releasing);
+            let releasable: Vec<TopicPartition> = releasing
                 .iter()
                 .filter(|p| scheduler.running(p) == 0)
                 .cloned()
@@ -170,13 +181,9 @@ impl Worker {
                 let offsets = scheduler.done_offsets(&self.consumer, Some(&releasable));
                 self.consumer.release(&releasable, &offsets).await;
                 scheduler.forget(&releasable);
-            }
-            // Partitions lost with the membership: their commits would be refused.
-            let held: BTreeSet<TopicPartition> = self.consumer.assignment().into_iter().collect();
-            let lost: Vec<TopicPartition> = scheduler.partitions().filter(|p| !held.contains(p)).collect();
-            if !lost.is_empty() {
-                scheduler.drop_queued(&lost.iter().cloned().collect());
-                scheduler.forget(&lost);
+                for partition in &releasable {
+                    releasing.remove(partition);
+                }
             }
 
             while !stopping && tasks.len() < concurrency {
@@ -229,9 +236,23 @@ impl Worker {
                     let _ = stop.send(true);
                 }
                 woke = self.consumer.wait(), if fetching => {
-                    woke?;
-                    for record in self.consumer.poll_timeout(Duration::ZERO).await? {
-                        scheduler.add(record, &revoking);
+                    let polled = match woke {
+                        Ok(()) => self.consumer.poll_timeout(Duration::ZERO).await,
+                        Err(error) => Err(error),
+                    };
+                    match polled {
+                        Ok(records) => {
+                            forget_lost(&mut self.consumer, &mut scheduler, &mut releasing);
+                            for record in records {
+                                scheduler.add(record, &releasing);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "the consumer failed; the worker stops");
+                            failure.get_or_insert(error);
+                            stopping = true;
+                            let _ = stop.send(true);
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(next_commit) => {}
@@ -253,6 +274,20 @@ impl Worker {
         if let Err(error) = self.consumer.commit_offsets(&offsets).await {
             tracing::warn!(%error, "commit failed; retrying at the next interval");
         }
+    }
+}
+
+/// Drops what the worker knows of partitions lost with the group membership: their
+/// progress can no longer be committed, and they may come back under the new one.
+fn forget_lost(consumer: &mut Consumer, scheduler: &mut Scheduler, releasing: &mut BTreeSet<TopicPartition>) {
+    let lost = consumer.take_lost();
+    if lost.is_empty() {
+        return;
+    }
+    scheduler.drop_queued(&lost.iter().cloned().collect());
+    scheduler.forget(&lost);
+    for partition in &lost {
+        releasing.remove(partition);
     }
 }
 
@@ -473,8 +508,8 @@ fn log_of(record: &ConsumerRecord) -> LogKey {
 }
 
 impl Scheduler {
-    fn add(&mut self, record: ConsumerRecord, revoking: &BTreeSet<TopicPartition>) {
-        if revoking.contains(&partition_of(&record)) {
+    fn add(&mut self, record: ConsumerRecord, releasing: &BTreeSet<TopicPartition>) {
+        if releasing.contains(&partition_of(&record)) {
             return;
         }
         let log = log_of(&record);
@@ -595,18 +630,6 @@ impl Scheduler {
                 .iter()
                 .any(|p| p.topic == log.topic && p.partition == log.partition)
         });
-    }
-
-    fn partitions(&self) -> impl Iterator<Item = TopicPartition> + '_ {
-        let set: BTreeSet<TopicPartition> = self
-            .logs
-            .keys()
-            .map(|log| TopicPartition {
-                topic: Arc::clone(&log.topic),
-                partition: log.partition,
-            })
-            .collect();
-        set.into_iter()
     }
 
     /// Per lane log, the offset below which everything is done, where it moved since

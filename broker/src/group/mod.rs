@@ -218,10 +218,24 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Opens the committed offsets in `DATA_DIR/meta/offsets`; every group that has
-    /// some starts out empty.
-    pub fn open(settings: &Settings) -> Result<Coordinator, OffsetsError> {
+    /// some starts out empty. Offsets of topics that no longer exist (a delete cut
+    /// short by a crash) are dropped.
+    pub fn open(settings: &Settings, topics: &Topics) -> Result<Coordinator, OffsetsError> {
         let dir: PathBuf = settings.data_dir.join("meta").join("offsets");
         let offsets = OffsetStore::open(dir, settings.offsets_segment_bytes_max)?;
+        let gone: BTreeSet<String> = offsets
+            .groups()
+            .iter()
+            .flat_map(|group| offsets.group(group).into_keys().map(|key| key.topic))
+            .filter(|topic| topics.get(topic).is_none())
+            .collect();
+        for topic in &gone {
+            tracing::info!(%topic, "dropping the group offsets of a deleted topic");
+            offsets.forget_topic(topic)?;
+        }
+        if !gone.is_empty() {
+            offsets.flush()?;
+        }
         let now = Instant::now();
         let groups = offsets
             .groups()
@@ -282,6 +296,12 @@ impl Coordinator {
         let session = Duration::from_millis(u64::from(session_ms));
         let now = Instant::now();
         let mut groups = self.groups();
+        if !request.member_id.is_empty() && !groups.contains_key(&request.group) {
+            return Err(GroupError::UnknownMember {
+                group: request.group.clone(),
+                member: request.member_id.clone(),
+            });
+        }
         if !groups.contains_key(&request.group) && groups.len() >= self.limits.groups_max {
             return Err(GroupError::LimitExceeded(format!(
                 "the broker holds groups_max = {} groups",
@@ -614,9 +634,18 @@ impl Coordinator {
         self.offsets.flush()
     }
 
-    /// Drops every group's offsets of a deleted topic. Blocks on an fsync.
+    /// Drops every group's offsets of a deleted topic, and its partitions from every
+    /// group's owners: a former owner cannot commit to a new topic of the same name.
+    /// Under the groups lock, so no commit checked before can land after. Blocks on an
+    /// fsync.
     pub fn forget_topic(&self, topic: &str) -> Result<(), StorageError> {
-        self.offsets.forget_topic(topic)?;
+        {
+            let mut groups = self.groups();
+            for group in groups.values_mut() {
+                group.owners.retain(|p, _| p.topic != topic);
+            }
+            self.offsets.forget_topic(topic)?;
+        }
         self.offsets.flush()
     }
 

@@ -168,7 +168,11 @@ impl OffsetStore {
         for (key, offset) in commits {
             offsets.insert(key.clone(), *offset);
         }
-        self.maybe_rewrite(&mut state)
+        // The commit is in the log; a failed rewrite only leaves the log longer.
+        if let Err(error) = self.maybe_rewrite(&mut state) {
+            tracing::warn!(dir = %self.log.dir().display(), %error, "rewriting the group offsets log failed");
+        }
+        Ok(())
     }
 
     /// Drops a group's offsets (an expired group).
@@ -201,7 +205,11 @@ impl OffsetStore {
         if let Some((below, rewrite_end)) = superseded
             && durable >= rewrite_end
         {
-            self.log.delete_segments_below(below)?;
+            // Everything asked for is durable; a failed trim only leaves the log longer.
+            if let Err(error) = self.log.delete_segments_below(below) {
+                tracing::warn!(dir = %self.log.dir().display(), %error, "trimming the group offsets log failed");
+                return Ok(());
+            }
             let mut state = self.state();
             if state.superseded_below == superseded {
                 state.superseded_below = None;

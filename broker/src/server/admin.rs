@@ -28,15 +28,14 @@ pub(super) fn create_topic(broker: &Arc<Broker>, id: u32, request: &CreateTopicR
 }
 
 pub(super) fn delete_topic(broker: &Arc<Broker>, id: u32, request: &DeleteTopicRequest) -> Vec<Bytes> {
-    match blocking(|| broker.topics.delete(&request.name)) {
-        Ok(()) => {
-            // The topic is gone; if forgetting its offsets fails they stay until their
-            // groups expire, and a new topic of the same name would see them.
-            if let Err(error) = blocking(|| broker.groups.forget_topic(&request.name)) {
-                tracing::warn!(topic = %request.name, %error, "could not delete the group offsets of a deleted topic");
-            }
-            encode_response(id, &DeleteTopicResponse)
+    let forget = |name: &str| {
+        // If this fails (or the broker dies first), the next start forgets them.
+        if let Err(error) = broker.groups.forget_topic(name) {
+            tracing::warn!(topic = %name, %error, "could not delete the group offsets of a deleted topic");
         }
+    };
+    match blocking(|| broker.topics.delete(&request.name, forget)) {
+        Ok(()) => encode_response(id, &DeleteTopicResponse),
         Err(error) => refused(id, &error),
     }
 }

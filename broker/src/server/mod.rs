@@ -69,7 +69,7 @@ impl Broker {
         );
         let topics = Topics::open(&settings, Arc::clone(&syncer))?;
         let producer_ids = ProducerIds::open(settings.data_dir.join("meta"))?;
-        let groups = Coordinator::open(&settings)?;
+        let groups = Coordinator::open(&settings, &topics)?;
         Ok(Arc::new(Broker {
             request_bytes: Arc::new(Semaphore::new(
                 usize::try_from(settings.requests_bytes_max).unwrap_or(usize::MAX >> 4),
@@ -143,13 +143,16 @@ impl Broker {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            if self.groups.tick(&self.topics, std::time::Instant::now()) {
-                let broker = Arc::clone(&self);
-                let flushed = tokio::task::spawn_blocking(move || broker.groups.flush()).await;
-                if let Ok(Err(error)) = flushed {
+            // Off the runtime's threads: expiring a group appends to the offsets log.
+            let broker = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || {
+                if broker.groups.tick(&broker.topics, std::time::Instant::now())
+                    && let Err(error) = broker.groups.flush()
+                {
                     tracing::warn!(%error, "could not flush the deleted offsets of expired groups");
                 }
-            }
+            })
+            .await;
         }
     }
 

@@ -20,6 +20,15 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker on `data_dir` with test-friendly settings, changed by `tweak`.
     pub async fn start(data_dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestBroker {
+        TestBroker::start_on("127.0.0.1:0".parse().unwrap(), data_dir, tweak).await
+    }
+
+    /// Like [`TestBroker::start`], listening on `addr` (a restart on the same port).
+    pub async fn start_on(
+        addr: SocketAddr,
+        data_dir: &Path,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> TestBroker {
         let mut settings = Settings {
             data_dir: data_dir.to_owned(),
             segment_bytes_max: 1 << 20,
@@ -31,7 +40,7 @@ impl TestBroker {
             .await
             .unwrap()
             .expect("broker opens");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
