@@ -13,24 +13,11 @@ use std::time::Duration;
 use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig};
-use lanes_protocol::messages::{CreateTopicRequest, DeleteTopicRequest};
+use lanes_protocol::messages::DeleteTopicRequest;
 use lanes_protocol::{Lane, PartitionId};
-use server_support::TestBroker;
+use server_support::{TestBroker, create_topic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-async fn create_topic(address: &str, name: &str, partitions: u32) {
-    let client = Client::connect(address, ClientConfig::default()).await.unwrap();
-    client
-        .request(&CreateTopicRequest {
-            name: name.into(),
-            partitions,
-            lanes: vec![],
-            configs: vec![],
-        })
-        .await
-        .unwrap();
-}
 
 fn record(topic: &str, partition: u32, lane: u8, value: impl Into<bytes::Bytes>) -> ProducerRecord {
     ProducerRecord::new(topic, value)

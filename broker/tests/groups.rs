@@ -13,30 +13,17 @@ use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, TopicPartition};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
 use lanes_protocol::messages::{
-    Assignment, CommitLane, CreateTopicRequest, DescribeGroupRequest, HeartbeatRequest, JoinGroupRequest,
-    ListGroupsRequest, ListOffsetsLane, ListOffsetsRequest, OffsetCommitRequest, OffsetFetchRequest,
-    OffsetSpec, PartitionItems, TopicItems, TopicPartitions,
+    Assignment, CommitLane, DescribeGroupRequest, HeartbeatRequest, JoinGroupRequest, ListGroupsRequest,
+    ListOffsetsLane, ListOffsetsRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, PartitionItems,
+    TopicItems, TopicPartitions,
 };
 use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
-use server_support::TestBroker;
+use server_support::{TestBroker, create_topic};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn client(address: &str) -> Client {
     Client::connect(address, ClientConfig::default()).await.unwrap()
-}
-
-async fn create_topic(address: &str, name: &str, partitions: u32) {
-    client(address)
-        .await
-        .request(&CreateTopicRequest {
-            name: name.into(),
-            partitions,
-            lanes: vec![],
-            configs: vec![],
-        })
-        .await
-        .unwrap();
 }
 
 /// Polls `condition` every 20 ms until it holds; fails after [`DEADLINE`].

@@ -151,7 +151,17 @@ async fn acknowledged_records_survive_sigkill() {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut waits = Vec::new();
     let mut killed = false;
-    for i in 0..5_000u32 {
+    let mut sent_after_kill = 0;
+    // Keep sending until 500 records are acknowledged, kill the broker then, and send a
+    // few more into the dead connection: however fast or slow the machine, the kill
+    // lands while records are in flight.
+    for i in 0..1_000_000u32 {
+        if killed {
+            sent_after_kill += 1;
+            if sent_after_kill > 200 {
+                break;
+            }
+        }
         let value = format!("order-event-{i}");
         let record = ProducerRecord::new("orders", value.clone())
             .key(format!("order-{}", i % 50))

@@ -12,11 +12,9 @@ use std::time::Duration;
 use lanes_consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, Worker, WorkerConfig};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig};
-use lanes_protocol::messages::{
-    CreateTopicRequest, DescribeGroupRequest, OffsetFetchRequest, TopicPartitions,
-};
+use lanes_protocol::messages::{DescribeGroupRequest, OffsetFetchRequest, TopicPartitions};
 use lanes_protocol::{Lane, PartitionId};
-use server_support::TestBroker;
+use server_support::{TestBroker, create_topic};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const KEYS: usize = 40;
@@ -41,15 +39,7 @@ async fn worker_keeps_key_order_under_concurrency_and_dead_letters_poison() {
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     let address = broker.address();
     let admin = Client::connect(&address, ClientConfig::default()).await.unwrap();
-    admin
-        .request(&CreateTopicRequest {
-            name: "orders".into(),
-            partitions: 4,
-            lanes: vec![],
-            configs: vec![],
-        })
-        .await
-        .unwrap();
+    create_topic(&address, "orders", 4).await;
 
     // Each key's events in order, interleaved across keys; a poison record half way,
     // with more events of its key and its lane log after it.
@@ -255,15 +245,7 @@ async fn a_second_worker_takes_a_share_without_losing_records() {
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     let address = broker.address();
     let admin = Client::connect(&address, ClientConfig::default()).await.unwrap();
-    admin
-        .request(&CreateTopicRequest {
-            name: "orders".into(),
-            partitions: 4,
-            lanes: vec![],
-            configs: vec![],
-        })
-        .await
-        .unwrap();
+    create_topic(&address, "orders", 4).await;
     const RECORDS: usize = 2000;
     let produce = |range: std::ops::Range<usize>| {
         let address = address.clone();

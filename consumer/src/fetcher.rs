@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lanes_protocol::messages::{FetchLane, FetchRequest, OffsetSpec, PartitionItems, TopicItems};
+use lanes_protocol::messages::{FetchLane, FetchRequest, OffsetSpec, TopicItems};
 use lanes_protocol::{BatchLimits, Batches, ErrorCode, Offset, RecordBatch};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::link::Link;
-use crate::{ConsumeError, ConsumerConfig, LogKey, ResetPolicy, list_offsets};
+use crate::{ConsumeError, ConsumerConfig, LogKey, ResetPolicy, list_offsets, push_lane};
 
 /// Pause after a failed fetch before the next one.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
@@ -242,24 +242,15 @@ fn fetch_request(
     keys.sort();
     let mut topics: Vec<TopicItems<FetchLane>> = Vec::new();
     for (key, offset) in keys {
-        if topics.last().is_none_or(|t| *t.name != *key.topic) {
-            topics.push(TopicItems {
-                name: key.topic.to_string(),
-                partitions: Vec::new(),
-            });
-        }
-        let partitions = &mut topics.last_mut().expect("pushed").partitions;
-        if partitions.last().is_none_or(|p| p.partition != key.partition) {
-            partitions.push(PartitionItems {
-                partition: key.partition,
-                lanes: Vec::new(),
-            });
-        }
-        partitions.last_mut().expect("pushed").lanes.push(FetchLane {
-            lane: key.lane,
-            offset: *offset,
-            bytes_max: config.lane_bytes_max.min(bytes_max),
-        });
+        push_lane(
+            &mut topics,
+            key,
+            FetchLane {
+                lane: key.lane,
+                offset: *offset,
+                bytes_max: config.lane_bytes_max.min(bytes_max),
+            },
+        );
     }
     FetchRequest {
         wait_ms_max: u32::try_from(config.fetch_wait.as_millis()).unwrap_or(u32::MAX),

@@ -890,7 +890,7 @@ fn group_error(config: &GroupConfig, error: ClientError) -> ConsumeError {
 }
 
 /// Adds an item for `key` to the common topic/partition/lane nesting (keys in order).
-fn push_lane<T>(topics: &mut Vec<TopicItems<T>>, key: &LogKey, item: T) {
+pub(crate) fn push_lane<T>(topics: &mut Vec<TopicItems<T>>, key: &LogKey, item: T) {
     if topics.last().is_none_or(|t| *t.name != *key.topic) {
         topics.push(TopicItems {
             name: key.topic.to_string(),

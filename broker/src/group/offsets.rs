@@ -152,16 +152,9 @@ impl OffsetStore {
     /// Records commits in the log and in memory; they are durable after the next
     /// [`OffsetStore::flush`]. Commits are applied in the order of calls.
     pub fn commit(&self, group: &str, commits: &[(LaneKey, Offset)]) -> Result<(), StorageError> {
-        let records = commits.iter().map(|(key, offset)| {
-            let mut writer = Writer::new();
-            writer.u8(COMMIT);
-            writer.string(group);
-            writer.string(&key.topic);
-            writer.u32(key.partition.0);
-            writer.u8(key.lane.0);
-            writer.u64(offset.0);
-            writer.into_bytes()
-        });
+        let records = commits
+            .iter()
+            .map(|(key, offset)| commit_record(group, key, *offset));
         let mut state = self.state();
         self.append(&mut state, records)?;
         let offsets = state.groups.entry(group.to_owned()).or_default();
@@ -262,16 +255,9 @@ impl OffsetStore {
         state.appended_bytes = 0;
         let groups = std::mem::take(&mut state.groups);
         let records = groups.iter().flat_map(|(group, offsets)| {
-            offsets.iter().map(move |(key, offset)| {
-                let mut writer = Writer::new();
-                writer.u8(COMMIT);
-                writer.string(group);
-                writer.string(&key.topic);
-                writer.u32(key.partition.0);
-                writer.u8(key.lane.0);
-                writer.u64(offset.0);
-                writer.into_bytes()
-            })
+            offsets
+                .iter()
+                .map(move |(key, offset)| commit_record(group, key, *offset))
         });
         let result = self.append(state, records);
         state.groups = groups;
@@ -281,6 +267,17 @@ impl OffsetStore {
         tracing::debug!(dir = %self.log.dir().display(), live_bytes = state.live_bytes, "group offsets rewritten");
         Ok(())
     }
+}
+
+fn commit_record(group: &str, key: &LaneKey, offset: Offset) -> BytesMut {
+    let mut writer = Writer::new();
+    writer.u8(COMMIT);
+    writer.string(group);
+    writer.string(&key.topic);
+    writer.u32(key.partition.0);
+    writer.u8(key.lane.0);
+    writer.u64(offset.0);
+    writer.into_bytes()
 }
 
 fn forget_topic(groups: &mut BTreeMap<String, GroupOffsets>, topic: &str) {

@@ -130,15 +130,9 @@ pub(super) fn list_offsets(broker: &Arc<Broker>, id: u32, request: ListOffsetsRe
             })
         })
         .collect();
-    super::quiet_messages(
-        topics
-            .iter_mut()
-            .flat_map(
-                |t: &mut lanes_protocol::messages::TopicItems<ListOffsetsLaneResult>| t.partitions.iter_mut(),
-            )
-            .flat_map(|p| p.lanes.iter_mut())
-            .map(|lane| &mut lane.error_message),
-    );
+    super::quiet_lane_messages(&mut topics, |lane: &mut ListOffsetsLaneResult| {
+        &mut lane.error_message
+    });
     encode_response(id, &ListOffsetsResponse { topics })
 }
 

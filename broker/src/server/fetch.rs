@@ -95,13 +95,7 @@ fn read(topics: &[TopicItems<Target>], bytes_max: usize) -> (FetchResponse, usiz
             })
         })
         .collect();
-    super::quiet_messages(
-        topics
-            .iter_mut()
-            .flat_map(|t| t.partitions.iter_mut())
-            .flat_map(|p| p.lanes.iter_mut())
-            .map(|lane| &mut lane.error_message),
-    );
+    super::quiet_lane_messages(&mut topics, |lane| &mut lane.error_message);
     (FetchResponse { topics }, total, errors)
 }
 

@@ -44,14 +44,7 @@ pub(super) fn leave(broker: &Arc<Broker>, id: u32, request: &LeaveGroupRequest) 
 
 pub(super) fn offset_commit(broker: &Arc<Broker>, id: u32, request: OffsetCommitRequest) -> Vec<Bytes> {
     let committed = blocking(|| broker.groups.commit(&broker.topics, request)).map(|mut response| {
-        super::quiet_messages(
-            response
-                .topics
-                .iter_mut()
-                .flat_map(|t| t.partitions.iter_mut())
-                .flat_map(|p| p.lanes.iter_mut())
-                .map(|lane| &mut lane.error_message),
-        );
+        super::quiet_lane_messages(&mut response.topics, |lane| &mut lane.error_message);
         response
     });
     reply(id, committed)

@@ -201,6 +201,20 @@ pub(crate) fn quiet_messages<'a>(messages: impl Iterator<Item = &'a mut String>)
     }
 }
 
+/// [`quiet_messages`] over the lane results of a response in the common nesting.
+pub(crate) fn quiet_lane_messages<T>(
+    topics: &mut [lanes_protocol::messages::TopicItems<T>],
+    message: impl Fn(&mut T) -> &mut String,
+) {
+    quiet_messages(
+        topics
+            .iter_mut()
+            .flat_map(|t| t.partitions.iter_mut())
+            .flat_map(|p| p.lanes.iter_mut())
+            .map(message),
+    );
+}
+
 /// Runs `work`, which may block on disk I/O, without stalling the other tasks of this
 /// runtime worker (on the multi-threaded runtime the broker uses).
 pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {

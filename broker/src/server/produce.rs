@@ -92,14 +92,7 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
 }
 
 fn quiet(response: &mut ProduceResponse) {
-    super::quiet_messages(
-        response
-            .topics
-            .iter_mut()
-            .flat_map(|t| t.partitions.iter_mut())
-            .flat_map(|p| p.lanes.iter_mut())
-            .map(|lane| &mut lane.error_message),
-    );
+    super::quiet_lane_messages(&mut response.topics, |lane| &mut lane.error_message);
 }
 
 type Appended = (Arc<LogHandle>, crate::storage::AppendOutcome);

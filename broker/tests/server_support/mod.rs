@@ -10,6 +10,22 @@ use lanes_broker::{Broker, Settings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Creates a topic with the broker's default lanes.
+pub async fn create_topic(address: &str, name: &str, partitions: u32) {
+    let client = lanes_protocol::client::Client::connect(address, Default::default())
+        .await
+        .unwrap();
+    client
+        .request(&lanes_protocol::messages::CreateTopicRequest {
+            name: name.into(),
+            partitions,
+            lanes: vec![],
+            configs: vec![],
+        })
+        .await
+        .unwrap();
+}
+
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub broker: Arc<Broker>,
