@@ -285,10 +285,10 @@ fn config_value<'a>(topic: &'a TopicMetadata, key: &str) -> &'a str {
 
 fn print_description(topic: &TopicMetadata) {
     out!("topic {}", topic.name);
-    out!("  partitions  {}", topic.partitions.len());
-    out!("  lanes       {}", topic.lanes.join(","));
+    out!("  {:<22} {}", "partitions", topic.partitions.len());
+    out!("  {:<22} {}", "lanes", topic.lanes.join(","));
     for config in &topic.configs {
-        out!("  {:<11} {}", config.key, config.value);
+        out!("  {:<22} {}", config.key, config.value);
     }
     out!();
     out!(

@@ -13,6 +13,7 @@ use lanes_protocol::BatchLimits;
 use lanes_protocol::messages::is_valid_lane_name;
 use serde::{Deserialize, Serialize};
 
+use crate::scheduler::LanePolicy;
 use crate::storage::{FsyncPolicy, LogConfig};
 
 /// When lane logs call fsync (see docs/STORAGE.md).
@@ -159,6 +160,10 @@ settings! {
     topic_partitions_default: u32 = 1, "LANES_TOPIC_PARTITIONS_DEFAULT";
     /// Lanes of a topic created without lane names, most urgent first, comma-separated.
     topic_lanes_default: String = "express,standard,bulk".into(), "LANES_TOPIC_LANES_DEFAULT";
+    /// How a topic's lanes share fetches by default: weighted (deficit round robin with
+    /// the lane weights, 16:4:1 for three lanes) or strict (all of a more urgent lane
+    /// first).
+    topic_lane_policy_default: LanePolicy = LanePolicy::Weighted, "LANES_TOPIC_LANE_POLICY_DEFAULT";
     /// Durability topics promise by default: durable or written.
     topic_durability_default: Durability = Durability::Durable, "LANES_TOPIC_DURABILITY_DEFAULT";
     /// Whether producing to a missing topic creates it with the defaults.

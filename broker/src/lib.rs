@@ -7,6 +7,7 @@ pub mod config;
 pub mod durability;
 pub mod group;
 pub mod producer_ids;
+pub mod scheduler;
 pub mod server;
 pub mod storage;
 pub mod topic;

@@ -5,7 +5,7 @@
 //! `DATA_DIR/topics/<name>/<partition>/<lane>/`. A data directory without a spec (a
 //! create or delete cut short by a crash) is removed when the broker starts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::config::{Durability, FsyncMode, Settings, parse_lane_names};
 use crate::durability::Syncer;
+use crate::scheduler::{LanePolicy, WEIGHT_MAX, default_weights};
 use crate::storage::{AppendOutcome, LaneLog, StorageError, files};
 
 /// A topic's settings, as stored.
@@ -33,6 +34,18 @@ pub struct TopicSpec {
     pub retention_ms: i64,
     /// Per lane log; -1 for no limit.
     pub retention_bytes: i64,
+    /// How fetches share a response between the lanes.
+    #[serde(default)]
+    pub lane_policy: LanePolicy,
+    /// Per lane, for `weighted`; empty in specs written before weights existed (then the
+    /// defaults apply).
+    #[serde(default)]
+    pub lane_weights: Vec<u32>,
+    /// Per-lane overrides of `retention_ms` and `retention_bytes`, by lane name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lane_retention_ms: BTreeMap<String, i64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lane_retention_bytes: BTreeMap<String, i64>,
 }
 
 /// Why a topic operation failed, with its wire code.
@@ -96,6 +109,7 @@ impl TopicSpec {
         }
         if !request.lanes.is_empty() {
             spec.lanes = parse_lane_names(&request.lanes.join(",")).map_err(TopicError::InvalidConfig)?;
+            spec.lane_weights = default_weights(spec.lanes.len());
         }
         for config in &request.configs {
             spec.set(config)?;
@@ -109,13 +123,18 @@ impl TopicSpec {
         if !is_valid_topic_name(name) {
             return Err(TopicError::InvalidName(name.to_owned()));
         }
+        let lanes = parse_lane_names(&settings.topic_lanes_default).map_err(TopicError::InvalidConfig)?;
         Ok(TopicSpec {
             name: name.to_owned(),
             partitions: settings.topic_partitions_default,
-            lanes: parse_lane_names(&settings.topic_lanes_default).map_err(TopicError::InvalidConfig)?,
+            lane_weights: default_weights(lanes.len()),
+            lanes,
             durability: settings.topic_durability_default,
             retention_ms: settings.retention_ms,
             retention_bytes: settings.retention_bytes,
+            lane_policy: settings.topic_lane_policy_default,
+            lane_retention_ms: BTreeMap::new(),
+            lane_retention_bytes: BTreeMap::new(),
         })
     }
 
@@ -127,15 +146,43 @@ impl TopicSpec {
             ))
         };
         let retention = |value: &str| value.parse::<i64>().ok().filter(|v| *v >= -1);
-        match config.key.as_str() {
+        let key = config.key.as_str();
+        match key {
             "durability" => self.durability = config.value.parse().map_err(|_| bad("written or durable"))?,
             "retention_ms" => self.retention_ms = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?,
             "retention_bytes" => {
                 self.retention_bytes = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?
             }
+            "lane_policy" => {
+                self.lane_policy = config.value.parse().map_err(|_| bad("strict or weighted"))?
+            }
+            "lane_weights" => {
+                self.lane_weights = config
+                    .value
+                    .split(',')
+                    .map(|w| {
+                        w.trim()
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|w| (1..=WEIGHT_MAX).contains(w))
+                    })
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or_else(|| bad("comma-separated weights from 1 to 1048576, one per lane"))?;
+            }
+            _ if key.starts_with("retention_ms.") => {
+                let value = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?;
+                self.lane_retention_ms
+                    .insert(key["retention_ms.".len()..].to_owned(), value);
+            }
+            _ if key.starts_with("retention_bytes.") => {
+                let value = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?;
+                self.lane_retention_bytes
+                    .insert(key["retention_bytes.".len()..].to_owned(), value);
+            }
             other => {
                 return Err(TopicError::InvalidConfig(format!(
-                    "unknown topic setting {other:?}; known: durability, retention_ms, retention_bytes"
+                    "unknown topic setting {other:?}; known: durability, retention_ms, retention_bytes, \
+                     lane_policy, lane_weights, retention_ms.<lane>, retention_bytes.<lane>"
                 )));
             }
         }
@@ -149,22 +196,73 @@ impl TopicSpec {
                 settings.topic_partitions_max
             )));
         }
+        if self.lane_weights.len() != self.lanes.len() {
+            return Err(TopicError::InvalidConfig(format!(
+                "lane_weights has {} weights for {} lanes ({})",
+                self.lane_weights.len(),
+                self.lanes.len(),
+                self.lanes.join(",")
+            )));
+        }
+        for lane in self
+            .lane_retention_ms
+            .keys()
+            .chain(self.lane_retention_bytes.keys())
+        {
+            if !self.lanes.contains(lane) {
+                return Err(TopicError::InvalidConfig(format!(
+                    "retention for lane {lane:?}, which the topic does not have (lanes: {})",
+                    self.lanes.join(",")
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The lane weights (the defaults for specs written before weights existed).
+    pub fn weights(&self) -> Vec<u32> {
+        if self.lane_weights.len() == self.lanes.len() {
+            self.lane_weights.clone()
+        } else {
+            default_weights(self.lanes.len())
+        }
+    }
+
+    /// Retention of one lane's logs: `(retention_ms, retention_bytes)`.
+    pub fn lane_retention(&self, lane: usize) -> (i64, i64) {
+        let name = &self.lanes[lane];
+        (
+            self.lane_retention_ms
+                .get(name)
+                .copied()
+                .unwrap_or(self.retention_ms),
+            self.lane_retention_bytes
+                .get(name)
+                .copied()
+                .unwrap_or(self.retention_bytes),
+        )
     }
 
     /// The settings as key-value pairs, as Metadata shows them.
     pub fn configs(&self) -> Vec<TopicConfig> {
-        [
-            ("durability", self.durability.to_string()),
-            ("retention_ms", self.retention_ms.to_string()),
-            ("retention_bytes", self.retention_bytes.to_string()),
-        ]
-        .into_iter()
-        .map(|(key, value)| TopicConfig {
-            key: key.into(),
-            value,
-        })
-        .collect()
+        let weights: Vec<String> = self.weights().iter().map(u32::to_string).collect();
+        let mut configs: Vec<(String, String)> = vec![
+            ("durability".into(), self.durability.to_string()),
+            ("retention_ms".into(), self.retention_ms.to_string()),
+            ("retention_bytes".into(), self.retention_bytes.to_string()),
+            ("lane_policy".into(), self.lane_policy.to_string()),
+            ("lane_weights".into(), weights.join(",")),
+        ];
+        for (lane, value) in &self.lane_retention_ms {
+            configs.push((format!("retention_ms.{lane}"), value.to_string()));
+        }
+        for (lane, value) in &self.lane_retention_bytes {
+            configs.push((format!("retention_bytes.{lane}"), value.to_string()));
+        }
+        configs
+            .into_iter()
+            .map(|(key, value)| TopicConfig { key, value })
+            .collect()
     }
 }
 
@@ -381,7 +479,6 @@ impl Topics {
     }
 
     fn open_topic(&self, spec: TopicSpec) -> Result<Arc<Topic>, TopicError> {
-        let config = self.settings.log_config(spec.retention_ms, spec.retention_bytes);
         let visibility = match self.settings.fsync {
             FsyncMode::Never => Durability::Written,
             _ => spec.durability,
@@ -390,7 +487,9 @@ impl Topics {
         for partition in 0..spec.partitions {
             let mut lanes = Vec::with_capacity(spec.lanes.len());
             for lane in 0..spec.lanes.len() {
-                let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config.clone())?;
+                let (retention_ms, retention_bytes) = spec.lane_retention(lane);
+                let config = self.settings.log_config(retention_ms, retention_bytes);
+                let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config)?;
                 lanes.push(LogHandle::new(log, visibility, Arc::clone(&self.syncer)));
             }
             logs.push(lanes);

@@ -62,14 +62,24 @@ async fn chaos_proxy(broker: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
             let Ok(mut upstream) = TcpStream::connect(broker).await else {
                 continue;
             };
-            // Budgets large enough for any single response, small enough to cut often.
-            cut_after = cut_after * 7 % 1_000 + 150;
+            // After the handshake (passed whole), budgets that cycle through 550, 1000,
+            // 1150 and 700 bytes: the largest fits any single response (a produce response
+            // for 30 batches is about 900 bytes), so no response is cut forever; the
+            // others cut often.
+            cut_after = cut_after * 7 % 1_500 + 150;
             let budget = cut_after;
             tokio::spawn(async move {
                 let (mut client_read, mut client_write) = client.split();
                 let (mut upstream_read, mut upstream_write) = upstream.split();
                 let requests = tokio::io::copy(&mut client_read, &mut upstream_write);
                 let responses = async {
+                    // The first response (the handshake's) passes whole.
+                    let mut prefix = [0u8; 4];
+                    upstream_read.read_exact(&mut prefix).await?;
+                    let mut first = vec![0u8; u32::from_be_bytes(prefix) as usize];
+                    upstream_read.read_exact(&mut first).await?;
+                    client_write.write_all(&prefix).await?;
+                    client_write.write_all(&first).await?;
                     let mut passed = 0;
                     let mut buf = vec![0u8; 4096];
                     while passed < budget {

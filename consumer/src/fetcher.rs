@@ -256,6 +256,7 @@ fn fetch_request(
         wait_ms_max: u32::try_from(config.fetch_wait.as_millis()).unwrap_or(u32::MAX),
         bytes_min: config.fetch_bytes_min,
         bytes_max,
+        lane_bytes_max: Vec::new(),
         topics,
     }
 }

@@ -378,6 +378,7 @@ mod tests {
             wait_ms_max: 500,
             bytes_min: 1,
             bytes_max: 1 << 20,
+            lane_bytes_max: vec![1 << 20, 0, 4096],
             topics: one_lane(FetchLane {
                 lane: Lane(0),
                 offset: Offset(77),

@@ -33,7 +33,7 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use super::Broker;
-use super::dispatch::{Reply, ResponseFuture, dispatch};
+use super::dispatch::{Reply, ResponseFuture, Session, dispatch};
 
 /// How much the read buffer grows by per read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -47,7 +47,7 @@ struct Connection {
     codec: FrameCodec,
     buf: BytesMut,
     in_flight: FuturesOrdered<ResponseFuture>,
-    handshaken: bool,
+    session: Session,
     /// No more requests are read; in-flight ones are answered, then it closes.
     closing: bool,
     /// Memory reserved for the frame being received.
@@ -74,7 +74,7 @@ pub(super) async fn serve(
         peer,
         buf: BytesMut::new(),
         in_flight: FuturesOrdered::new(),
-        handshaken: false,
+        session: Session::default(),
         closing: false,
         reserved: None,
         acquiring: None,
@@ -170,7 +170,7 @@ impl Connection {
                     // The next frame, if it has begun, began now.
                     self.partial_since = (!self.buf.is_empty()).then(Instant::now);
                     let reserved = self.reserved.take();
-                    let reply = dispatch(&self.broker, frame, &mut self.handshaken, shutdown);
+                    let reply = dispatch(&self.broker, frame, &mut self.session, shutdown);
                     self.push(reply, reserved);
                 }
                 Ok(None) => return,

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use lanes_protocol::api::{RequestError, decode_request, encode_error_response, encode_response};
@@ -15,6 +15,7 @@ use lanes_protocol::messages::ApiVersionsResponse;
 use lanes_protocol::{ApiKey, ErrorCode, Request};
 use tokio_util::sync::CancellationToken;
 
+use super::fetch::LaneCredit;
 use super::{Broker, VERSION, admin, fetch, group, produce};
 
 /// A response frame to come; `None` for requests answered with silence (acks = none).
@@ -38,10 +39,17 @@ fn answer(frame: Vec<Bytes>) -> Reply {
     }
 }
 
+/// What a connection remembers between its requests.
+#[derive(Debug, Default)]
+pub(super) struct Session {
+    pub(super) handshaken: bool,
+    pub(super) lane_credit: Arc<Mutex<LaneCredit>>,
+}
+
 pub(super) fn dispatch(
     broker: &Arc<Broker>,
     frame: BytesMut,
-    handshaken: &mut bool,
+    session: &mut Session,
     shutdown: &CancellationToken,
 ) -> Reply {
     let (header, request) = match decode_request(frame) {
@@ -49,12 +57,12 @@ pub(super) fn dispatch(
         Err(error) => return refuse(&error),
     };
     let id = header.correlation_id;
-    if !*handshaken {
+    if !session.handshaken {
         if header.api_key != ApiKey::ApiVersions as u16 {
             let message = "the first request on a connection must be ApiVersions";
             return answer(encode_error_response(id, ErrorCode::HandshakeRequired, message));
         }
-        *handshaken = true;
+        session.handshaken = true;
     }
     let frame = match request {
         Request::ApiVersions(_) => ready(encode_response(id, &ApiVersionsResponse::supported(VERSION))),
@@ -62,7 +70,13 @@ pub(super) fn dispatch(
         Request::DeleteTopic(request) => ready(admin::delete_topic(broker, id, &request)),
         Request::Metadata(request) => ready(admin::metadata(broker, id, &request)),
         Request::Produce(request) => produce::produce(broker, id, request),
-        Request::Fetch(request) => Box::pin(fetch::fetch(Arc::clone(broker), id, request, shutdown.clone())),
+        Request::Fetch(request) => Box::pin(fetch::fetch(
+            Arc::clone(broker),
+            id,
+            request,
+            Arc::clone(&session.lane_credit),
+            shutdown.clone(),
+        )),
         Request::ListOffsets(request) => ready(admin::list_offsets(broker, id, request)),
         Request::InitProducerId(_) => ready(admin::init_producer_id(broker, id)),
         Request::JoinGroup(request) => ready(group::join(broker, id, &request)),

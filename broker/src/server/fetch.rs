@@ -1,23 +1,26 @@
 //! Fetch: read many lane logs at once, waiting (long poll) until there is enough.
 //!
-//! Lane logs are read in request order until the response budget is spent. (Lane
-//! scheduling across priorities replaces this order in the priority-lanes issue.) The
-//! first lane log with data always gets at least one whole batch, so a consumer never
-//! gets stuck behind a batch larger than its budget; later ones only get what fits.
+//! Each lane log is read once (whole batches, zero-copy, up to its own cap); the lane
+//! scheduler ([`crate::scheduler`]) then decides how many of those batches each lane log
+//! sends, sharing the response by the topics' lane policies and weights. Credit a lane
+//! could not spend is carried in the connection's [`LaneCredit`] to its next fetch.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::select_all;
 use lanes_protocol::api::encode_response;
 use lanes_protocol::messages::{FetchLane, FetchLaneResult, FetchRequest, FetchResponse, TopicItems};
+use lanes_protocol::record_batch::peek_prefix;
 use lanes_protocol::{ErrorCode, Offset};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Broker;
-use crate::topic::{LogHandle, Progress, storage_error_code};
+use crate::scheduler::{self, LaneDemand, LanePolicy};
+use crate::topic::{LogHandle, Progress, Topic, storage_error_code};
 
 /// One requested lane log, resolved.
 struct Target {
@@ -25,21 +28,33 @@ struct Target {
     handle: Result<Arc<LogHandle>, (ErrorCode, String)>,
 }
 
+/// A connection's lane scheduling state, carried from one fetch to the next.
+#[derive(Debug, Default)]
+pub(crate) struct LaneCredit {
+    /// Per (topic, lane): credit a lane with waiting data could not spend.
+    deficits: HashMap<(String, u8), u64>,
+    fetches: usize,
+}
+
 pub(super) async fn fetch(
     broker: Arc<Broker>,
     id: u32,
     request: FetchRequest,
+    credit: Arc<Mutex<LaneCredit>>,
     shutdown: CancellationToken,
 ) -> Option<Vec<bytes::Bytes>> {
     let settings = &broker.settings;
     let wait = Duration::from_millis(u64::from(request.wait_ms_max.min(settings.fetch_wait_ms_max)));
     let deadline = tokio::time::Instant::now() + wait;
     let bytes_max = request.bytes_max.min(settings.fetch_bytes_max) as usize;
+    let lane_caps: Vec<usize> = request.lane_bytes_max.iter().map(|cap| *cap as usize).collect();
+    let mut specs: Vec<Option<Arc<Topic>>> = Vec::with_capacity(request.topics.len());
     let topics: Vec<TopicItems<Target>> = request
         .topics
         .into_iter()
         .map(|topic_request| {
             let topic = broker.topics.get(&topic_request.name);
+            specs.push(topic.clone());
             topic_request.map_lanes(|name, partition, lane| {
                 let handle = match &topic {
                     None => Err((ErrorCode::UnknownTopic, format!("topic {name} does not exist"))),
@@ -61,13 +76,19 @@ pub(super) async fn fetch(
         .filter_map(|(_, _, target)| target.handle.as_ref().ok().map(|h| h.subscribe()))
         .collect();
     loop {
-        let (response, bytes, errors) = read(&topics, bytes_max);
+        let mut scheduled = {
+            let credit = credit.lock().expect("lane credit lock poisoned");
+            Schedule::new(&topics, &specs, &credit)
+        };
+        let (response, bytes, errors) = read(&topics, &mut scheduled, &lane_caps, bytes_max);
         let done = bytes >= request.bytes_min as usize
             || errors
             || watches.is_empty()
             || tokio::time::Instant::now() >= deadline
             || shutdown.is_cancelled();
         if done {
+            // Only what is sent counts: credit moves on with the answered fetch.
+            scheduled.keep(&mut credit.lock().expect("lane credit lock poisoned"));
             return Some(encode_response(id, &response));
         }
         let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
@@ -79,18 +100,149 @@ pub(super) async fn fetch(
     }
 }
 
-/// Reads every target once; returns the response, its record bytes and whether any
-/// lane log answered with an error.
-fn read(topics: &[TopicItems<Target>], bytes_max: usize) -> (FetchResponse, usize, bool) {
-    let mut total = 0;
+/// The lanes of one fetch, as the scheduler sees them: one per (topic, lane) requested.
+struct Schedule {
+    /// Per lane: `(topic index, lane number)`.
+    keys: Vec<(usize, u8)>,
+    /// The same, by key.
+    index: HashMap<(usize, u8), usize>,
+    demands: Vec<LaneDemand>,
+    deficits: Vec<u64>,
+    names: Vec<String>,
+    rotation: usize,
+}
+
+impl Schedule {
+    fn new(topics: &[TopicItems<Target>], specs: &[Option<Arc<Topic>>], credit: &LaneCredit) -> Schedule {
+        let mut keys = Vec::new();
+        for (t, topic) in topics.iter().enumerate() {
+            let mut lanes: Vec<u8> = topic
+                .lanes()
+                .filter(|(_, _, target)| target.handle.is_ok())
+                .map(|(_, _, target)| target.lane.lane.0)
+                .collect();
+            lanes.sort_unstable();
+            lanes.dedup();
+            keys.extend(lanes.into_iter().map(|lane| (t, lane)));
+        }
+        let index: HashMap<(usize, u8), usize> = keys.iter().enumerate().map(|(i, key)| (*key, i)).collect();
+        let demands = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, lane))| {
+                let spec = &specs[t].as_ref().expect("resolved lane logs have a topic").spec;
+                // Strict: behind the next more urgent lane of this topic in the fetch.
+                let after =
+                    (spec.lane_policy == LanePolicy::Strict && i > 0 && keys[i - 1].0 == t).then(|| i - 1);
+                LaneDemand {
+                    weight: spec.weights().get(lane as usize).copied().unwrap_or(1),
+                    after,
+                    logs: Vec::new(),
+                    cap: None,
+                }
+            })
+            .collect();
+        let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+        let deficits = keys
+            .iter()
+            .map(|&(t, lane)| {
+                credit
+                    .deficits
+                    .get(&(names[t].clone(), lane))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        Schedule {
+            keys,
+            index,
+            demands,
+            deficits,
+            names,
+            rotation: credit.fetches,
+        }
+    }
+
+    /// Stores the credit left after this fetch, for the connection's next one.
+    fn keep(self, credit: &mut LaneCredit) {
+        credit.deficits.clear();
+        for (&(t, lane), deficit) in self.keys.iter().zip(self.deficits) {
+            if deficit > 0 {
+                credit.deficits.insert((self.names[t].clone(), lane), deficit);
+            }
+        }
+        credit.fetches = credit.fetches.wrapping_add(1);
+    }
+}
+
+/// Where a lane log sits in the schedule: `(lane, log)`.
+type Slot = (usize, usize);
+
+/// The sizes of the whole batches in `bytes` (batches as a lane log returns them).
+fn batch_sizes(bytes: &Bytes) -> Vec<u32> {
+    let mut sizes = Vec::new();
+    let mut at = 0;
+    while let Some((_, length)) = peek_prefix(&bytes[at..]) {
+        let length = length as usize;
+        if length == 0 || at + length > bytes.len() {
+            // Not a whole batch: never cut inside it.
+            sizes.push((bytes.len() - at) as u32);
+            break;
+        }
+        sizes.push(length as u32);
+        at += length;
+    }
+    if at < bytes.len() && sizes.is_empty() {
+        sizes.push(bytes.len() as u32);
+    }
+    sizes
+}
+
+/// Reads every target once and lets the scheduler share `bytes_max` between them;
+/// returns the response, its record bytes and whether any lane log answered with an
+/// error.
+fn read(
+    topics: &[TopicItems<Target>],
+    schedule: &mut Schedule,
+    lane_caps: &[usize],
+    bytes_max: usize,
+) -> (FetchResponse, usize, bool) {
     let mut errors = false;
-    let mut topics: Vec<TopicItems<FetchLaneResult>> = topics
-        .iter()
+    // Each lane log's readable batches, and where it sits in the schedule.
+    let mut reads: Vec<TopicItems<(FetchLaneResult, Option<Slot>)>> = Vec::with_capacity(topics.len());
+    for (t, topic) in topics.iter().enumerate() {
+        reads.push(topic.as_ref().map_lanes(|_, _, target| {
+            let result = read_lane(target, bytes_max);
+            errors |= result.error_code != ErrorCode::None;
+            let slot = (result.error_code == ErrorCode::None).then(|| {
+                let lane = schedule.index[&(t, target.lane.lane.0)];
+                let logs = &mut schedule.demands[lane].logs;
+                logs.push(batch_sizes(&result.records));
+                (lane, logs.len() - 1)
+            });
+            (result, slot)
+        }));
+    }
+    for (demand, &(_, lane)) in schedule.demands.iter_mut().zip(&schedule.keys) {
+        demand.cap = ((lane as usize) < lane_caps.len()).then_some(lane as usize);
+    }
+    let plan = scheduler::plan(
+        &schedule.demands,
+        lane_caps,
+        &mut schedule.deficits,
+        bytes_max,
+        schedule.rotation,
+    );
+    let mut total = 0;
+    let mut topics: Vec<TopicItems<FetchLaneResult>> = reads
+        .into_iter()
         .map(|topic| {
-            topic.as_ref().map_lanes(|_, _, target| {
-                let result = read_lane(target, bytes_max.saturating_sub(total), total == 0);
-                total += result.records.len();
-                errors |= result.error_code != ErrorCode::None;
+            topic.map_lanes(|_, _, (mut result, slot)| {
+                if let Some((lane, log)) = slot {
+                    let taken = plan[lane][log];
+                    result.records = result.records.slice(..taken);
+                    total += taken;
+                }
                 result
             })
         })
@@ -99,7 +251,9 @@ fn read(topics: &[TopicItems<Target>], bytes_max: usize) -> (FetchResponse, usiz
     (FetchResponse { topics }, total, errors)
 }
 
-fn read_lane(target: &Target, budget: usize, first: bool) -> FetchLaneResult {
+/// Reads whole batches of one lane log, up to its own cap and the response's (at least
+/// one batch if it has any).
+fn read_lane(target: &Target, bytes_max: usize) -> FetchLaneResult {
     let lane = target.lane;
     let handle = match &target.handle {
         Ok(handle) => handle,
@@ -107,13 +261,8 @@ fn read_lane(target: &Target, budget: usize, first: bool) -> FetchLaneResult {
     };
     let visible = handle.visible_offset();
     let start = handle.log.start_offset();
-    let bytes_max = (lane.bytes_max as usize).min(budget);
-    if bytes_max == 0 && !first {
-        return records(lane, visible, start, Bytes::new());
-    }
-    match handle.log.read(lane.offset, bytes_max.max(1), visible) {
-        // Only the first lane log with data may go over the budget.
-        Ok(slice) if !first && slice.bytes.len() > bytes_max => records(lane, visible, start, Bytes::new()),
+    let bytes_max = (lane.bytes_max as usize).min(bytes_max).max(1);
+    match handle.log.read(lane.offset, bytes_max, visible) {
         Ok(slice) => records(lane, visible, start, slice.bytes),
         Err(error) => failed(
             lane,

@@ -7,6 +7,7 @@
 //! | `wait_ms_max` | u32   | wait up to this long for `bytes_min` bytes (capped by the broker) |
 //! | `bytes_min`   | u32   | answer as soon as this many bytes are available (0 or 1: at once if any) |
 //! | `bytes_max`   | u32   | soft cap on the response's record bytes (capped by the broker) |
+//! | `lane_bytes_max` | array<u32> | per lane number (0 first, ≤ 8): soft cap on that lane's bytes over the whole response; lanes past the end are capped by `bytes_max` only |
 //! | `topics`      | array | of `name string, partitions array<{partition u32, lanes array<lane>}>` |
 //!
 //! Lane: `lane u8, offset u64, bytes_max u32` (soft cap for this lane log).
@@ -45,6 +46,9 @@ pub struct FetchRequest {
     pub wait_ms_max: u32,
     pub bytes_min: u32,
     pub bytes_max: u32,
+    /// Per lane number: a soft cap on that lane's bytes in the response, so a client can
+    /// keep a budget per lane. Lanes past the end have no cap of their own.
+    pub lane_bytes_max: Vec<u32>,
     pub topics: Vec<TopicItems<FetchLane>>,
 }
 
@@ -54,6 +58,7 @@ impl FetchRequest {
             wait_ms_max: reader.u32("wait_ms_max")?,
             bytes_min: reader.u32("bytes_min")?,
             bytes_max: reader.u32("bytes_max")?,
+            lane_bytes_max: reader.array("lane_bytes_max", LANES_MAX, 4, |r| r.u32("lane bytes_max"))?,
             topics: decode_topics(reader, 1 + 8 + 4, LANES_MAX, |reader| {
                 Ok(FetchLane {
                     lane: get_lane(reader)?,
@@ -73,6 +78,7 @@ impl RequestBody for FetchRequest {
         writer.u32(self.wait_ms_max);
         writer.u32(self.bytes_min);
         writer.u32(self.bytes_max);
+        writer.array(&self.lane_bytes_max, |w, cap| w.u32(*cap));
         encode_topics(writer, &self.topics, |writer, lane| {
             writer.u8(lane.lane.0);
             writer.u64(lane.offset.0);

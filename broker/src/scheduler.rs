@@ -1,0 +1,426 @@
+//! Lane scheduling: how one fetch response's byte budget is shared between lanes.
+//!
+//! A fetch names many lane logs: every lane of many partitions, maybe of several
+//! topics. Each (topic, lane) is a *lane* here, with a weight and the lane logs it reads.
+//! The scheduler decides how many bytes of whole batches each lane log contributes:
+//!
+//! - `weighted` (the default): deficit round robin by bytes. Every round, each lane with
+//!   data earns `QUANTUM_BYTES × weight` of credit and takes whole batches, round robin
+//!   over its lane logs, while its credit covers the next one. Under backlog the lanes
+//!   share the budget by weight (16:4:1: express gets 16/21); an empty lane's share goes
+//!   to the others (work-conserving); credit that a lane with data could not spend is
+//!   carried to the next response, so no lane starves, however large its batches.
+//! - `strict`: a lane is served only once every more urgent lane of its topic has
+//!   nothing left. A more urgent lane that the client's per-lane budget has stopped does
+//!   not hold the others back.
+//!
+//! A lane whose credit covers its next batch may send that one batch even if it goes
+//! over the response budget (as long as it has sent nothing else in this response), and
+//! each lane may exceed its own cap by one batch: so a batch larger than any budget
+//! never gets stuck, and the caps are soft by at most one batch per lane.
+//!
+//! This module knows nothing of storage or networking: it gets batch sizes, returns
+//! byte counts.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// How a topic's lanes share fetch responses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LanePolicy {
+    /// All of a more urgent lane first.
+    Strict,
+    /// Deficit round robin by bytes with the lane weights.
+    #[default]
+    Weighted,
+}
+
+impl FromStr for LanePolicy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<LanePolicy, String> {
+        match text {
+            "strict" => Ok(LanePolicy::Strict),
+            "weighted" => Ok(LanePolicy::Weighted),
+            _ => Err("expected strict or weighted".into()),
+        }
+    }
+}
+
+impl fmt::Display for LanePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LanePolicy::Strict => "strict",
+            LanePolicy::Weighted => "weighted",
+        })
+    }
+}
+
+/// Largest lane weight.
+pub const WEIGHT_MAX: u32 = 1 << 20;
+
+/// Credit a lane earns per round and unit of weight.
+const QUANTUM_BYTES: u64 = 1024;
+
+/// The default weights of `lanes` lanes: each lane 4 times the next (16:4:1 for three).
+pub fn default_weights(lanes: usize) -> Vec<u32> {
+    (0..lanes)
+        .map(|lane| 4u32.saturating_pow((lanes - 1 - lane) as u32).min(WEIGHT_MAX))
+        .collect()
+}
+
+/// One lane of one fetch: its weight and what its lane logs offer.
+#[derive(Clone, Debug, Default)]
+pub struct LaneDemand {
+    pub weight: u32,
+    /// Strict policy: the lane (index into the fetch's lanes) that must have nothing left
+    /// before this one is served. `None` for the most urgent lane, and under `weighted`.
+    pub after: Option<usize>,
+    /// Per lane log, the sizes of the whole batches it could return, in order.
+    pub logs: Vec<Vec<u32>>,
+    /// The cap (index into [`plan`]'s `caps`) this lane's bytes count against, shared
+    /// with other lanes of the same number in other topics; `None` for no cap.
+    pub cap: Option<usize>,
+}
+
+/// Per lane of a fetch: credit carried between responses, in bytes. Kept by the caller
+/// (per connection) and handed to [`plan`] each time.
+pub type Deficits = [u64];
+
+#[derive(Debug)]
+struct LaneState {
+    /// Per log: batches taken.
+    next: Vec<usize>,
+    /// Per log: bytes taken.
+    bytes: Vec<usize>,
+    /// The log that gives the next batch (round robin).
+    cursor: usize,
+    taken: usize,
+    /// Has data, but its next batch does not fit (the response budget, or its cap).
+    stopped_by_budget: bool,
+    stopped_by_cap: bool,
+}
+
+impl LaneState {
+    /// The next batch's log and size, starting at the cursor.
+    fn next_batch(&self, demand: &LaneDemand) -> Option<(usize, u32)> {
+        let logs = demand.logs.len();
+        (0..logs)
+            .map(|i| (self.cursor + i) % logs)
+            .find_map(|log| demand.logs[log].get(self.next[log]).map(|size| (log, *size)))
+    }
+
+    fn has_data(&self, demand: &LaneDemand) -> bool {
+        self.next_batch(demand).is_some()
+    }
+}
+
+/// Shares `budget` bytes between `lanes`, each lane within its cap in `caps` (soft: one
+/// batch over is allowed). `deficits` (one per lane) is read and updated; `rotation`
+/// picks which lane log of each lane goes first (pass a counter, so no partition is
+/// always last). Returns, per lane and per lane log, the bytes of whole batches to send:
+/// a prefix of what it offered.
+pub fn plan(
+    lanes: &[LaneDemand],
+    caps: &[usize],
+    deficits: &mut Deficits,
+    budget: usize,
+    rotation: usize,
+) -> Vec<Vec<usize>> {
+    assert_eq!(lanes.len(), deficits.len(), "one deficit per lane");
+    let mut cap_taken = vec![0usize; caps.len()];
+    let mut states: Vec<LaneState> = lanes
+        .iter()
+        .map(|demand| LaneState {
+            next: vec![0; demand.logs.len()],
+            bytes: vec![0; demand.logs.len()],
+            cursor: if demand.logs.is_empty() {
+                0
+            } else {
+                rotation % demand.logs.len()
+            },
+            taken: 0,
+            stopped_by_budget: false,
+            stopped_by_cap: false,
+        })
+        .collect();
+    let mut total = 0usize;
+    // Lanes whose carried credit covers their next batch were cut off by the end of the
+    // last response: they go first, as the interrupted round would have.
+    let mut carried_over = true;
+    loop {
+        // Lanes that earn credit this round: with data, not held back by the client's cap
+        // and (strict) not behind a more urgent lane that still has data it could send.
+        // A lane stopped by the response budget keeps earning while others fill the rest
+        // of the response, and spends it first in the next one: the end of a response
+        // favours no lane.
+        let earning: Vec<usize> = (0..lanes.len())
+            .filter(|&lane| {
+                let state = &states[lane];
+                state.has_data(&lanes[lane]) && !state.stopped_by_cap && lanes[lane].weight > 0
+            })
+            .filter(|&lane| {
+                let mut before = lanes[lane].after;
+                while let Some(b) = before {
+                    if states[b].has_data(&lanes[b]) && !states[b].stopped_by_cap {
+                        return false;
+                    }
+                    before = lanes[b].after;
+                }
+                true
+            })
+            .collect();
+        if !earning.iter().any(|&lane| !states[lane].stopped_by_budget) {
+            break;
+        }
+        let mut progressed = false;
+        let mut stopped = false;
+        for &lane in &earning {
+            let demand = &lanes[lane];
+            let state = &mut states[lane];
+            if !carried_over {
+                deficits[lane] = deficits[lane].saturating_add(QUANTUM_BYTES * u64::from(demand.weight));
+            }
+            if state.stopped_by_budget {
+                continue;
+            }
+            while let Some((log, size)) = state.next_batch(demand) {
+                let size_bytes = size as usize;
+                if deficits[lane] < u64::from(size) {
+                    break;
+                }
+                // A lane's first batch in the response may go over the budget and its cap.
+                if state.taken > 0 && total + size_bytes > budget {
+                    state.stopped_by_budget = true;
+                    stopped = true;
+                    break;
+                }
+                if let Some(cap) = demand.cap
+                    && cap_taken[cap] > 0
+                    && cap_taken[cap] + size_bytes > caps[cap]
+                {
+                    state.stopped_by_cap = true;
+                    stopped = true;
+                    break;
+                }
+                if let Some(cap) = demand.cap {
+                    cap_taken[cap] += size_bytes;
+                }
+                state.next[log] += 1;
+                state.bytes[log] += size_bytes;
+                state.cursor = (log + 1) % demand.logs.len();
+                state.taken += size_bytes;
+                total += size_bytes;
+                deficits[lane] -= u64::from(size);
+                progressed = true;
+            }
+        }
+        if std::mem::take(&mut carried_over) || stopped || progressed {
+            continue;
+        }
+        // Nobody could take a batch this round. If the response is full for some lane, it
+        // is done: skipping rounds now would hand the others credit for the tail.
+        if earning.iter().any(|&lane| states[lane].stopped_by_budget) {
+            break;
+        }
+        // Otherwise skip ahead to the first round in which some lane's credit covers its
+        // next batch.
+        let rounds = earning
+            .iter()
+            .filter(|&&lane| !states[lane].stopped_by_budget)
+            .filter_map(|&lane| {
+                let (_, size) = states[lane].next_batch(&lanes[lane])?;
+                let per_round = QUANTUM_BYTES * u64::from(lanes[lane].weight);
+                Some(u64::from(size).saturating_sub(deficits[lane]).div_ceil(per_round))
+            })
+            .min();
+        let Some(rounds) = rounds else {
+            break;
+        };
+        // The next loop adds one round itself.
+        for &lane in &earning {
+            let per_round = QUANTUM_BYTES * u64::from(lanes[lane].weight);
+            deficits[lane] = deficits[lane].saturating_add(per_round * rounds.saturating_sub(1));
+        }
+    }
+    for (lane, state) in states.iter().enumerate() {
+        deficits[lane] = match state.next_batch(&lanes[lane]) {
+            // Credit is for waiting work only (as in any deficit round robin).
+            None => 0,
+            // Enough to send the next batch, never a burst saved up while the client's
+            // budget held the lane back.
+            Some((_, size)) if state.stopped_by_cap => {
+                deficits[lane].min((QUANTUM_BYTES * u64::from(lanes[lane].weight)).max(u64::from(size)))
+            }
+            Some(_) => deficits[lane],
+        };
+    }
+    states.into_iter().map(|state| state.bytes).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lane whose `logs` lane logs each offer `batches` batches of `size` bytes.
+    fn lane(weight: u32, logs: usize, batches: usize, size: u32) -> LaneDemand {
+        LaneDemand {
+            weight,
+            after: None,
+            logs: vec![vec![size; batches]; logs],
+            cap: None,
+        }
+    }
+
+    fn lane_totals(plan: &[Vec<usize>]) -> Vec<usize> {
+        plan.iter().map(|logs| logs.iter().sum()).collect()
+    }
+
+    #[test]
+    fn default_weights_are_powers_of_four() {
+        assert_eq!(default_weights(3), vec![16, 4, 1]);
+        assert_eq!(default_weights(1), vec![1]);
+        assert_eq!(default_weights(8)[0], 16384);
+    }
+
+    /// A simple deterministic generator for batch sizes.
+    fn sizes(seed: &mut u64, count: usize) -> Vec<u32> {
+        (0..count)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                1024 + (*seed >> 33) as u32 % (63 * 1024)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn under_backlog_each_lane_gets_its_weighted_share() {
+        for weights in [vec![16, 4, 1], vec![1, 1], vec![8, 3, 2, 1], vec![100, 1]] {
+            let mut seed = 7;
+            let mut deficits = vec![0; weights.len()];
+            let mut served = vec![0usize; weights.len()];
+            for round in 0..2000 {
+                let lanes: Vec<LaneDemand> = weights
+                    .iter()
+                    .map(|&weight| LaneDemand {
+                        weight,
+                        after: None,
+                        logs: (0..4).map(|_| sizes(&mut seed, 64)).collect(),
+                        cap: None,
+                    })
+                    .collect();
+                let plan = plan(&lanes, &[], &mut deficits, 1 << 20, round);
+                for (lane, bytes) in lane_totals(&plan).into_iter().enumerate() {
+                    served[lane] += bytes;
+                }
+            }
+            assert!(
+                deficits.iter().all(|d| *d <= 4 << 20),
+                "credit stays bounded: {deficits:?}"
+            );
+            let total: usize = served.iter().sum();
+            let weight_sum: u32 = weights.iter().sum();
+            for (lane, weight) in weights.iter().enumerate() {
+                let share = served[lane] as f64 / total as f64;
+                let target = f64::from(*weight) / f64::from(weight_sum);
+                assert!(
+                    (share - target).abs() <= 0.05 * target,
+                    "weights {weights:?}: lane {lane} got {share:.4}, its weight says {target:.4}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn strict_never_serves_a_lower_lane_while_a_higher_one_has_data() {
+        let mut lanes = vec![lane(1, 2, 10, 1000), lane(1, 2, 10, 1000), lane(1, 1, 10, 1000)];
+        lanes[1].after = Some(0);
+        lanes[2].after = Some(1);
+        let mut deficits = vec![0; 3];
+        // Budget for part of lane 0: nothing else.
+        let plan_small = plan(&lanes, &[], &mut deficits, 15_000, 0);
+        assert_eq!(lane_totals(&plan_small), vec![15_000, 0, 0]);
+        // Budget for all of lane 0 and some of lane 1: lane 2 gets nothing.
+        let mut deficits = vec![0; 3];
+        let plan_mid = plan(&lanes, &[], &mut deficits, 25_000, 0);
+        assert_eq!(lane_totals(&plan_mid), vec![20_000, 5_000, 0]);
+        // A lane capped by the client's budget does not hold the next one back.
+        lanes[0].cap = Some(0);
+        let mut deficits = vec![0; 3];
+        let plan_capped = plan(&lanes, &[3_000], &mut deficits, 10_000, 0);
+        assert_eq!(lane_totals(&plan_capped), vec![3_000, 7_000, 0]);
+    }
+
+    #[test]
+    fn work_conserving_when_upper_lanes_are_empty() {
+        let lanes = vec![lane(16, 3, 0, 1000), lane(4, 3, 0, 1000), lane(1, 3, 100, 1000)];
+        let mut deficits = vec![0; 3];
+        let plan = plan(&lanes, &[], &mut deficits, 50_000, 0);
+        assert_eq!(lane_totals(&plan), vec![0, 0, 50_000]);
+        // Round robin across the lane's lane logs.
+        assert!(
+            plan[2].iter().all(|bytes| (16_000..=17_000).contains(bytes)),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn no_lane_starves_even_with_batches_as_large_as_the_budget() {
+        // Express saturated with small batches; bulk's every batch fills a response.
+        let lanes = vec![
+            lane(16, 1, 10_000, 1000),
+            lane(4, 1, 10_000, 1000),
+            lane(1, 1, 100, 100_000),
+        ];
+        let mut deficits = vec![0; 3];
+        let mut bulk_batches = 0;
+        for round in 0..200 {
+            bulk_batches += plan(&lanes, &[], &mut deficits, 100_000, round)[2][0] / 100_000;
+        }
+        // Its share is 1/21 of the bytes: about 200 × 100 000 / 21 / 100 000 ≈ 9 batches.
+        assert!(bulk_batches >= 5, "bulk got {bulk_batches} batches");
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_budget_is_sent_alone() {
+        // A lane's first batch may go over the budget: one, then the response is full.
+        let lanes = vec![lane(16, 1, 3, 5_000_000), lane(1, 1, 3, 100)];
+        let mut deficits = vec![0; 2];
+        assert_eq!(
+            lane_totals(&plan(&lanes, &[], &mut deficits, 1_000_000, 0)),
+            vec![5_000_000, 300]
+        );
+        // Two lanes (of two topics) share one cap: one batch over it, in all.
+        let capped = vec![
+            LaneDemand {
+                cap: Some(0),
+                ..lane(1, 1, 3, 100)
+            },
+            LaneDemand {
+                cap: Some(0),
+                ..lane(1, 1, 3, 100)
+            },
+        ];
+        let mut deficits = vec![0; 2];
+        assert_eq!(
+            lane_totals(&plan(&capped, &[10], &mut deficits, 1_000_000, 0)),
+            vec![100, 0]
+        );
+    }
+
+    #[test]
+    fn empty_requests_and_zero_weights_end() {
+        let mut deficits = vec![];
+        assert!(plan(&[], &[], &mut deficits, 1000, 0).is_empty());
+        let lanes = vec![lane(0, 1, 5, 10), LaneDemand::default()];
+        let mut deficits = vec![0; 2];
+        assert_eq!(
+            lane_totals(&plan(&lanes, &[], &mut deficits, 1000, 3)),
+            vec![0, 0]
+        );
+    }
+}
