@@ -176,7 +176,7 @@ async fn a_small_prefetch_budget_still_gets_every_record() {
     producer.close().await.unwrap();
 
     let mut config = ConsumerConfig::new(broker.address());
-    config.prefetch_bytes_max = 64 * 1024;
+    config.lane_prefetch_bytes_max = 64 * 1024;
     let mut consumer = Consumer::connect(config).await.unwrap();
     consumer
         .assign("t", None, None, StartFrom::Earliest)
@@ -351,5 +351,138 @@ async fn dropping_a_producer_ends_its_pending_deliveries() {
         .await
         .expect("the delivery ends");
     assert!(matches!(outcome, Err(lanes_producer::ProduceError::Closed)));
+    broker.stop().await;
+}
+
+/// A TCP proxy to `broker` that passes every request and every response except those
+/// to Produce requests, which it swallows: produce requests stay in flight for ever.
+async fn produce_blackhole_proxy(broker: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = TcpStream::connect(broker).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut upstream_read, mut upstream_write) = upstream.into_split();
+                let produce_ids = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+                let requests = {
+                    let produce_ids = Arc::clone(&produce_ids);
+                    async move {
+                        loop {
+                            let mut prefix = [0u8; 4];
+                            client_read.read_exact(&mut prefix).await?;
+                            let mut frame = vec![0u8; u32::from_be_bytes(prefix) as usize];
+                            client_read.read_exact(&mut frame).await?;
+                            // Request header: api_key u16, api_version u16, correlation_id u32.
+                            let api_key = u16::from_be_bytes([frame[0], frame[1]]);
+                            let correlation = u32::from_be_bytes(frame[4..8].try_into().unwrap());
+                            if api_key == lanes_protocol::ApiKey::Produce as u16 {
+                                produce_ids.lock().unwrap().insert(correlation);
+                            }
+                            upstream_write.write_all(&prefix).await?;
+                            upstream_write.write_all(&frame).await?;
+                        }
+                        #[allow(unreachable_code)]
+                        Ok::<(), std::io::Error>(())
+                    }
+                };
+                let responses = async move {
+                    loop {
+                        let mut prefix = [0u8; 4];
+                        upstream_read.read_exact(&mut prefix).await?;
+                        let mut frame = vec![0u8; u32::from_be_bytes(prefix) as usize];
+                        upstream_read.read_exact(&mut frame).await?;
+                        let correlation = u32::from_be_bytes(frame[0..4].try_into().unwrap());
+                        if !produce_ids.lock().unwrap().contains(&correlation) {
+                            client_write.write_all(&prefix).await?;
+                            client_write.write_all(&frame).await?;
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                };
+                tokio::select! {
+                    _ = requests => {}
+                    _ = responses => {}
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Records in lane `lane` of every partition of `topic`, as the broker has them.
+async fn stored_in_lane(address: &str, topic: &str, partitions: u32, lane: u8) -> u64 {
+    use lanes_protocol::messages::{
+        ListOffsetsLane, ListOffsetsRequest, OffsetSpec, PartitionItems, TopicItems,
+    };
+    let client = Client::connect(address, ClientConfig::default()).await.unwrap();
+    let request = ListOffsetsRequest {
+        topics: vec![TopicItems {
+            name: topic.into(),
+            partitions: (0..partitions)
+                .map(|p| PartitionItems {
+                    partition: PartitionId(p),
+                    lanes: vec![ListOffsetsLane {
+                        lane: Lane(lane),
+                        spec: OffsetSpec::Latest,
+                    }],
+                })
+                .collect(),
+        }],
+    };
+    let response = client.request(&request).await.unwrap();
+    response.topics[0].lanes().map(|(_, _, l)| l.offset.0).sum()
+}
+
+/// With bulk requests filling the producer's request slots (their answers never come),
+/// an express record is still sent at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn express_is_not_held_behind_bulk_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    // 16 partitions × 5 batches in flight each: more bulk requests than the connection
+    // has slots (64), which without lane-aware sending would all be ahead of express.
+    create_topic(&broker.address(), "orders", 16).await;
+    let proxy = produce_blackhole_proxy(broker.addr).await;
+    let mut config = ProducerConfig::new(proxy.to_string());
+    config.batch_bytes_max = 1024;
+    config.request_bytes_max = 1; // one batch per request
+    config.delivery_timeout = Duration::from_secs(600);
+    let producer = Producer::connect(config.clone()).await.unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..80u32 {
+        deliveries.push(
+            producer
+                .send(record("orders", i % 16, 2, vec![b'b'; 600]))
+                .await
+                .unwrap(),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stored_in_lane(&broker.address(), "orders", 16, 2).await < config.requests_in_flight_max as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bulk requests never went out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    deliveries.push(producer.send(record("orders", 0, 0, "express")).await.unwrap());
+    while stored_in_lane(&broker.address(), "orders", 16, 0).await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the express record was held back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stored_in_lane(&broker.address(), "orders", 16, 2).await,
+        config.requests_in_flight_max as u64,
+        "bulk stayed within its request slots"
+    );
+    drop(producer);
     broker.stop().await;
 }

@@ -1,16 +1,19 @@
 //! The background fetcher: long-polls the assigned lane logs and hands checked batches
-//! to the consumer, holding at most `prefetch_bytes_max` bytes that the consumer has
-//! not taken yet. A lost connection is made again (with backoff); fetching goes on from
-//! the same positions.
+//! to the consumer, holding at most `lane_prefetch_bytes_max` bytes per lane that the
+//! application has not taken yet. A lane whose budget is full is left out of the next
+//! fetch while the others go on, and the request's per-lane caps keep the broker from
+//! sending a lane more than its budget has room for. A lost connection is made again
+//! (with backoff); fetching goes on from the same positions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lanes_protocol::messages::{FetchLane, FetchRequest, OffsetSpec, TopicItems};
-use lanes_protocol::{BatchLimits, Batches, ErrorCode, Offset, RecordBatch};
-use tokio::sync::{Semaphore, mpsc};
+use lanes_protocol::{BatchLimits, Batches, ErrorCode, LANES_MAX, Offset, RecordBatch};
+use tokio::sync::mpsc;
 
+use crate::budget::LaneBudgets;
 use crate::link::Link;
 use crate::{ConsumeError, ConsumerConfig, LogKey, ResetPolicy, list_offsets, push_lane};
 
@@ -29,12 +32,13 @@ pub(crate) enum FetcherCommand {
 /// What the fetcher tells the consumer.
 #[derive(Debug)]
 pub(crate) enum Fetched {
-    /// A checked batch; `permits` of prefetch budget go back when it is taken.
+    /// A checked batch; its `bytes` of its lane's budget go back when its records are
+    /// handed out or dropped.
     Batch {
         key: LogKey,
         epoch: u64,
         batch: RecordBatch,
-        permits: usize,
+        bytes: usize,
     },
     /// The lane log no longer held the position; fetching went on from `offset`.
     Reset { key: LogKey, epoch: u64, offset: Offset },
@@ -45,15 +49,12 @@ pub(crate) enum Fetched {
 pub(crate) async fn run(
     client: Arc<Link>,
     config: ConsumerConfig,
-    prefetch: Arc<Semaphore>,
+    budgets: Arc<LaneBudgets>,
     mut commands: mpsc::UnboundedReceiver<FetcherCommand>,
     fetched: mpsc::Sender<Fetched>,
 ) {
     let mut epoch = 0;
     let mut positions: HashMap<LogKey, Offset> = HashMap::new();
-    // Never ask for more than the budget holds: a response (apart from one oversized
-    // batch, below) always fits.
-    let reserve = (config.fetch_bytes_max as usize).min(config.prefetch_bytes_max);
     loop {
         while let Ok(command) = commands.try_recv() {
             apply(command, &mut epoch, &mut positions);
@@ -65,16 +66,34 @@ pub(crate) async fn run(
             }
             continue;
         }
-        // Room for one response before asking for it.
-        let Ok(permit) = prefetch.acquire_many(reserve as u32).await else {
-            return;
+        // Room in each lane's budget before asking; lanes without room wait.
+        let mut lanes: Vec<usize> = positions.keys().map(|k| k.lane.0 as usize).collect();
+        lanes.sort_unstable();
+        lanes.dedup();
+        let mut reserved = [0usize; LANES_MAX];
+        for &lane in &lanes {
+            reserved[lane] = budgets.reserve(lane, config.fetch_bytes_max as usize);
+        }
+        let release_all = |reserved: &[usize; LANES_MAX]| {
+            for (lane, bytes) in reserved.iter().enumerate() {
+                budgets.release(lane, *bytes);
+            }
         };
-        permit.forget();
-        let request = fetch_request(&config, &positions, reserve);
+        if reserved.iter().all(|r| *r == 0) {
+            tokio::select! {
+                () = budgets.wait_for_any(&lanes) => {}
+                command = commands.recv() => match command {
+                    Some(command) => apply(command, &mut epoch, &mut positions),
+                    None => return,
+                },
+            }
+            continue;
+        }
+        let request = fetch_request(&config, &positions, &reserved);
         let response = tokio::select! {
             response = client.request(&request) => response,
             command = commands.recv() => {
-                prefetch.add_permits(reserve);
+                release_all(&reserved);
                 match command {
                     Some(command) => apply(command, &mut epoch, &mut positions),
                     None => return,
@@ -85,14 +104,14 @@ pub(crate) async fn run(
         let response = match response {
             Ok(response) => response,
             Err(error) => {
-                prefetch.add_permits(reserve);
+                release_all(&reserved);
                 tracing::warn!(%error, "fetch failed; retrying");
                 tokio::time::sleep(RETRY_BACKOFF).await;
                 continue;
             }
         };
         let mut events = Vec::new();
-        let mut sizes = Vec::new();
+        let mut used = [0usize; LANES_MAX];
         let mut failed_lanes = Vec::new();
         let mut back_off = false;
         for topic in response.topics {
@@ -163,12 +182,13 @@ pub(crate) async fn run(
                         match batch {
                             Ok(batch) => {
                                 *position = batch.last_offset().plus(1);
-                                sizes.push(batch.bytes().len());
+                                let bytes = batch.bytes().len();
+                                used[key.lane.0 as usize] += bytes;
                                 events.push(Fetched::Batch {
                                     key: key.clone(),
                                     epoch,
                                     batch,
-                                    permits: 0,
+                                    bytes,
                                 });
                             }
                             Err(error) => {
@@ -187,26 +207,17 @@ pub(crate) async fn run(
                 }
             }
         }
-        // Settle the budget with what the response held. One batch may be larger than
-        // the whole budget (a fetch always returns at least one batch): then the budget
-        // is held in full, never more, so the permits cannot outgrow the semaphore.
-        let used: usize = sizes.iter().sum();
-        let held = used.min(config.prefetch_bytes_max);
-        if held < reserve {
-            prefetch.add_permits(reserve - held);
-        } else if held > reserve {
-            match prefetch.acquire_many((held - reserve) as u32).await {
-                Ok(extra) => extra.forget(),
-                Err(_) => return,
+        // Settle each lane's budget with what the response held: the batches are held
+        // until the application takes their records (or they are dropped). A lane may
+        // have got one batch more than it reserved.
+        for lane in 0..LANES_MAX {
+            if used[lane] <= reserved[lane] {
+                budgets.release(lane, reserved[lane] - used[lane]);
+            } else {
+                budgets.charge(lane, used[lane] - reserved[lane]);
             }
         }
-        let mut unassigned = held;
-        let mut sizes = sizes.into_iter();
-        for mut event in events {
-            if let Fetched::Batch { permits, .. } = &mut event {
-                *permits = sizes.next().unwrap_or(0).min(unassigned);
-                unassigned -= *permits;
-            }
+        for event in events {
             if fetched.send(event).await.is_err() {
                 return;
             }
@@ -232,13 +243,24 @@ fn apply(command: FetcherCommand, epoch: &mut u64, positions: &mut HashMap<LogKe
     }
 }
 
+/// A fetch of the lane logs whose lanes have budget, each lane capped by its reservation.
 fn fetch_request(
     config: &ConsumerConfig,
     positions: &HashMap<LogKey, Offset>,
-    bytes_max: usize,
+    reserved: &[usize; LANES_MAX],
 ) -> FetchRequest {
-    let bytes_max = u32::try_from(bytes_max).unwrap_or(u32::MAX);
-    let mut keys: Vec<(&LogKey, &Offset)> = positions.iter().collect();
+    let total: usize = reserved.iter().sum();
+    let bytes_max = u32::try_from(total)
+        .unwrap_or(u32::MAX)
+        .min(config.fetch_bytes_max);
+    let lane_bytes_max = reserved
+        .iter()
+        .map(|r| u32::try_from(*r).unwrap_or(u32::MAX))
+        .collect();
+    let mut keys: Vec<(&LogKey, &Offset)> = positions
+        .iter()
+        .filter(|(key, _)| reserved[key.lane.0 as usize] > 0)
+        .collect();
     keys.sort();
     let mut topics: Vec<TopicItems<FetchLane>> = Vec::new();
     for (key, offset) in keys {
@@ -256,7 +278,7 @@ fn fetch_request(
         wait_ms_max: u32::try_from(config.fetch_wait.as_millis()).unwrap_or(u32::MAX),
         bytes_min: config.fetch_bytes_min,
         bytes_max,
-        lane_bytes_max: Vec::new(),
+        lane_bytes_max,
         topics,
     }
 }

@@ -32,13 +32,16 @@
 //! ```
 //!
 //! A background fetcher long-polls every assigned lane log in one Fetch request and
-//! keeps at most `prefetch_bytes_max` bytes of fetched batches; every batch's checksum
-//! is checked before its records are handed out. Records come as slices of the fetched
+//! keeps at most `lane_prefetch_bytes_max` bytes of fetched batches per lane; every
+//! batch's checksum is checked before its records are handed out. `poll` hands out at
+//! most `poll_records_max` records, most urgent lane first, so priority holds on the
+//! client too. Records come as slices of the fetched
 //! bytes: no copy. Offsets are tracked per lane log; [`Consumer::seek`] moves them. A
 //! lost connection is made again and fetching goes on from the same offsets; a group
 //! member that the broker dropped meanwhile (a restart, a session timeout) joins again
 //! and restarts from the group's committed offsets.
 
+mod budget;
 mod fetcher;
 mod group;
 mod link;
@@ -54,9 +57,10 @@ use lanes_protocol::messages::{
     CommitLane, LeaveGroupRequest, ListOffsetsLane, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
     OffsetFetchRequest, OffsetSpec, PartitionItems, TopicItems,
 };
-use lanes_protocol::{ErrorCode, Header, Lane, Offset, PartitionId};
-use tokio::sync::{Semaphore, mpsc};
+use lanes_protocol::{ErrorCode, Header, LANES_MAX, Lane, Offset, PartitionId};
+use tokio::sync::mpsc;
 
+use budget::LaneBudgets;
 use fetcher::{Fetched, FetcherCommand};
 pub use group::{GroupConfig, TopicPartition};
 use group::{GroupHandle, to_assignment};
@@ -77,8 +81,13 @@ pub struct ConsumerConfig {
     pub fetch_bytes_max: u32,
     /// Bytes one lane log may contribute to one fetch (soft: at least one batch).
     pub lane_bytes_max: u32,
-    /// Fetched bytes held before the application takes them; fetching waits beyond it.
-    pub prefetch_bytes_max: usize,
+    /// Per lane: fetched bytes held before the application takes them. A lane whose
+    /// budget is full is not fetched, while the others go on, so a backlog of bulk
+    /// records on the client never holds express ones back.
+    pub lane_prefetch_bytes_max: usize,
+    /// Most records one poll hands out, most urgent lane first: how long an express
+    /// record can wait behind records already handed to the application.
+    pub poll_records_max: usize,
     /// Where to go when a lane log no longer holds the consumer's offset.
     pub reset: ResetPolicy,
 }
@@ -92,7 +101,8 @@ impl ConsumerConfig {
             fetch_bytes_min: 1,
             fetch_bytes_max: 8 << 20,
             lane_bytes_max: 1 << 20,
-            prefetch_bytes_max: 32 << 20,
+            lane_prefetch_bytes_max: 16 << 20,
+            poll_records_max: 1000,
             reset: ResetPolicy::Earliest,
         }
     }
@@ -220,10 +230,14 @@ pub struct Consumer {
     /// Bumped by every change of positions other than consumption; fetched data from
     /// an older epoch is dropped.
     epoch: u64,
-    ready: VecDeque<ConsumerRecord>,
+    /// Per lane: records fetched and not yet handed out, each with the budget bytes it
+    /// gives back when it is (a batch's bytes ride on its last record).
+    ready: [VecDeque<(ConsumerRecord, usize)>; LANES_MAX],
+    /// Lanes whose records `poll` keeps back.
+    paused: [bool; LANES_MAX],
     commands: mpsc::UnboundedSender<FetcherCommand>,
     fetched: mpsc::Receiver<Fetched>,
-    prefetch: Arc<Semaphore>,
+    budgets: Arc<LaneBudgets>,
     fetcher: tokio::task::JoinHandle<()>,
 }
 
@@ -241,13 +255,13 @@ impl Consumer {
             ..ClientConfig::default()
         };
         let client = Arc::new(Link::connect(&config.broker, client_config).await?);
-        let prefetch = Arc::new(Semaphore::new(config.prefetch_bytes_max));
+        let budgets = Arc::new(LaneBudgets::new(config.lane_prefetch_bytes_max));
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let (fetched_sender, fetched) = mpsc::channel(1024);
         let fetcher = tokio::spawn(fetcher::run(
             Arc::clone(&client),
             config.clone(),
-            Arc::clone(&prefetch),
+            Arc::clone(&budgets),
             command_receiver,
             fetched_sender,
         ));
@@ -261,10 +275,11 @@ impl Consumer {
             topics: HashMap::new(),
             positions: HashMap::new(),
             epoch: 0,
-            ready: VecDeque::new(),
+            ready: Default::default(),
+            paused: [false; LANES_MAX],
             commands,
             fetched,
-            prefetch,
+            budgets,
             fetcher,
         })
     }
@@ -350,9 +365,8 @@ impl Consumer {
         for key in keys {
             self.positions.remove(key);
         }
-        self.ready.retain(|r| {
-            !keys
-                .iter()
+        self.drop_ready(|r| {
+            keys.iter()
                 .any(|k| *k.topic == *r.topic && k.partition == r.partition && k.lane == r.lane)
         });
         self.restart_fetching();
@@ -362,8 +376,7 @@ impl Consumer {
     pub async fn seek(&mut self, key: &LogKey, from: StartFrom) -> Result<(), ConsumeError> {
         let offset = self.resolve(std::slice::from_ref(key), from).await?[0];
         self.positions.insert(key.clone(), offset);
-        self.ready
-            .retain(|r| !(*r.topic == *key.topic && r.partition == key.partition && r.lane == key.lane));
+        self.drop_ready(|r| *r.topic == *key.topic && r.partition == key.partition && r.lane == key.lane);
         self.restart_fetching();
         Ok(())
     }
@@ -403,9 +416,9 @@ impl Consumer {
     /// to other members (committing first, with auto-commit), and auto-commits.
     pub async fn poll_timeout(&mut self, wait: Duration) -> Result<Vec<ConsumerRecord>, ConsumeError> {
         self.sync_group().await?;
-        if self.ready.is_empty() {
+        if !self.has_ready() {
             let deadline = tokio::time::Instant::now() + wait;
-            while self.ready.is_empty() {
+            while !self.has_ready() {
                 tokio::select! {
                     fetched = self.fetched.recv() => self.take(fetched.ok_or(ConsumeError::Closed)?)?,
                     () = group_changed(&mut self.group) => self.sync_group().await?,
@@ -417,14 +430,66 @@ impl Consumer {
         while let Ok(fetched) = self.fetched.try_recv() {
             self.take(fetched)?;
         }
-        Ok(self.ready.drain(..).collect())
+        Ok(self.hand_out())
+    }
+
+    /// Up to `poll_records_max` ready records, most urgent lane first.
+    fn hand_out(&mut self) -> Vec<ConsumerRecord> {
+        let max = self.config.poll_records_max.max(1);
+        let mut records = Vec::new();
+        for lane in 0..LANES_MAX {
+            if self.paused[lane] {
+                continue;
+            }
+            while records.len() < max
+                && let Some((record, bytes)) = self.ready[lane].pop_front()
+            {
+                self.budgets.release(lane, bytes);
+                records.push(record);
+            }
+        }
+        records
+    }
+
+    /// Whether records of lanes that are not paused are ready.
+    fn has_ready(&self) -> bool {
+        (0..LANES_MAX).any(|lane| !self.paused[lane] && !self.ready[lane].is_empty())
+    }
+
+    /// Drops ready records (not to be handed out), giving their budget back.
+    fn drop_ready(&mut self, mut drop: impl FnMut(&ConsumerRecord) -> bool) {
+        for (lane, queue) in self.ready.iter_mut().enumerate() {
+            let budgets = &self.budgets;
+            queue.retain(|(record, bytes)| {
+                let dropped = drop(record);
+                if dropped {
+                    budgets.release(lane, *bytes);
+                }
+                !dropped
+            });
+        }
+    }
+
+    /// Keeps the records of these lanes back from `poll` (their lane's budget fills and
+    /// its fetching stops), until [`Consumer::resume_lanes`]: so an application can
+    /// take more urgent records while it is busy with the others.
+    pub fn pause_lanes(&mut self, lanes: &[Lane]) {
+        for lane in lanes {
+            self.paused[lane.0 as usize % LANES_MAX] = true;
+        }
+    }
+
+    pub fn resume_lanes(&mut self, lanes: &[Lane]) {
+        for lane in lanes {
+            self.paused[lane.0 as usize % LANES_MAX] = false;
+        }
     }
 
     /// Waits until [`Consumer::poll`] has something to do: records arrived, or the group
     /// changed. Cancel-safe, so it can race other work (as the [`Worker`] does) before a
     /// `poll_timeout(Duration::ZERO)`.
     pub async fn wait(&mut self) -> Result<(), ConsumeError> {
-        if !self.ready.is_empty() {
+        if self.has_ready() {
             return Ok(());
         }
         tokio::select! {
@@ -612,7 +677,7 @@ impl Consumer {
     /// but not yet handed out (after [`Consumer::wait`]) are not counted.
     fn uncommitted(&self, only: Option<&[TopicPartition]>) -> Vec<(LogKey, Offset)> {
         let mut handed_out: HashMap<LogKey, Offset> = self.positions.clone();
-        for record in self.ready.iter().rev() {
+        for (record, _) in self.ready.iter().flat_map(|queue| queue.iter().rev()) {
             let key = LogKey {
                 topic: Arc::clone(&record.topic),
                 partition: record.partition,
@@ -800,13 +865,13 @@ impl Consumer {
         self.positions.retain(|key, _| !held(&key.topic, key.partition));
         self.taken.retain(|p| !held(&p.topic, p.partition));
         self.committed.retain(|key, _| !held(&key.topic, key.partition));
-        self.ready.retain(|r| !held(&r.topic, r.partition));
+        self.drop_ready(|r| held(&r.topic, r.partition));
         self.restart_fetching();
     }
 
     /// Turns a fetched batch into ready records, skipping what was already handed out.
     fn take(&mut self, fetched: Fetched) -> Result<(), ConsumeError> {
-        let (key, epoch, batch) = match fetched {
+        let fetched = match fetched {
             Fetched::Reset { key, epoch, offset } => {
                 if epoch == self.epoch
                     && let Some(position) = self.positions.get_mut(&key)
@@ -831,35 +896,41 @@ impl Consumer {
                 key,
                 epoch,
                 batch,
-                permits,
-            } => {
-                self.prefetch.add_permits(permits);
-                (key, epoch, batch)
-            }
+                bytes,
+            } => (key, epoch, batch, bytes),
         };
-        if epoch != self.epoch {
-            return Ok(());
-        }
-        let Some(position) = self.positions.get_mut(&key) else {
+        let (key, epoch, batch, bytes) = fetched;
+        let lane = key.lane.0 as usize % LANES_MAX;
+        let position = self.positions.get_mut(&key).filter(|_| epoch == self.epoch);
+        let Some(position) = position.filter(|p| batch.last_offset() >= **p) else {
+            // Stale or already handed out: its budget goes back at once.
+            self.budgets.release(lane, bytes);
             return Ok(());
         };
-        if batch.last_offset() < *position {
-            return Ok(());
-        }
+        let queue = &mut self.ready[lane];
+        let before = queue.len();
         for record in batch.records() {
             if record.offset < *position {
                 continue;
             }
-            self.ready.push_back(ConsumerRecord {
-                topic: Arc::clone(&key.topic),
-                partition: key.partition,
-                lane: key.lane,
-                offset: record.offset,
-                timestamp_ms: record.timestamp_ms,
-                key: record.key,
-                value: record.value,
-                headers: record.headers.collect(),
-            });
+            queue.push_back((
+                ConsumerRecord {
+                    topic: Arc::clone(&key.topic),
+                    partition: key.partition,
+                    lane: key.lane,
+                    offset: record.offset,
+                    timestamp_ms: record.timestamp_ms,
+                    key: record.key,
+                    value: record.value,
+                    headers: record.headers.collect(),
+                },
+                0,
+            ));
+        }
+        let added = queue.len() > before;
+        match queue.back_mut() {
+            Some((_, last)) if added => *last = bytes,
+            _ => self.budgets.release(lane, bytes),
         }
         *position = batch.last_offset().plus(1);
         Ok(())

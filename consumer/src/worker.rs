@@ -24,8 +24,11 @@
 //! - Per lane log the worker commits the offset below which every record is done, every
 //!   `commit_interval`, when partitions move away and when it stops. After a crash, only
 //!   records at or above that offset are handled again.
-//! - Memory is bounded: fetching pauses while `buffered_records_max` records are
-//!   waiting or running (the consumer's prefetch budget bounds the rest).
+//! - Memory is bounded, per lane: a lane with `lane_buffered_records_max` records
+//!   waiting or running is paused in the consumer (its fetching stops once its prefetch
+//!   budget is full) while the other lanes go on. So a bulk backlog held by the worker
+//!   never keeps an express record from being fetched, and when a concurrency slot
+//!   frees up the most urgent ready record takes it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Display;
@@ -57,8 +60,8 @@ pub struct WorkerConfig {
     pub retry_backoff_max: Duration,
     /// How often completed offsets are committed.
     pub commit_interval: Duration,
-    /// Records received and not yet done; fetching pauses beyond it.
-    pub buffered_records_max: usize,
+    /// Per lane: records received and not yet done; that lane pauses beyond it.
+    pub lane_buffered_records_max: usize,
 }
 
 impl WorkerConfig {
@@ -72,7 +75,7 @@ impl WorkerConfig {
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(5),
             commit_interval: Duration::from_secs(1),
-            buffered_records_max: 10_000,
+            lane_buffered_records_max: 4096,
         }
     }
 }
@@ -207,7 +210,15 @@ impl Worker {
             if stopping && tasks.is_empty() {
                 break;
             }
-            let fetching = !stopping && scheduler.buffered < self.config.buffered_records_max;
+            for lane in 0..LANES_MAX {
+                let full = scheduler.buffered[lane] >= self.config.lane_buffered_records_max;
+                if full {
+                    self.consumer.pause_lanes(&[Lane(lane as u8)]);
+                } else {
+                    self.consumer.resume_lanes(&[Lane(lane as u8)]);
+                }
+            }
+            let fetching = !stopping;
             tokio::select! {
                 biased;
                 done = tasks.join_next(), if !tasks.is_empty() => {
@@ -487,8 +498,8 @@ struct Scheduler {
     keys: HashMap<(LogKey, Bytes), KeyQueue>,
     logs: HashMap<LogKey, LogProgress>,
     running: HashMap<TopicPartition, usize>,
-    /// Records received and not done (waiting, ready or running).
-    buffered: usize,
+    /// Per lane: records received and not done (waiting, ready or running).
+    buffered: [usize; LANES_MAX],
     incarnations: u64,
 }
 
@@ -527,7 +538,7 @@ impl Scheduler {
         progress.outstanding.insert(record.offset);
         progress.next = record.offset.plus(1);
         let incarnation = progress.incarnation;
-        self.buffered += 1;
+        self.buffered[record.lane.0 as usize] += 1;
         match &record.key {
             Some(key) => match self.keys.get_mut(&(log.clone(), key.clone())) {
                 Some(queue) => queue.waiting.push_back(record),
@@ -561,7 +572,7 @@ impl Scheduler {
                 self.running.remove(&partition);
             }
         }
-        self.buffered -= 1;
+        self.buffered[record.lane.0 as usize] -= 1;
         let log = log_of(&record);
         if let Some(progress) = self.logs.get_mut(&log)
             && progress.incarnation == done.incarnation
@@ -597,12 +608,12 @@ impl Scheduler {
         if partitions.is_empty() {
             return;
         }
-        let mut dropped = 0;
+        let mut dropped = [0usize; LANES_MAX];
         for queue in &mut self.ready {
             queue.retain(|(record, _)| {
                 let keep = !partitions.contains(&partition_of(record));
                 if !keep {
-                    dropped += 1;
+                    dropped[record.lane.0 as usize] += 1;
                 }
                 keep
             });
@@ -615,12 +626,14 @@ impl Scheduler {
             if !partitions.contains(&partition) {
                 return true;
             }
-            dropped += queue.waiting.len();
+            dropped[log.lane.0 as usize] += queue.waiting.len();
             queue.waiting.clear();
             // Kept only while its record runs; the completion removes it.
             queue.running
         });
-        self.buffered -= dropped;
+        for (buffered, dropped) in self.buffered.iter_mut().zip(dropped) {
+            *buffered -= dropped;
+        }
     }
 
     /// Forgets partitions that are no longer held (nothing of theirs is queued).

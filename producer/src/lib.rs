@@ -52,6 +52,12 @@ pub struct ProducerConfig {
     pub idempotent: bool,
     /// How long a batch waits for more records before it is sent.
     pub linger: Duration,
+    /// Per lane number, lane 0 first: a linger of its own (lanes past the end use
+    /// `linger`). By default lane 0 (express) does not wait.
+    pub lane_linger: Vec<Duration>,
+    /// Produce requests in flight on the connection; requests with lane 0 batches may
+    /// go beyond it, so express never queues behind bulk.
+    pub requests_in_flight_max: usize,
     /// Largest batch; at most the broker's `batch_bytes_max`.
     pub batch_bytes_max: u32,
     /// Bytes of records held (buffered or in flight); `send` waits beyond it.
@@ -86,6 +92,8 @@ impl ProducerConfig {
             acks: Acks::Durable,
             idempotent: true,
             linger: Duration::from_millis(5),
+            lane_linger: vec![Duration::ZERO],
+            requests_in_flight_max: 8,
             batch_bytes_max: 256 * 1024,
             buffer_bytes_max: 64 << 20,
             request_bytes_max: 4 << 20,

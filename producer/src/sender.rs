@@ -179,7 +179,14 @@ impl Sender {
     /// Moves full batches, and open ones that lingered long enough (all of them with
     /// `force`), to their lane logs; returns when the next open batch is due.
     fn seal(&mut self, now: Instant, force: bool) -> Option<Instant> {
-        let linger = self.shared.config.linger;
+        let config = &self.shared.config;
+        let linger = |key: &LogKey| {
+            config
+                .lane_linger
+                .get(key.lane.0 as usize)
+                .copied()
+                .unwrap_or(config.linger)
+        };
         let mut ready = Vec::new();
         let next_due = {
             let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
@@ -187,7 +194,7 @@ impl Sender {
             let due: Vec<LogKey> = accumulator
                 .open
                 .iter()
-                .filter(|(_, open)| force || open.opened_at + linger <= now)
+                .filter(|(key, open)| force || open.opened_at + linger(key) <= now)
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in due {
@@ -196,8 +203,8 @@ impl Sender {
             }
             accumulator
                 .open
-                .values()
-                .map(|open| open.opened_at + linger)
+                .iter()
+                .map(|(key, open)| open.opened_at + linger(key))
                 .min()
         };
         for (key, open) in ready {
@@ -352,6 +359,11 @@ impl Sender {
         let mut batch_list: Vec<(LogKey, u64, Bytes)> = Vec::new();
         let mut size = 0;
         for key in keys {
+            // Requests of only less urgent batches leave the last slots to lane 0's, so
+            // an express batch never waits behind a queue of bulk requests.
+            if key.lane.0 > 0 && batch_list.is_empty() && requests.len() >= config.requests_in_flight_max {
+                break;
+            }
             let log = self.logs.get_mut(&key).expect("listed");
             while log.in_flight.len() < config.in_flight_per_log_max {
                 let Some((&number, first)) = log.waiting.first_key_value() else {
