@@ -215,14 +215,16 @@ fn print_group(group: &DescribeGroupResponse, lanes: &[(String, Vec<String>)]) {
     }
     out!();
     out!(
-        "{:<24} {:>9}  {:<14} {:<40} {:>12} {:>12} {:>10}",
+        "{:<24} {:>9}  {:<14} {:<40} {:>12} {:>12} {:>10} {:>12} {:>12}",
         "TOPIC",
         "PARTITION",
         "LANE",
         "OWNER",
         "COMMITTED",
         "END",
-        "LAG"
+        "LAG",
+        "LAG_BYTES",
+        "OLDEST_MS"
     );
     let mut total_lag = 0u64;
     for topic in &group.offsets {
@@ -245,14 +247,16 @@ fn print_group(group: &DescribeGroupResponse, lanes: &[(String, Vec<String>)]) {
                 .map_or(String::new(), |n| format!(":{n}"));
             total_lag += lane.lag;
             out!(
-                "{:<24} {:>9}  {:<14} {:<40} {:>12} {:>12} {:>10}",
+                "{:<24} {:>9}  {:<14} {:<40} {:>12} {:>12} {:>10} {:>12} {:>12}",
                 name,
                 partition.0,
                 format!("{}{lane_name}", lane.lane.0),
                 owner,
                 lane.committed.map_or("-".to_owned(), |o| o.0.to_string()),
                 lane.end_offset.0,
-                lane.lag
+                lane.lag,
+                lane.lag_bytes,
+                lane.oldest_age_ms.map_or("-".to_owned(), |age| age.to_string())
             );
         }
     }

@@ -183,6 +183,10 @@ settings! {
     /// Segment size of the group offsets log (bytes); it is rewritten and trimmed after
     /// about this much (or twice its live size) has been appended.
     offsets_segment_bytes_max: u32 = 16 * MIB, "LANES_OFFSETS_SEGMENT_BYTES_MAX";
+    /// Where Prometheus scrapes the metrics (`/metrics`), or `off`.
+    metrics_listen: String = "127.0.0.1:9464".into(), "LANES_METRICS_LISTEN";
+    /// How often the per-lane group backlog metrics are computed (ms).
+    metrics_backlog_interval_ms: u64 = 5_000, "LANES_METRICS_BACKLOG_INTERVAL_MS";
     /// On shutdown, how long in-flight requests may take to finish (ms).
     shutdown_ms_max: u64 = 30_000, "LANES_SHUTDOWN_MS_MAX";
 }
@@ -274,6 +278,7 @@ impl Settings {
                 return invalid(key, "must be at least 1".into());
             }
         }
+        self.metrics_address()?;
         if self.group_session_timeout_ms_min > self.group_session_timeout_ms_max {
             return invalid(
                 "group_session_timeout_ms_min",
@@ -297,6 +302,23 @@ impl Settings {
             .map_err(|error| ConfigError::Invalid {
                 key: "segment_bytes_max",
                 message: error.to_string(),
+            })
+    }
+
+    /// Where to serve metrics: `None` when `metrics_listen` is `off`.
+    pub fn metrics_address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics_listen == "off" {
+            return Ok(None);
+        }
+        self.metrics_listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::Invalid {
+                key: "metrics_listen",
+                message: format!(
+                    "{:?} is not off or an address like 127.0.0.1:9464",
+                    self.metrics_listen
+                ),
             })
     }
 

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod durability;
 pub mod group;
+pub mod metrics;
 pub mod producer_ids;
 pub mod scheduler;
 pub mod server;

@@ -114,6 +114,14 @@ fn serve(
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
+        if let Some(address) = settings.metrics_address()? {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(address)
+                .install()
+                .with_context(|| format!("serving metrics on {address} (metrics_listen)"))?;
+            lanes_broker::metrics::describe();
+            tracing::info!(%address, "serving Prometheus metrics on /metrics");
+        }
         tracing::info!(data_dir = %settings.data_dir.display(), fsync = %settings.fsync, "opening the data directory");
         let broker = Broker::open(settings.clone()).context("opening the data directory")?;
         let listener = TcpListener::bind(settings.listen)

@@ -80,6 +80,10 @@ pub struct LaneDemand {
     pub after: Option<usize>,
     /// Per lane log, the sizes of the whole batches it could return, in order.
     pub logs: Vec<Vec<u32>>,
+    /// Some lane log has data beyond what it offered (it was read up to a cap): the lane
+    /// is not empty even once its offers are used up, so under `strict` it still holds
+    /// the lanes after it back, and it keeps its credit.
+    pub more: bool,
     /// The cap (index into [`plan`]'s `caps`) this lane's bytes count against, shared
     /// with other lanes of the same number in other topics; `None` for no cap.
     pub cap: Option<usize>,
@@ -113,7 +117,7 @@ impl LaneState {
     }
 
     fn has_data(&self, demand: &LaneDemand) -> bool {
-        self.next_batch(demand).is_some()
+        demand.more || self.next_batch(demand).is_some()
     }
 }
 
@@ -248,7 +252,8 @@ pub fn plan(
     for (lane, state) in states.iter().enumerate() {
         deficits[lane] = match state.next_batch(&lanes[lane]) {
             // Credit is for waiting work only (as in any deficit round robin).
-            None => 0,
+            None if !lanes[lane].more => 0,
+            None => deficits[lane],
             // Enough to send the next batch, never a burst saved up while the client's
             // budget held the lane back.
             Some((_, size)) if state.stopped_by_cap => {
@@ -270,6 +275,7 @@ mod tests {
             weight,
             after: None,
             logs: vec![vec![size; batches]; logs],
+            more: false,
             cap: None,
         }
     }
@@ -310,6 +316,7 @@ mod tests {
                         weight,
                         after: None,
                         logs: (0..4).map(|_| sizes(&mut seed, 64)).collect(),
+                        more: true,
                         cap: None,
                     })
                     .collect();
@@ -348,6 +355,16 @@ mod tests {
         let mut deficits = vec![0; 3];
         let plan_mid = plan(&lanes, &[], &mut deficits, 25_000, 0);
         assert_eq!(lane_totals(&plan_mid), vec![20_000, 5_000, 0]);
+        // A lane that offered less than it has (read up to a cap) holds the next back
+        // even once its offer is used up.
+        let mut short = lanes.clone();
+        short[0].more = true;
+        let mut deficits = vec![0; 3];
+        assert_eq!(
+            lane_totals(&plan(&short, &[], &mut deficits, 25_000, 0)),
+            vec![20_000, 0, 0]
+        );
+        assert!(deficits[0] > 0, "and keeps its credit");
         // A lane capped by the client's budget does not hold the next one back.
         lanes[0].cap = Some(0);
         let mut deficits = vec![0; 3];

@@ -274,10 +274,30 @@ pub struct Progress {
     pub failed: bool,
 }
 
+/// Per-lane counters of a lane log (shared by the partitions of a lane: same labels).
+#[derive(Debug)]
+pub struct LaneCounters {
+    pub produce_bytes: metrics::Counter,
+    pub produce_records: metrics::Counter,
+    pub fetch_bytes: metrics::Counter,
+}
+
+impl LaneCounters {
+    fn new(topic: &str, lane: &str) -> LaneCounters {
+        let labels = [("topic", topic.to_owned()), ("lane", lane.to_owned())];
+        LaneCounters {
+            produce_bytes: metrics::counter!(crate::metrics::PRODUCE_BYTES, &labels),
+            produce_records: metrics::counter!(crate::metrics::PRODUCE_RECORDS, &labels),
+            fetch_bytes: metrics::counter!(crate::metrics::FETCH_BYTES, &labels),
+        }
+    }
+}
+
 /// A lane log as the broker serves it.
 #[derive(Debug)]
 pub struct LogHandle {
     pub log: LaneLog,
+    pub counters: LaneCounters,
     /// What consumers may see: written records, or only durable ones.
     visibility: Durability,
     progress: watch::Sender<Progress>,
@@ -287,13 +307,19 @@ pub struct LogHandle {
 }
 
 impl LogHandle {
-    fn new(log: LaneLog, visibility: Durability, syncer: Arc<Syncer>) -> Arc<LogHandle> {
+    fn new(
+        log: LaneLog,
+        counters: LaneCounters,
+        visibility: Durability,
+        syncer: Arc<Syncer>,
+    ) -> Arc<LogHandle> {
         let visible = match visibility {
             Durability::Written => log.next_offset(),
             Durability::Durable => log.durable_offset(),
         };
         let handle = Arc::new(LogHandle {
             log,
+            counters,
             visibility,
             progress: watch::Sender::new(Progress {
                 visible,
@@ -321,6 +347,12 @@ impl LogHandle {
     /// Appends a batch and gets it on its way to durability.
     pub fn append(self: &Arc<Self>, batch: &mut [u8]) -> Result<AppendOutcome, StorageError> {
         let outcome = self.log.append(batch)?;
+        if !outcome.duplicate {
+            self.counters.produce_bytes.increment(batch.len() as u64);
+            self.counters
+                .produce_records
+                .increment(outcome.last_offset.0 - outcome.base_offset.0 + 1);
+        }
         if self.visibility == Durability::Written {
             self.publish_visible(self.log.next_offset());
         }
@@ -490,7 +522,13 @@ impl Topics {
                 let (retention_ms, retention_bytes) = spec.lane_retention(lane);
                 let config = self.settings.log_config(retention_ms, retention_bytes);
                 let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config)?;
-                lanes.push(LogHandle::new(log, visibility, Arc::clone(&self.syncer)));
+                let counters = LaneCounters::new(&spec.name, &spec.lanes[lane]);
+                lanes.push(LogHandle::new(
+                    log,
+                    counters,
+                    visibility,
+                    Arc::clone(&self.syncer),
+                ));
             }
             logs.push(lanes);
         }

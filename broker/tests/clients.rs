@@ -486,3 +486,58 @@ async fn express_is_not_held_behind_bulk_requests() {
     drop(producer);
     broker.stop().await;
 }
+
+/// A bulk backlog that fills its lane's prefetch budget on the client does not keep an
+/// express record from being fetched and handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bulk_budget_does_not_hold_express_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "orders", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(broker.address()))
+        .await
+        .unwrap();
+    for _ in 0..1000 {
+        producer
+            .send(record("orders", 0, 2, vec![b'b'; 1000]))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+
+    let mut config = ConsumerConfig::new(broker.address());
+    config.lane_prefetch_bytes_max = 64 * 1024;
+    config.poll_records_max = 10;
+    let mut consumer = Consumer::connect(config).await.unwrap();
+    consumer
+        .assign("orders", None, None, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let first = consumer.poll().await.unwrap();
+    assert!(!first.is_empty() && first.iter().all(|r| r.lane == Lane(2)));
+    // The application is busy with bulk: it takes no more of it for now.
+    consumer.pause_lanes(&[Lane(2)]);
+    producer.send(record("orders", 0, 0, "express")).await.unwrap();
+    producer.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = consumer.poll().await.unwrap();
+        if let Some(express) = records.first() {
+            assert_eq!((express.lane, &express.value[..]), (Lane(0), &b"express"[..]));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the express record never came"
+        );
+    }
+    // Bulk goes on where it stopped.
+    consumer.resume_lanes(&[Lane(2)]);
+    let next = consumer.poll().await.unwrap();
+    assert_eq!(
+        next.first().map(|r| r.offset),
+        Some(first.last().unwrap().offset.plus(1))
+    );
+    drop(producer);
+    broker.stop().await;
+}

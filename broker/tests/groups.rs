@@ -462,6 +462,9 @@ async fn committed_offsets_survive_a_restart_and_describe_shows_lag() {
         (lane.committed, lane.end_offset, lane.lag),
         (Some(Offset(25)), Offset(30), 5)
     );
+    // At least the batch holding offset 25 (a header is 61 bytes).
+    assert!(lane.lag_bytes > 61, "{lane:?}");
+    assert!(lane.oldest_age_ms.is_some_and(|age| age >= 0), "{lane:?}");
     broker.stop().await;
 }
 

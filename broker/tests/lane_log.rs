@@ -682,3 +682,39 @@ fn concurrent_readers_see_only_whole_batches_through_rolls_and_retention() {
     }
     assert!(log.start_offset() > Offset(0), "retention ran");
 }
+
+#[test]
+fn backlog_counts_records_bytes_and_the_oldest_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LaneLog::open(dir.path(), small_config()).unwrap();
+    fill(&log, 0, 60, 3, 100);
+    assert!(segment_files(dir.path()).len() > 3);
+    let end = log.next_offset();
+    let total_bytes: u64 = segment_files(dir.path())
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+
+    let everything = log.backlog(Offset::ZERO, end).unwrap();
+    assert_eq!(everything.records, 180);
+    assert_eq!(everything.bytes, total_bytes);
+    assert_eq!(
+        everything.oldest_timestamp_ms,
+        Some(1_000),
+        "the first batch's timestamp"
+    );
+
+    // From the middle of batch 10 (offsets 30..33): whole batches from it on.
+    let from_middle = log.backlog(Offset(31), end).unwrap();
+    assert_eq!(from_middle.records, 149);
+    assert_eq!(from_middle.bytes, total_bytes * 50 / 60, "50 of 60 equal batches");
+    assert_eq!(from_middle.oldest_timestamp_ms, Some(1_000 + 10 * 10));
+
+    // Up to a limit below the end, and nothing waiting.
+    assert_eq!(
+        log.backlog(Offset::ZERO, Offset(30)).unwrap().bytes,
+        total_bytes / 6
+    );
+    assert_eq!(log.backlog(end, end).unwrap(), Default::default());
+    assert_eq!(log.backlog(Offset(500), end).unwrap(), Default::default());
+}

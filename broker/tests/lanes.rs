@@ -37,7 +37,7 @@ async fn create(client: &Client, name: &str, configs: &[(&str, &str)]) {
 /// `records` records of 1000 bytes to every lane log of `topic` (the given lanes).
 async fn fill(address: &str, topic: &str, lanes: &[u8], records: usize) {
     let mut config = ProducerConfig::new(address);
-    config.batch_bytes_max = 16 * 1024;
+    config.batch_bytes_max = 4 * 1024;
     let producer = Producer::connect(config).await.unwrap();
     let value = vec![b'x'; RECORD_BYTES];
     for partition in 0..PARTITIONS {

@@ -28,9 +28,14 @@ struct BrokerProcess {
 
 impl BrokerProcess {
     fn start(data_dir: &Path) -> BrokerProcess {
+        BrokerProcess::start_with(data_dir, &["--metrics-listen", "off"])
+    }
+
+    fn start_with(data_dir: &Path, args: &[&str]) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lanes-broker"))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -437,8 +442,13 @@ async fn committed_offsets_survive_sigkill() {
         })
         .unwrap_or_else(|| panic!("no line for orders/0 lane 1:\n{text}"));
     let columns: Vec<&str> = line.split_whitespace().collect();
-    // TOPIC PARTITION LANE OWNER COMMITTED END LAG
-    assert_eq!(&columns[4..], ["33", "40", "7"], "{line}");
+    // TOPIC PARTITION LANE OWNER COMMITTED END LAG LAG_BYTES OLDEST_MS
+    assert_eq!(&columns[4..7], ["33", "40", "7"], "{line}");
+    assert!(columns[7].parse::<u64>().unwrap() > 0, "lag in bytes: {line}");
+    assert!(
+        columns[8].parse::<i64>().unwrap() >= 0,
+        "age of the oldest: {line}"
+    );
     let list = Command::new(env!("CARGO_BIN_EXE_lanes-broker"))
         .args(["groups", "--broker", &broker.address, "list"])
         .output()
@@ -619,5 +629,107 @@ async fn group_consumers_split_a_topic_and_a_survivor_takes_over() {
         }
         assert!(tokio::time::Instant::now() < deadline, "committed {total} of 800");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GET `path` over plain HTTP/1.0; the body.
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of the first series named `name` whose labels include all of `labels`.
+fn series_value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_lane_metrics_are_exported() {
+    // A port for the metrics listener: taken from the OS, then handed to the broker.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_address = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(
+        dir.path(),
+        &[
+            "--metrics-listen",
+            &metrics_address,
+            "--metrics-backlog-interval-ms",
+            "100",
+        ],
+    );
+    let producer = Producer::connect(producer_config(&broker.address)).await.unwrap();
+    for (lane, count) in [(0u8, 5), (2, 20)] {
+        for i in 0..count {
+            let record = ProducerRecord::new("orders", format!("e{i}"))
+                .partition(PartitionId(0))
+                .lane(lanes_producer::LaneSelector::Index(Lane(lane)));
+            producer.send(record).await.unwrap();
+        }
+    }
+    producer.close().await.unwrap();
+    // A group that has read express only: bulk waits.
+    let client = Client::connect(&broker.address, ClientConfig::default())
+        .await
+        .unwrap();
+    let joined = client
+        .request(&JoinGroupRequest {
+            group: "fulfilment".into(),
+            member_id: String::new(),
+            client_id: "worker".into(),
+            topics: vec!["orders".into()],
+            session_timeout_ms: 30_000,
+        })
+        .await
+        .unwrap();
+    let mut commit = group_commit(&joined.member_id, 0, 5);
+    commit.topics[0].partitions[0].lanes[0].lane = Lane(0);
+    client.request(&commit).await.unwrap();
+    read_back(&broker.address, "orders", 25).await;
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let metrics = http_get(&metrics_address, "/metrics");
+        let express = ["topic=\"orders\"", "lane=\"express\""];
+        let bulk = ["topic=\"orders\"", "lane=\"bulk\""];
+        let group_bulk = ["group=\"fulfilment\"", "topic=\"orders\"", "lane=\"bulk\""];
+        let group_express = ["group=\"fulfilment\"", "topic=\"orders\"", "lane=\"express\""];
+        let found = (
+            series_value(&metrics, "lanes_produce_records_total", &express),
+            series_value(&metrics, "lanes_produce_records_total", &bulk),
+            series_value(&metrics, "lanes_fetch_bytes_total", &bulk),
+            series_value(&metrics, "lanes_group_backlog_records", &group_bulk),
+            series_value(&metrics, "lanes_group_backlog_records", &group_express),
+            series_value(&metrics, "lanes_group_backlog_bytes", &group_bulk),
+            series_value(&metrics, "lanes_group_oldest_unconsumed_age_seconds", &group_bulk),
+        );
+        if let (Some(5.0), Some(20.0), Some(fetched), Some(20.0), Some(0.0), Some(bytes), Some(age)) = found {
+            assert!(fetched > 0.0 && bytes > 0.0 && age >= 0.0, "{found:?}");
+            assert!(
+                metrics.contains("# HELP lanes_group_backlog_records"),
+                "described"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed up: {found:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

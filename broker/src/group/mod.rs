@@ -530,7 +530,20 @@ impl Coordinator {
                 .collect();
             (group.state(), group.generation, members, subscribed)
         };
+        Ok(DescribeGroupResponse {
+            group: name.to_owned(),
+            state: state.to_owned(),
+            generation,
+            members,
+            offsets: self.lags(topics, name, subscribed),
+        })
+    }
+
+    /// Committed offset and lag of every lane log of the subscribed topics and of the
+    /// topics with commits.
+    fn lags(&self, topics: &Topics, name: &str, subscribed: BTreeSet<String>) -> Vec<TopicItems<LaneLag>> {
         let committed = self.offsets.group(name);
+        let now_ms = unix_now_ms();
         let mut topic_names = subscribed;
         topic_names.extend(committed.keys().map(|key| key.topic.clone()));
         let mut offsets = Vec::new();
@@ -551,11 +564,14 @@ impl Coordinator {
                 let committed = committed.get(&key).copied();
                 let end_offset = log.visible_offset();
                 let from = committed.unwrap_or(log.log.start_offset());
+                let backlog = log.log.backlog(from, end_offset).unwrap_or_default();
                 partitions.last_mut().expect("pushed").lanes.push(LaneLag {
                     lane,
                     committed,
                     end_offset,
                     lag: end_offset.0.saturating_sub(from.0),
+                    lag_bytes: backlog.bytes,
+                    oldest_age_ms: backlog.oldest_timestamp_ms.map(|ts| (now_ms - ts).max(0)),
                 });
             }
             offsets.push(TopicItems {
@@ -563,13 +579,55 @@ impl Coordinator {
                 partitions,
             });
         }
-        Ok(DescribeGroupResponse {
-            group: name.to_owned(),
-            state: state.to_owned(),
-            generation,
-            members,
-            offsets,
-        })
+        offsets
+    }
+
+    /// Sets the per-lane backlog gauges of every group: records and bytes it has not
+    /// consumed, and the age of the oldest, summed (the age: the oldest) over partitions.
+    pub fn record_backlog_metrics(&self, topics: &Topics) {
+        let groups: Vec<(String, BTreeSet<String>)> = self
+            .groups()
+            .iter()
+            .map(|(name, group)| {
+                let subscribed = group
+                    .members
+                    .values()
+                    .flat_map(|m| m.topics.iter().cloned())
+                    .collect();
+                (name.clone(), subscribed)
+            })
+            .collect();
+        for (group, subscribed) in groups {
+            for topic in self.lags(topics, &group, subscribed) {
+                let Some(spec) = topics.get(&topic.name) else {
+                    continue;
+                };
+                let mut per_lane: BTreeMap<u8, (u64, u64, i64)> = BTreeMap::new();
+                for (_, _, lag) in topic.lanes() {
+                    let entry = per_lane.entry(lag.lane.0).or_default();
+                    entry.0 += lag.lag;
+                    entry.1 += lag.lag_bytes;
+                    entry.2 = entry.2.max(lag.oldest_age_ms.unwrap_or(0));
+                }
+                for (lane, (records, bytes, age_ms)) in per_lane {
+                    let lane_name = spec
+                        .spec
+                        .lanes
+                        .get(lane as usize)
+                        .cloned()
+                        .unwrap_or_else(|| lane.to_string());
+                    let labels = [
+                        ("group", group.clone()),
+                        ("topic", topic.name.clone()),
+                        ("lane", lane_name),
+                    ];
+                    metrics::gauge!(crate::metrics::GROUP_BACKLOG_RECORDS, &labels).set(records as f64);
+                    metrics::gauge!(crate::metrics::GROUP_BACKLOG_BYTES, &labels).set(bytes as f64);
+                    metrics::gauge!(crate::metrics::GROUP_OLDEST_UNCONSUMED_AGE_SECONDS, &labels)
+                        .set(age_ms as f64 / 1000.0);
+                }
+            }
+        }
     }
 
     /// Every group, sorted by name.
@@ -652,6 +710,12 @@ impl Coordinator {
     pub fn close(&self) -> Result<(), StorageError> {
         self.offsets.close()
     }
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Members heartbeat three times per session, and at least once a second so that

@@ -138,6 +138,7 @@ impl Schedule {
                     weight: spec.weights().get(lane as usize).copied().unwrap_or(1),
                     after,
                     logs: Vec::new(),
+                    more: false,
                     cap: None,
                 }
             })
@@ -175,8 +176,8 @@ impl Schedule {
     }
 }
 
-/// Where a lane log sits in the schedule: `(lane, log)`.
-type Slot = (usize, usize);
+/// Where a lane log sits in the schedule: `(lane, log)`, and the lane log.
+type Slot = (usize, usize, Arc<LogHandle>);
 
 /// The sizes of the whole batches in `bytes` (batches as a lane log returns them).
 fn batch_sizes(bytes: &Bytes) -> Vec<u32> {
@@ -212,14 +213,18 @@ fn read(
     let mut reads: Vec<TopicItems<(FetchLaneResult, Option<Slot>)>> = Vec::with_capacity(topics.len());
     for (t, topic) in topics.iter().enumerate() {
         reads.push(topic.as_ref().map_lanes(|_, _, target| {
-            let result = read_lane(target, bytes_max);
+            let (result, more) = read_lane(target, bytes_max);
             errors |= result.error_code != ErrorCode::None;
-            let slot = (result.error_code == ErrorCode::None).then(|| {
-                let lane = schedule.index[&(t, target.lane.lane.0)];
-                let logs = &mut schedule.demands[lane].logs;
-                logs.push(batch_sizes(&result.records));
-                (lane, logs.len() - 1)
-            });
+            let slot = match (&target.handle, result.error_code) {
+                (Ok(handle), ErrorCode::None) => {
+                    let lane = schedule.index[&(t, target.lane.lane.0)];
+                    let demand = &mut schedule.demands[lane];
+                    demand.logs.push(batch_sizes(&result.records));
+                    demand.more |= more;
+                    Some((lane, demand.logs.len() - 1, Arc::clone(handle)))
+                }
+                _ => None,
+            };
             (result, slot)
         }));
     }
@@ -238,10 +243,11 @@ fn read(
         .into_iter()
         .map(|topic| {
             topic.map_lanes(|_, _, (mut result, slot)| {
-                if let Some((lane, log)) = slot {
+                if let Some((lane, log, handle)) = slot {
                     let taken = plan[lane][log];
                     result.records = result.records.slice(..taken);
                     total += taken;
+                    handle.counters.fetch_bytes.increment(taken as u64);
                 }
                 result
             })
@@ -252,24 +258,35 @@ fn read(
 }
 
 /// Reads whole batches of one lane log, up to its own cap and the response's (at least
-/// one batch if it has any).
-fn read_lane(target: &Target, bytes_max: usize) -> FetchLaneResult {
+/// one batch if it has any); and whether it has more visible records than that.
+fn read_lane(target: &Target, bytes_max: usize) -> (FetchLaneResult, bool) {
     let lane = target.lane;
     let handle = match &target.handle {
         Ok(handle) => handle,
-        Err((code, message)) => return failed(lane, *code, message.clone(), Offset::ZERO, Offset::ZERO),
+        Err((code, message)) => {
+            return (
+                failed(lane, *code, message.clone(), Offset::ZERO, Offset::ZERO),
+                false,
+            );
+        }
     };
     let visible = handle.visible_offset();
     let start = handle.log.start_offset();
     let bytes_max = (lane.bytes_max as usize).min(bytes_max).max(1);
     match handle.log.read(lane.offset, bytes_max, visible) {
-        Ok(slice) => records(lane, visible, start, slice.bytes),
-        Err(error) => failed(
-            lane,
-            storage_error_code(&error),
-            error.to_string(),
-            visible,
-            start,
+        Ok(slice) => {
+            let more = slice.next_offset < visible && !slice.bytes.is_empty();
+            (records(lane, visible, start, slice.bytes), more)
+        }
+        Err(error) => (
+            failed(
+                lane,
+                storage_error_code(&error),
+                error.to_string(),
+                visible,
+                start,
+            ),
+            false,
         ),
     }
 }

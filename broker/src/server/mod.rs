@@ -90,6 +90,7 @@ impl Broker {
         let connections = TaskTracker::new();
         let retention = tokio::spawn(Arc::clone(self).run_retention(shutdown.clone()));
         let group_ticks = tokio::spawn(Arc::clone(self).run_group_ticks(shutdown.clone()));
+        let backlog_metrics = tokio::spawn(Arc::clone(self).run_backlog_metrics(shutdown.clone()));
         let mut refused: u64 = 0;
         loop {
             let accepted = tokio::select! {
@@ -133,6 +134,22 @@ impl Broker {
         }
         retention.abort();
         group_ticks.abort();
+        backlog_metrics.abort();
+    }
+
+    async fn run_backlog_metrics(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = Duration::from_millis(self.settings.metrics_backlog_interval_ms.max(100));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let broker = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || broker.groups.record_backlog_metrics(&broker.topics))
+                .await;
+        }
     }
 
     async fn run_group_ticks(self: Arc<Self>, shutdown: CancellationToken) {

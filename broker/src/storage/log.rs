@@ -59,6 +59,17 @@ pub struct LogStats {
     pub corruption: Option<Corruption>,
 }
 
+/// What waits between two offsets of a lane log (a consumer's position and the end).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub records: u64,
+    /// Bytes of the whole batches from the one holding the first waiting record.
+    pub bytes: u64,
+    /// First timestamp of the batch holding the first waiting record; `None` when
+    /// nothing waits.
+    pub oldest_timestamp_ms: Option<i64>,
+}
+
 /// What one retention pass removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetentionOutcome {
@@ -538,6 +549,40 @@ impl LaneLog {
             }
             Err(stop) => Err(self.corrupted(stop)),
         }
+    }
+
+    /// What waits from `from` (clamped to the start) up to `limit` (clamped to the end):
+    /// records, bytes and the age of the oldest. Cheap: two index lookups.
+    pub fn backlog(&self, from: Offset, limit: Offset) -> Result<Backlog, StorageError> {
+        let limit = limit.min(self.next_offset());
+        let from = from.max(self.start_offset());
+        if from >= limit {
+            return Ok(Backlog::default());
+        }
+        let segments = self.segments.read().expect("segments lock poisoned").clone();
+        // (segment index, byte position) of the batch holding `offset`, or the end.
+        let place = |offset: Offset| -> Result<(usize, u64, Option<i64>), StorageError> {
+            let index = segments
+                .partition_point(|s| s.base_offset() <= offset)
+                .saturating_sub(1);
+            let segment = &segments[index];
+            match segment.locate(offset).map_err(|stop| self.corrupted(stop))? {
+                Some((position, header)) => Ok((index, u64::from(position), Some(header.first_timestamp_ms))),
+                None => Ok((index, u64::from(segment.size()), None)),
+            }
+        };
+        let (first_segment, first_position, oldest_timestamp_ms) = place(from)?;
+        let (last_segment, last_position, _) = place(limit)?;
+        let before_first: u64 = segments[..first_segment]
+            .iter()
+            .map(|s| u64::from(s.size()))
+            .sum();
+        let before_last: u64 = segments[..last_segment].iter().map(|s| u64::from(s.size())).sum();
+        Ok(Backlog {
+            records: limit.0 - from.0,
+            bytes: (before_last + last_position).saturating_sub(before_first + first_position),
+            oldest_timestamp_ms,
+        })
     }
 
     /// The segment whose offsets include `offset`.

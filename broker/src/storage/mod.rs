@@ -23,6 +23,6 @@ mod segment;
 
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::StorageError;
-pub use log::{AppendOutcome, LaneLog, LogStats, ReadSlice, RetentionOutcome};
+pub use log::{AppendOutcome, Backlog, LaneLog, LogStats, ReadSlice, RetentionOutcome};
 pub use producer_state::SEQUENCES_REMEMBERED;
 pub use recovery::{Corruption, RecoveryReport};

@@ -373,8 +373,10 @@ impl ResponseBody for OffsetFetchResponse {
 
 /// DescribeGroup (13). Request: `group string`. Response: `group string, state string`
 /// (`stable`, `rebalancing` or `empty`), `generation u32, members array<member>,
-/// offsets` (common nesting, lanes `lane u8, committed i64, end_offset u64, lag u64`:
-/// the lane log's high watermark, and how far the group is behind it). Member:
+/// offsets` (common nesting, lanes `lane u8, committed i64, end_offset u64, lag u64,
+/// lag_bytes u64, oldest_age_ms i64`: the lane log's high watermark, how far the group is
+/// behind it in records and bytes, and how old the oldest record it has not consumed is,
+/// -1 if none). Member:
 /// `member_id string, client_id string, owned, target` (what it holds, what it will
 /// hold). Errors: `UNKNOWN_GROUP`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -413,6 +415,9 @@ pub struct LaneLag {
     pub committed: Option<Offset>,
     pub end_offset: Offset,
     pub lag: u64,
+    pub lag_bytes: u64,
+    /// Age of the oldest record not consumed (ms); `None` when there is none.
+    pub oldest_age_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -440,6 +445,8 @@ impl ResponseBody for DescribeGroupResponse {
             put_committed(w, lane.committed);
             w.u64(lane.end_offset.0);
             w.u64(lane.lag);
+            w.u64(lane.lag_bytes);
+            w.i64(lane.oldest_age_ms.unwrap_or(-1));
         });
     }
 
@@ -456,12 +463,14 @@ impl ResponseBody for DescribeGroupResponse {
                     target: get_assignment(r)?,
                 })
             })?,
-            offsets: decode_topics(reader, 25, LANES_MAX, |r| {
+            offsets: decode_topics(reader, 41, LANES_MAX, |r| {
                 Ok(LaneLag {
                     lane: get_lane(r)?,
                     committed: get_committed(r)?,
                     end_offset: Offset(r.u64("end_offset")?),
                     lag: r.u64("lag")?,
+                    lag_bytes: r.u64("lag_bytes")?,
+                    oldest_age_ms: Some(r.i64("oldest_age_ms")?).filter(|age| *age >= 0),
                 })
             })?,
         })
@@ -600,6 +609,8 @@ mod tests {
                         committed: Some(Offset(5)),
                         end_offset: Offset(9),
                         lag: 4,
+                        lag_bytes: 4096,
+                        oldest_age_ms: Some(1500),
                     }],
                 }],
             }],
