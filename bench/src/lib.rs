@@ -1,4 +1,14 @@
-//! `lanes-bench`: the throughput and latency harness and the order-fulfilment demo.
+//! `lanes-bench`: the throughput and latency harness (and, with issue 6, the
+//! order-fulfilment demo). Each scenario runs against an embedded broker (in-process, on
+//! a temp dir) or a running one.
 //!
-//! Not built yet (issue 6). The storage engine's own benchmarks live in
-//! `broker/benches` (criterion) and are described in docs/BENCHMARKS.md.
+//! - [`target`]: the broker under test, embedded or remote.
+//! - [`latency`]: latency histograms and their summaries.
+//! - [`lanes`]: the priority scenario: express latency idle, behind a bulk backlog, and
+//!   on a one-lane topic (plain FIFO), and bulk's share while express is saturated.
+//!
+//! The storage engine's own benchmarks live in `broker/benches` (criterion).
+
+pub mod lanes;
+pub mod latency;
+pub mod target;

@@ -208,6 +208,10 @@ pub struct ConsumerRecord {
 pub struct TopicInfo {
     pub partitions: u32,
     pub lanes: Vec<String>,
+    /// How the broker shares fetches between the lanes: `weighted` or `strict`.
+    pub lane_policy: String,
+    /// Per lane, most urgent first.
+    pub lane_weights: Vec<u32>,
 }
 
 /// A consumer of explicitly assigned lane logs, or of what its group gives it.
@@ -301,8 +305,21 @@ impl Consumer {
             .next()
             .filter(|t| t.error_code == ErrorCode::None)
             .ok_or_else(|| ConsumeError::UnknownTopic(name.to_owned()))?;
+        let config = |key: &str| {
+            topic
+                .configs
+                .iter()
+                .find(|c| c.key == key)
+                .map(|c| c.value.clone())
+        };
+        let lane_weights: Vec<u32> = config("lane_weights")
+            .map(|w| w.split(',').filter_map(|w| w.trim().parse().ok()).collect())
+            .filter(|w: &Vec<u32>| w.len() == topic.lanes.len())
+            .unwrap_or_else(|| vec![1; topic.lanes.len()]);
         let info = TopicInfo {
             partitions: topic.partitions.len() as u32,
+            lane_policy: config("lane_policy").unwrap_or_else(|| "weighted".into()),
+            lane_weights,
             lanes: topic.lanes,
         };
         self.topics.insert(name.to_owned(), info.clone());

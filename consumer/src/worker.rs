@@ -16,8 +16,11 @@
 //! ```
 //!
 //! - Records wait in per-key queues; a key's next record becomes ready when the one
-//!   before it is done. Ready records start most urgent lane first, up to
-//!   `concurrency` at once.
+//!   before it is done. Up to `concurrency` run at once; when a slot frees up, the next
+//!   ready record comes from the lanes that have one, by the topic's lane policy: the
+//!   most urgent under `strict`, in proportion to the lane weights under `weighted` (so
+//!   an express record waits for at most a few bulk ones, and a saturated express lane
+//!   still leaves bulk its share).
 //! - A failing handler is retried `retries_max` times with doubling backoff; then the
 //!   record goes to `<topic>.dlq` (same key, value and headers, plus `lanes.dlq.*`
 //!   headers with the error and the original coordinates) and counts as done.
@@ -159,7 +162,10 @@ impl Worker {
         let handler = Arc::new(handler);
         let (stop, stopped) = watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut scheduler = Scheduler::default();
+        let mut scheduler = Scheduler {
+            weights: self.lane_weights().await,
+            ..Scheduler::default()
+        };
         let mut tasks: JoinSet<Done> = JoinSet::new();
         let mut stats = WorkerStats::default();
         let mut failure: Option<ConsumeError> = None;
@@ -277,6 +283,27 @@ impl Worker {
         match failure {
             Some(error) => Err(error),
             None => left.map(|()| stats),
+        }
+    }
+
+    /// The lane weights of the (first) subscribed topic, or `None` if it is strict. A
+    /// topic not created yet gets the default weights.
+    async fn lane_weights(&mut self) -> Option<[u32; LANES_MAX]> {
+        let mut weights = [1u32; LANES_MAX];
+        let default = [16, 4, 1];
+        weights[..3].copy_from_slice(&default);
+        let Some(topic) = self.config.group.topics.first().cloned() else {
+            return Some(weights);
+        };
+        match self.consumer.topic(&topic).await {
+            Ok(info) if info.lane_policy == "strict" => None,
+            Ok(info) => {
+                for (lane, weight) in info.lane_weights.iter().enumerate().take(LANES_MAX) {
+                    weights[lane] = (*weight).max(1);
+                }
+                Some(weights)
+            }
+            Err(_) => Some(weights),
         }
     }
 
@@ -501,6 +528,10 @@ struct Scheduler {
     /// Per lane: records received and not done (waiting, ready or running).
     buffered: [usize; LANES_MAX],
     incarnations: u64,
+    /// Lane weights (most urgent first; at least 1) for weighted dispatch; `None`: strict.
+    weights: Option<[u32; LANES_MAX]>,
+    /// Smooth weighted round robin: each lane's current credit.
+    current: [i64; LANES_MAX],
 }
 
 fn partition_of(record: &ConsumerRecord) -> TopicPartition {
@@ -552,8 +583,27 @@ impl Scheduler {
     }
 
     /// The next record to start, most urgent lane first.
+    /// The next record to start: from the most urgent lane with ready records under
+    /// `strict`; under `weighted`, from the lanes with ready records in proportion to
+    /// their weights (smooth weighted round robin), so a saturated express lane leaves
+    /// bulk its share, as the broker's fetches do.
     fn next_ready(&mut self) -> Option<(ConsumerRecord, u64)> {
-        let (record, incarnation) = self.ready.iter_mut().find_map(VecDeque::pop_front)?;
+        let lane = match &self.weights {
+            None => self.ready.iter().position(|queue| !queue.is_empty())?,
+            Some(weights) => {
+                let ready: Vec<usize> = (0..LANES_MAX).filter(|&l| !self.ready[l].is_empty()).collect();
+                let total: i64 = ready.iter().map(|&l| i64::from(weights[l])).sum();
+                for &l in &ready {
+                    self.current[l] += i64::from(weights[l]);
+                }
+                let pick = *ready
+                    .iter()
+                    .max_by_key(|&&l| (self.current[l], std::cmp::Reverse(l)))?;
+                self.current[pick] -= total;
+                pick
+            }
+        };
+        let (record, incarnation) = self.ready[lane].pop_front()?;
         *self.running.entry(partition_of(&record)).or_default() += 1;
         if let Some(key) = &record.key
             && let Some(queue) = self.keys.get_mut(&(log_of(&record), key.clone()))

@@ -1,0 +1,110 @@
+//! The broker a scenario runs against: an embedded one (the default) or a running one.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use lanes_broker::{Broker, Settings};
+use lanes_protocol::ErrorCode;
+use lanes_protocol::client::{Client, ClientConfig, ClientError};
+use lanes_protocol::messages::{CreateTopicRequest, DeleteTopicRequest};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A broker serving on `address`.
+#[derive(Debug)]
+pub struct Target {
+    pub address: String,
+    embedded: Option<Embedded>,
+}
+
+#[derive(Debug)]
+struct Embedded {
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Target {
+    /// Connects to `broker`, or starts one in this process on a temp dir.
+    pub async fn start(broker: Option<String>) -> anyhow::Result<Target> {
+        if let Some(address) = broker {
+            return Ok(Target {
+                address,
+                embedded: None,
+            });
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("lanes-bench-")
+            .tempdir()
+            .context("creating the embedded broker's data directory")?;
+        let settings = Settings {
+            data_dir: dir.path().to_owned(),
+            metrics_listen: "off".into(),
+            ..Settings::default()
+        };
+        let broker = tokio::task::spawn_blocking(move || Broker::open(settings))
+            .await?
+            .context("opening the embedded broker")?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (broker, shutdown) = (Arc::clone(&broker), shutdown.clone());
+            async move { broker.serve(listener, shutdown).await }
+        });
+        Ok(Target {
+            address,
+            embedded: Some(Embedded {
+                broker,
+                shutdown,
+                task,
+                _dir: dir,
+            }),
+        })
+    }
+
+    /// Stops an embedded broker (and removes its data).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some(embedded) = self.embedded {
+            embedded.shutdown.cancel();
+            embedded.task.await?;
+            let broker = embedded.broker;
+            tokio::task::spawn_blocking(move || broker.close()).await??;
+        }
+        Ok(())
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let config = ClientConfig {
+            client_id: "lanes-bench".into(),
+            ..ClientConfig::default()
+        };
+        Client::connect(&self.address, config)
+            .await
+            .with_context(|| format!("connecting to {}", self.address))
+    }
+
+    /// Creates `name` afresh (deleting an old one of that name on a running broker).
+    pub async fn fresh_topic(&self, name: &str, partitions: u32, lanes: &[&str]) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        match client.request(&DeleteTopicRequest { name: name.into() }).await {
+            Ok(_) => {}
+            Err(ClientError::Broker {
+                code: ErrorCode::UnknownTopic,
+                ..
+            }) => {}
+            Err(error) => return Err(error).with_context(|| format!("deleting topic {name}")),
+        }
+        client
+            .request(&CreateTopicRequest {
+                name: name.into(),
+                partitions,
+                lanes: lanes.iter().map(|l| (*l).to_owned()).collect(),
+                configs: Vec::new(),
+            })
+            .await
+            .with_context(|| format!("creating topic {name}"))?;
+        Ok(())
+    }
+}
