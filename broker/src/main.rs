@@ -117,6 +117,11 @@ fn serve(
         if let Some(address) = settings.metrics_address()? {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(address)
+                // Gauges of expired groups and deleted topics stop being updated: drop them.
+                .idle_timeout(
+                    metrics_util::MetricKindMask::GAUGE,
+                    Some(std::time::Duration::from_millis(settings.metrics_backlog_interval_ms.saturating_mul(12))),
+                )
                 .install()
                 .with_context(|| format!("serving metrics on {address} (metrics_listen)"))?;
             lanes_broker::metrics::describe();

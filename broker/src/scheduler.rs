@@ -8,16 +8,17 @@
 //!   data earns `QUANTUM_BYTES × weight` of credit and takes whole batches, round robin
 //!   over its lane logs, while its credit covers the next one. Under backlog the lanes
 //!   share the budget by weight (16:4:1: express gets 16/21); an empty lane's share goes
-//!   to the others (work-conserving); credit that a lane with data could not spend is
+//!   to the others (work-conserving); credit that a lane with data could not spend yet is
 //!   carried to the next response, so no lane starves, however large its batches.
 //! - `strict`: a lane is served only once every more urgent lane of its topic has
 //!   nothing left. A more urgent lane that the client's per-lane budget has stopped does
 //!   not hold the others back.
 //!
-//! A lane whose credit covers its next batch may send that one batch even if it goes
-//! over the response budget (as long as it has sent nothing else in this response), and
-//! each lane may exceed its own cap by one batch: so a batch larger than any budget
-//! never gets stuck, and the caps are soft by at most one batch per lane.
+//! A connection's responses are one round robin cut into pieces: when the next batch
+//! would overflow a response, the response ends and the next resumes with that lane's
+//! turn, so the cut favours no lane. Only a response's first batch may overflow it, and
+//! each cap may be exceeded by one batch: a batch larger than any budget is still sent,
+//! and a response is at most its budget plus one batch.
 //!
 //! This module knows nothing of storage or networking: it gets batch sizes, returns
 //! byte counts.
@@ -102,8 +103,7 @@ struct LaneState {
     /// The log that gives the next batch (round robin).
     cursor: usize,
     taken: usize,
-    /// Has data, but its next batch does not fit (the response budget, or its cap).
-    stopped_by_budget: bool,
+    /// Has data, but its next batch does not fit its cap.
     stopped_by_cap: bool,
 }
 
@@ -122,14 +122,22 @@ impl LaneState {
 }
 
 /// Shares `budget` bytes between `lanes`, each lane within its cap in `caps` (soft: one
-/// batch over is allowed). `deficits` (one per lane) is read and updated; `rotation`
-/// picks which lane log of each lane goes first (pass a counter, so no partition is
-/// always last). Returns, per lane and per lane log, the bytes of whole batches to send:
-/// a prefix of what it offered.
+/// batch over is allowed). `deficits` (one per lane) and `resume` (the lane whose turn
+/// the last response ended in) are the connection's carried state, read and updated;
+/// `rotation` picks which lane log of each lane goes first (pass a counter, so no
+/// partition is always last). Returns, per lane and per lane log, the bytes of whole
+/// batches to send: a prefix of what it offered.
+///
+/// The responses of a connection are one deficit round robin cut into pieces: when the
+/// next batch would overflow the budget, the response ends there and the next one
+/// resumes with that lane's turn. Only a response's first batch may overflow it (so a
+/// batch larger than any budget is still sent), which bounds a response at
+/// `budget + one batch`.
 pub fn plan(
     lanes: &[LaneDemand],
     caps: &[usize],
     deficits: &mut Deficits,
+    resume: &mut Option<usize>,
     budget: usize,
     rotation: usize,
 ) -> Vec<Vec<usize>> {
@@ -146,24 +154,21 @@ pub fn plan(
                 rotation % demand.logs.len()
             },
             taken: 0,
-            stopped_by_budget: false,
             stopped_by_cap: false,
         })
         .collect();
+    let per_round = |lane: usize| QUANTUM_BYTES * u64::from(lanes[lane].weight);
     let mut total = 0usize;
-    // Lanes whose carried credit covers their next batch were cut off by the end of the
-    // last response: they go first, as the interrupted round would have.
-    let mut carried_over = true;
-    loop {
-        // Lanes that earn credit this round: with data, not held back by the client's cap
-        // and (strict) not behind a more urgent lane that still has data it could send.
-        // A lane stopped by the response budget keeps earning while others fill the rest
-        // of the response, and spends it first in the next one: the end of a response
-        // favours no lane.
-        let earning: Vec<usize> = (0..lanes.len())
+    // The interrupted round of the last response goes on with this lane's turn; it was
+    // credited for it already.
+    let mut resuming = resume.take().filter(|&lane| lane < lanes.len());
+    'rounds: loop {
+        // Lanes served this round: with batches offered, not held back by the client's
+        // cap, and (strict) not behind a more urgent lane that still has data.
+        let serving: Vec<usize> = (0..lanes.len())
             .filter(|&lane| {
                 let state = &states[lane];
-                state.has_data(&lanes[lane]) && !state.stopped_by_cap && lanes[lane].weight > 0
+                state.next_batch(&lanes[lane]).is_some() && !state.stopped_by_cap && lanes[lane].weight > 0
             })
             .filter(|&lane| {
                 let mut before = lanes[lane].after;
@@ -176,37 +181,39 @@ pub fn plan(
                 true
             })
             .collect();
-        if !earning.iter().any(|&lane| !states[lane].stopped_by_budget) {
+        if serving.is_empty() {
             break;
         }
+        let continuing = resuming.take();
         let mut progressed = false;
-        let mut stopped = false;
-        for &lane in &earning {
+        let mut capped = false;
+        // A resumed round skips the lanes that had their turn before the cut.
+        for lane in serving
+            .iter()
+            .copied()
+            .filter(|&l| continuing.is_none_or(|c| l >= c))
+        {
             let demand = &lanes[lane];
             let state = &mut states[lane];
-            if !carried_over {
-                deficits[lane] = deficits[lane].saturating_add(QUANTUM_BYTES * u64::from(demand.weight));
-            }
-            if state.stopped_by_budget {
-                continue;
+            if continuing != Some(lane) {
+                deficits[lane] = deficits[lane].saturating_add(per_round(lane));
             }
             while let Some((log, size)) = state.next_batch(demand) {
                 let size_bytes = size as usize;
                 if deficits[lane] < u64::from(size) {
                     break;
                 }
-                // A lane's first batch in the response may go over the budget and its cap.
-                if state.taken > 0 && total + size_bytes > budget {
-                    state.stopped_by_budget = true;
-                    stopped = true;
-                    break;
+                if total > 0 && total + size_bytes > budget {
+                    // Full: the next response goes on from here.
+                    *resume = Some(lane);
+                    break 'rounds;
                 }
                 if let Some(cap) = demand.cap
                     && cap_taken[cap] > 0
                     && cap_taken[cap] + size_bytes > caps[cap]
                 {
                     state.stopped_by_cap = true;
-                    stopped = true;
+                    capped = true;
                     break;
                 }
                 if let Some(cap) = demand.cap {
@@ -221,43 +228,40 @@ pub fn plan(
                 progressed = true;
             }
         }
-        if std::mem::take(&mut carried_over) || stopped || progressed {
+        if progressed || capped || continuing.is_some() {
             continue;
         }
-        // Nobody could take a batch this round. If the response is full for some lane, it
-        // is done: skipping rounds now would hand the others credit for the tail.
-        if earning.iter().any(|&lane| states[lane].stopped_by_budget) {
-            break;
-        }
-        // Otherwise skip ahead to the first round in which some lane's credit covers its
-        // next batch.
-        let rounds = earning
+        // Nobody could take a batch this round: skip ahead to the first round in which
+        // some lane's credit covers its next batch.
+        let rounds = serving
             .iter()
-            .filter(|&&lane| !states[lane].stopped_by_budget)
             .filter_map(|&lane| {
                 let (_, size) = states[lane].next_batch(&lanes[lane])?;
-                let per_round = QUANTUM_BYTES * u64::from(lanes[lane].weight);
-                Some(u64::from(size).saturating_sub(deficits[lane]).div_ceil(per_round))
+                Some(
+                    u64::from(size)
+                        .saturating_sub(deficits[lane])
+                        .div_ceil(per_round(lane)),
+                )
             })
-            .min();
-        let Some(rounds) = rounds else {
-            break;
-        };
+            .min()
+            .unwrap_or(1);
         // The next loop adds one round itself.
-        for &lane in &earning {
-            let per_round = QUANTUM_BYTES * u64::from(lanes[lane].weight);
-            deficits[lane] = deficits[lane].saturating_add(per_round * rounds.saturating_sub(1));
+        for &lane in &serving {
+            deficits[lane] =
+                deficits[lane].saturating_add(per_round(lane).saturating_mul(rounds.saturating_sub(1)));
         }
     }
     for (lane, state) in states.iter().enumerate() {
         deficits[lane] = match state.next_batch(&lanes[lane]) {
             // Credit is for waiting work only (as in any deficit round robin).
             None if !lanes[lane].more => 0,
-            None => deficits[lane],
+            // It has more than it offered: a round's credit at most, so a lane read up to
+            // a cap never saves up a burst.
+            None => deficits[lane].min(per_round(lane)),
             // Enough to send the next batch, never a burst saved up while the client's
             // budget held the lane back.
             Some((_, size)) if state.stopped_by_cap => {
-                deficits[lane].min((QUANTUM_BYTES * u64::from(lanes[lane].weight)).max(u64::from(size)))
+                deficits[lane].min(per_round(lane).max(u64::from(size)))
             }
             Some(_) => deficits[lane],
         };
@@ -308,6 +312,7 @@ mod tests {
         for weights in [vec![16, 4, 1], vec![1, 1], vec![8, 3, 2, 1], vec![100, 1]] {
             let mut seed = 7;
             let mut deficits = vec![0; weights.len()];
+            let mut resume = None;
             let mut served = vec![0usize; weights.len()];
             for round in 0..2000 {
                 let lanes: Vec<LaneDemand> = weights
@@ -320,7 +325,7 @@ mod tests {
                         cap: None,
                     })
                     .collect();
-                let plan = plan(&lanes, &[], &mut deficits, 1 << 20, round);
+                let plan = plan(&lanes, &[], &mut deficits, &mut resume, 1 << 20, round);
                 for (lane, bytes) in lane_totals(&plan).into_iter().enumerate() {
                     served[lane] += bytes;
                 }
@@ -349,11 +354,11 @@ mod tests {
         lanes[2].after = Some(1);
         let mut deficits = vec![0; 3];
         // Budget for part of lane 0: nothing else.
-        let plan_small = plan(&lanes, &[], &mut deficits, 15_000, 0);
+        let plan_small = plan(&lanes, &[], &mut deficits, &mut None, 15_000, 0);
         assert_eq!(lane_totals(&plan_small), vec![15_000, 0, 0]);
         // Budget for all of lane 0 and some of lane 1: lane 2 gets nothing.
         let mut deficits = vec![0; 3];
-        let plan_mid = plan(&lanes, &[], &mut deficits, 25_000, 0);
+        let plan_mid = plan(&lanes, &[], &mut deficits, &mut None, 25_000, 0);
         assert_eq!(lane_totals(&plan_mid), vec![20_000, 5_000, 0]);
         // A lane that offered less than it has (read up to a cap) holds the next back
         // even once its offer is used up.
@@ -361,14 +366,14 @@ mod tests {
         short[0].more = true;
         let mut deficits = vec![0; 3];
         assert_eq!(
-            lane_totals(&plan(&short, &[], &mut deficits, 25_000, 0)),
+            lane_totals(&plan(&short, &[], &mut deficits, &mut None, 25_000, 0)),
             vec![20_000, 0, 0]
         );
         assert!(deficits[0] > 0, "and keeps its credit");
         // A lane capped by the client's budget does not hold the next one back.
         lanes[0].cap = Some(0);
         let mut deficits = vec![0; 3];
-        let plan_capped = plan(&lanes, &[3_000], &mut deficits, 10_000, 0);
+        let plan_capped = plan(&lanes, &[3_000], &mut deficits, &mut None, 10_000, 0);
         assert_eq!(lane_totals(&plan_capped), vec![3_000, 7_000, 0]);
     }
 
@@ -376,7 +381,7 @@ mod tests {
     fn work_conserving_when_upper_lanes_are_empty() {
         let lanes = vec![lane(16, 3, 0, 1000), lane(4, 3, 0, 1000), lane(1, 3, 100, 1000)];
         let mut deficits = vec![0; 3];
-        let plan = plan(&lanes, &[], &mut deficits, 50_000, 0);
+        let plan = plan(&lanes, &[], &mut deficits, &mut None, 50_000, 0);
         assert_eq!(lane_totals(&plan), vec![0, 0, 50_000]);
         // Round robin across the lane's lane logs.
         assert!(
@@ -394,9 +399,10 @@ mod tests {
             lane(1, 1, 100, 100_000),
         ];
         let mut deficits = vec![0; 3];
+        let mut resume = None;
         let mut bulk_batches = 0;
         for round in 0..200 {
-            bulk_batches += plan(&lanes, &[], &mut deficits, 100_000, round)[2][0] / 100_000;
+            bulk_batches += plan(&lanes, &[], &mut deficits, &mut resume, 100_000, round)[2][0] / 100_000;
         }
         // Its share is 1/21 of the bytes: about 200 × 100 000 / 21 / 100 000 ≈ 9 batches.
         assert!(bulk_batches >= 5, "bulk got {bulk_batches} batches");
@@ -404,12 +410,21 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_the_budget_is_sent_alone() {
-        // A lane's first batch may go over the budget: one, then the response is full.
+        // Lane 1's small batches go first; the big one would overflow the response, so
+        // the next response resumes with it, as its first batch.
         let lanes = vec![lane(16, 1, 3, 5_000_000), lane(1, 1, 3, 100)];
         let mut deficits = vec![0; 2];
+        let mut resume = None;
         assert_eq!(
-            lane_totals(&plan(&lanes, &[], &mut deficits, 1_000_000, 0)),
-            vec![5_000_000, 300]
+            lane_totals(&plan(&lanes, &[], &mut deficits, &mut resume, 1_000_000, 0)),
+            vec![0, 300]
+        );
+        assert_eq!(resume, Some(0));
+        let lanes = vec![lane(16, 1, 3, 5_000_000), lane(1, 1, 0, 100)];
+        assert_eq!(
+            lane_totals(&plan(&lanes, &[], &mut deficits, &mut resume, 1_000_000, 1)),
+            vec![5_000_000, 0],
+            "at most one batch over the budget"
         );
         // Two lanes (of two topics) share one cap: one batch over it, in all.
         let capped = vec![
@@ -424,19 +439,45 @@ mod tests {
         ];
         let mut deficits = vec![0; 2];
         assert_eq!(
-            lane_totals(&plan(&capped, &[10], &mut deficits, 1_000_000, 0)),
+            lane_totals(&plan(&capped, &[10], &mut deficits, &mut None, 1_000_000, 0)),
             vec![100, 0]
         );
     }
 
     #[test]
+    fn lanes_read_up_to_a_cap_never_save_up_credit() {
+        // Every lane offers less than the budget (its lane logs were read up to a cap)
+        // and has more: each response takes all offers, and no credit piles up.
+        let lanes: Vec<LaneDemand> = [16, 4, 1]
+            .into_iter()
+            .map(|weight| LaneDemand {
+                more: true,
+                ..lane(weight, 1, 4, 64 * 1024)
+            })
+            .collect();
+        let mut deficits = vec![0; 3];
+        let mut resume = None;
+        for round in 0..1000 {
+            let plan = plan(&lanes, &[], &mut deficits, &mut resume, 8 << 20, round);
+            assert_eq!(lane_totals(&plan), vec![256 * 1024; 3]);
+            assert!(
+                deficits
+                    .iter()
+                    .zip([16, 4, 1])
+                    .all(|(d, w)| *d <= QUANTUM_BYTES * w),
+                "{deficits:?}"
+            );
+        }
+    }
+
+    #[test]
     fn empty_requests_and_zero_weights_end() {
         let mut deficits = vec![];
-        assert!(plan(&[], &[], &mut deficits, 1000, 0).is_empty());
+        assert!(plan(&[], &[], &mut deficits, &mut None, 1000, 0).is_empty());
         let lanes = vec![lane(0, 1, 5, 10), LaneDemand::default()];
         let mut deficits = vec![0; 2];
         assert_eq!(
-            lane_totals(&plan(&lanes, &[], &mut deficits, 1000, 3)),
+            lane_totals(&plan(&lanes, &[], &mut deficits, &mut None, 1000, 3)),
             vec![0, 0]
         );
     }

@@ -222,7 +222,11 @@ impl TopicSpec {
     /// The lane weights (the defaults for specs written before weights existed).
     pub fn weights(&self) -> Vec<u32> {
         if self.lane_weights.len() == self.lanes.len() {
-            self.lane_weights.clone()
+            // A hand-edited spec is not checked when it is loaded: keep weights in range.
+            self.lane_weights
+                .iter()
+                .map(|w| (*w).clamp(1, WEIGHT_MAX))
+                .collect()
         } else {
             default_weights(self.lanes.len())
         }

@@ -541,3 +541,36 @@ async fn a_full_bulk_budget_does_not_hold_express_back() {
     drop(producer);
     broker.stop().await;
 }
+
+/// `poll` shares what it hands out by the lane weights: an application slower than its
+/// express traffic still gets bulk records, at about bulk's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_share_records_between_lanes_by_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "orders", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(broker.address())).await.unwrap();
+    for i in 0..2000u32 {
+        producer.send(record("orders", 0, 0, format!("e{i}"))).await.unwrap();
+        producer.send(record("orders", 0, 2, format!("b{i}"))).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    let mut config = ConsumerConfig::new(broker.address());
+    config.poll_records_max = 10;
+    let mut consumer = Consumer::connect(config).await.unwrap();
+    consumer.assign("orders", None, None, StartFrom::Earliest).await.unwrap();
+    let mut lanes = [0usize; 3];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while lanes.iter().sum::<usize>() < 1700 {
+        assert!(tokio::time::Instant::now() < deadline, "{lanes:?}");
+        let records = consumer.poll().await.unwrap();
+        assert!(records.len() <= 10);
+        for r in records {
+            lanes[r.lane.0 as usize] += 1;
+        }
+    }
+    // 16:1 between express and bulk: about 100 bulk records in 1700 (without sharing,
+    // none until the 2000 express ones were all handed out).
+    assert!((60..=160).contains(&lanes[2]), "{lanes:?}");
+    broker.stop().await;
+}

@@ -19,6 +19,9 @@ use crate::{ConsumeError, ConsumerConfig, LogKey, ResetPolicy, list_offsets, pus
 
 /// Pause after a failed fetch before the next one.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Long-poll wait while some lane is left out for lack of budget: it may get room any
+/// moment, and should not wait out a whole long poll of the others.
+const WAIT_WITH_LANES_LEFT_OUT: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
 pub(crate) enum FetcherCommand {
@@ -253,6 +256,12 @@ fn fetch_request(
     let bytes_max = u32::try_from(total)
         .unwrap_or(u32::MAX)
         .min(config.fetch_bytes_max);
+    let left_out = positions.keys().any(|key| reserved[key.lane.0 as usize] == 0);
+    let wait = if left_out {
+        config.fetch_wait.min(WAIT_WITH_LANES_LEFT_OUT)
+    } else {
+        config.fetch_wait
+    };
     let lane_bytes_max = reserved
         .iter()
         .map(|r| u32::try_from(*r).unwrap_or(u32::MAX))
@@ -275,7 +284,7 @@ fn fetch_request(
         );
     }
     FetchRequest {
-        wait_ms_max: u32::try_from(config.fetch_wait.as_millis()).unwrap_or(u32::MAX),
+        wait_ms_max: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
         bytes_min: config.fetch_bytes_min,
         bytes_max,
         lane_bytes_max,

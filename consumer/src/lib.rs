@@ -214,6 +214,15 @@ pub struct TopicInfo {
     pub lane_weights: Vec<u32>,
 }
 
+/// How `poll` shares its records between lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandOut {
+    /// No topic read yet.
+    Unknown,
+    Strict,
+    Weighted([u32; LANES_MAX]),
+}
+
 /// A consumer of explicitly assigned lane logs, or of what its group gives it.
 #[derive(Debug)]
 pub struct Consumer {
@@ -239,6 +248,11 @@ pub struct Consumer {
     ready: [VecDeque<(ConsumerRecord, usize)>; LANES_MAX],
     /// Lanes whose records `poll` keeps back.
     paused: [bool; LANES_MAX],
+    /// How `poll` shares its records between lanes: the lane policy of the first topic
+    /// read.
+    hand_out_policy: HandOut,
+    /// Smooth weighted round robin: each lane's current credit.
+    lane_credit: [i64; LANES_MAX],
     commands: mpsc::UnboundedSender<FetcherCommand>,
     fetched: mpsc::Receiver<Fetched>,
     budgets: Arc<LaneBudgets>,
@@ -259,7 +273,7 @@ impl Consumer {
             ..ClientConfig::default()
         };
         let client = Arc::new(Link::connect(&config.broker, client_config).await?);
-        let budgets = Arc::new(LaneBudgets::new(config.lane_prefetch_bytes_max));
+        let budgets = Arc::new(LaneBudgets::new(config.lane_prefetch_bytes_max.max(1)));
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let (fetched_sender, fetched) = mpsc::channel(1024);
         let fetcher = tokio::spawn(fetcher::run(
@@ -281,6 +295,8 @@ impl Consumer {
             epoch: 0,
             ready: Default::default(),
             paused: [false; LANES_MAX],
+            hand_out_policy: HandOut::Unknown,
+            lane_credit: [0; LANES_MAX],
             commands,
             fetched,
             budgets,
@@ -339,6 +355,7 @@ impl Consumer {
             return Err(ConsumeError::Usage("a group member reads what its group assigns"));
         }
         let info = self.topic(topic).await?;
+        self.learn_lane_policy(&info);
         let unknown = |what: String| ConsumeError::Unknown {
             topic: topic.to_owned(),
             what,
@@ -450,22 +467,59 @@ impl Consumer {
         Ok(self.hand_out())
     }
 
-    /// Up to `poll_records_max` ready records, most urgent lane first.
+    /// Up to `poll_records_max` ready records, shared between the lanes as the broker
+    /// shares fetches: in proportion to the lane weights (smooth weighted round robin),
+    /// or most urgent first for a strict topic. So an application slower than its express
+    /// traffic still gets bulk records at bulk's share, and an express record waits
+    /// behind a few bulk ones at most.
     fn hand_out(&mut self) -> Vec<ConsumerRecord> {
         let max = self.config.poll_records_max.max(1);
         let mut records = Vec::new();
-        for lane in 0..LANES_MAX {
-            if self.paused[lane] {
-                continue;
-            }
-            while records.len() < max
-                && let Some((record, bytes)) = self.ready[lane].pop_front()
-            {
-                self.budgets.release(lane, bytes);
-                records.push(record);
-            }
+        while records.len() < max {
+            let ready = |lane: usize| !self.paused[lane] && !self.ready[lane].is_empty();
+            let lane = match &self.hand_out_policy {
+                HandOut::Unknown | HandOut::Strict => match (0..LANES_MAX).find(|&lane| ready(lane)) {
+                    Some(lane) => lane,
+                    None => break,
+                },
+                HandOut::Weighted(weights) => {
+                    let mut total = 0;
+                    let mut pick: Option<usize> = None;
+                    for lane in (0..LANES_MAX).filter(|&lane| ready(lane)) {
+                        self.lane_credit[lane] += i64::from(weights[lane]);
+                        total += i64::from(weights[lane]);
+                        if pick.is_none_or(|p| self.lane_credit[lane] > self.lane_credit[p]) {
+                            pick = Some(lane);
+                        }
+                    }
+                    let Some(pick) = pick else {
+                        break;
+                    };
+                    self.lane_credit[pick] -= total;
+                    pick
+                }
+            };
+            let (record, bytes) = self.ready[lane].pop_front().expect("a ready lane");
+            self.budgets.release(lane, bytes);
+            records.push(record);
         }
         records
+    }
+
+    /// Takes the lane policy of the first topic read.
+    fn learn_lane_policy(&mut self, info: &TopicInfo) {
+        if self.hand_out_policy != HandOut::Unknown {
+            return;
+        }
+        self.hand_out_policy = if info.lane_policy == "strict" {
+            HandOut::Strict
+        } else {
+            let mut weights = [1u32; LANES_MAX];
+            for (lane, weight) in info.lane_weights.iter().enumerate().take(LANES_MAX) {
+                weights[lane] = (*weight).max(1);
+            }
+            HandOut::Weighted(weights)
+        };
     }
 
     /// Whether records of lanes that are not paused are ready.
@@ -805,6 +859,7 @@ impl Consumer {
         let mut keys = Vec::new();
         for p in partitions {
             let info = self.topic(&p.topic).await?;
+            self.learn_lane_policy(&info);
             keys.extend((0..info.lanes.len() as u8).map(|lane| LogKey {
                 topic: Arc::clone(&p.topic),
                 partition: p.partition,

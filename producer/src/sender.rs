@@ -361,7 +361,10 @@ impl Sender {
         for key in keys {
             // Requests of only less urgent batches leave the last slots to lane 0's, so
             // an express batch never waits behind a queue of bulk requests.
-            if key.lane.0 > 0 && batch_list.is_empty() && requests.len() >= config.requests_in_flight_max {
+            if key.lane.0 > 0
+                && batch_list.is_empty()
+                && requests.len() >= config.requests_in_flight_max.max(1)
+            {
                 break;
             }
             let log = self.logs.get_mut(&key).expect("listed");

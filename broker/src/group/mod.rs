@@ -571,7 +571,9 @@ impl Coordinator {
                     end_offset,
                     lag: end_offset.0.saturating_sub(from.0),
                     lag_bytes: backlog.bytes,
-                    oldest_age_ms: backlog.oldest_timestamp_ms.map(|ts| (now_ms - ts).max(0)),
+                    oldest_age_ms: backlog
+                        .oldest_timestamp_ms
+                        .map(|ts| now_ms.saturating_sub(ts).max(0)),
                 });
             }
             offsets.push(TopicItems {

@@ -31,10 +31,16 @@ struct Target {
 /// A connection's lane scheduling state, carried from one fetch to the next.
 #[derive(Debug, Default)]
 pub(crate) struct LaneCredit {
-    /// Per (topic, lane): credit a lane with waiting data could not spend.
-    deficits: HashMap<(String, u8), u64>,
+    /// Per (topic, lane): credit a lane with waiting data could not spend yet, and the
+    /// fetch that last named it (entries not named for a while are forgotten).
+    deficits: HashMap<(String, u8), (u64, usize)>,
+    /// The lane whose turn the last response ended in.
+    resume: Option<(String, u8)>,
     fetches: usize,
 }
+
+/// Fetches after which credit of a lane no fetch names is forgotten.
+const CREDIT_FETCHES_KEPT: usize = 64;
 
 pub(super) async fn fetch(
     broker: Arc<Broker>,
@@ -80,7 +86,7 @@ pub(super) async fn fetch(
             let credit = credit.lock().expect("lane credit lock poisoned");
             Schedule::new(&topics, &specs, &credit)
         };
-        let (response, bytes, errors) = read(&topics, &mut scheduled, &lane_caps, bytes_max);
+        let (response, bytes, errors, sent) = read(&topics, &mut scheduled, &lane_caps, bytes_max);
         let done = bytes >= request.bytes_min as usize
             || errors
             || watches.is_empty()
@@ -89,6 +95,9 @@ pub(super) async fn fetch(
         if done {
             // Only what is sent counts: credit moves on with the answered fetch.
             scheduled.keep(&mut credit.lock().expect("lane credit lock poisoned"));
+            for (handle, bytes) in sent {
+                handle.counters.fetch_bytes.increment(bytes as u64);
+            }
             return Some(encode_response(id, &response));
         }
         let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
@@ -108,6 +117,7 @@ struct Schedule {
     index: HashMap<(usize, u8), usize>,
     demands: Vec<LaneDemand>,
     deficits: Vec<u64>,
+    resume: Option<usize>,
     names: Vec<String>,
     rotation: usize,
 }
@@ -147,31 +157,42 @@ impl Schedule {
         let deficits = keys
             .iter()
             .map(|&(t, lane)| {
-                credit
-                    .deficits
-                    .get(&(names[t].clone(), lane))
-                    .copied()
-                    .unwrap_or(0)
+                let key = (names[t].clone(), lane);
+                credit.deficits.get(&key).map_or(0, |(deficit, _)| *deficit)
             })
             .collect();
+        let resume = credit
+            .resume
+            .as_ref()
+            .and_then(|(topic, lane)| keys.iter().position(|&(t, l)| names[t] == *topic && l == *lane));
         Schedule {
             keys,
             index,
             demands,
             deficits,
+            resume,
             names,
             rotation: credit.fetches,
         }
     }
 
-    /// Stores the credit left after this fetch, for the connection's next one.
+    /// Stores the credit left after this fetch, for the connection's next one: lanes it
+    /// named are updated, the others keep theirs for a while (a client leaves a lane out
+    /// while its budget is full).
     fn keep(self, credit: &mut LaneCredit) {
-        credit.deficits.clear();
+        let fetch = credit.fetches;
         for (&(t, lane), deficit) in self.keys.iter().zip(self.deficits) {
-            if deficit > 0 {
-                credit.deficits.insert((self.names[t].clone(), lane), deficit);
-            }
+            credit
+                .deficits
+                .insert((self.names[t].clone(), lane), (deficit, fetch));
         }
+        credit
+            .deficits
+            .retain(|_, (deficit, seen)| *deficit > 0 && fetch.wrapping_sub(*seen) < CREDIT_FETCHES_KEPT);
+        credit.resume = self.resume.map(|lane| {
+            let (t, lane) = self.keys[lane];
+            (self.names[t].clone(), lane)
+        });
         credit.fetches = credit.fetches.wrapping_add(1);
     }
 }
@@ -200,14 +221,14 @@ fn batch_sizes(bytes: &Bytes) -> Vec<u32> {
 }
 
 /// Reads every target once and lets the scheduler share `bytes_max` between them;
-/// returns the response, its record bytes and whether any lane log answered with an
-/// error.
+/// returns the response, its record bytes, whether any lane log answered with an error,
+/// and the bytes each lane log sends.
 fn read(
     topics: &[TopicItems<Target>],
     schedule: &mut Schedule,
     lane_caps: &[usize],
     bytes_max: usize,
-) -> (FetchResponse, usize, bool) {
+) -> (FetchResponse, usize, bool, Vec<(Arc<LogHandle>, usize)>) {
     let mut errors = false;
     // Each lane log's readable batches, and where it sits in the schedule.
     let mut reads: Vec<TopicItems<(FetchLaneResult, Option<Slot>)>> = Vec::with_capacity(topics.len());
@@ -235,10 +256,12 @@ fn read(
         &schedule.demands,
         lane_caps,
         &mut schedule.deficits,
+        &mut schedule.resume,
         bytes_max,
         schedule.rotation,
     );
     let mut total = 0;
+    let mut sent = Vec::new();
     let mut topics: Vec<TopicItems<FetchLaneResult>> = reads
         .into_iter()
         .map(|topic| {
@@ -247,14 +270,16 @@ fn read(
                     let taken = plan[lane][log];
                     result.records = result.records.slice(..taken);
                     total += taken;
-                    handle.counters.fetch_bytes.increment(taken as u64);
+                    if taken > 0 {
+                        sent.push((handle, taken));
+                    }
                 }
                 result
             })
         })
         .collect();
     super::quiet_lane_messages(&mut topics, |lane| &mut lane.error_message);
-    (FetchResponse { topics }, total, errors)
+    (FetchResponse { topics }, total, errors, sent)
 }
 
 /// Reads whole batches of one lane log, up to its own cap and the response's (at least

@@ -90,7 +90,9 @@ impl Broker {
         let connections = TaskTracker::new();
         let retention = tokio::spawn(Arc::clone(self).run_retention(shutdown.clone()));
         let group_ticks = tokio::spawn(Arc::clone(self).run_group_ticks(shutdown.clone()));
-        let backlog_metrics = tokio::spawn(Arc::clone(self).run_backlog_metrics(shutdown.clone()));
+        // Computing every group's backlog is work: only when something can see it.
+        let backlog_metrics = (self.settings.metrics_listen != "off")
+            .then(|| tokio::spawn(Arc::clone(self).run_backlog_metrics(shutdown.clone())));
         let mut refused: u64 = 0;
         loop {
             let accepted = tokio::select! {
@@ -134,7 +136,9 @@ impl Broker {
         }
         retention.abort();
         group_ticks.abort();
-        backlog_metrics.abort();
+        if let Some(task) = backlog_metrics {
+            task.abort();
+        }
     }
 
     async fn run_backlog_metrics(self: Arc<Self>, shutdown: CancellationToken) {

@@ -554,12 +554,15 @@ impl LaneLog {
     /// What waits from `from` (clamped to the start) up to `limit` (clamped to the end):
     /// records, bytes and the age of the oldest. Cheap: two index lookups.
     pub fn backlog(&self, from: Offset, limit: Offset) -> Result<Backlog, StorageError> {
-        let limit = limit.min(self.next_offset());
-        let from = from.max(self.start_offset());
+        // Segments first: retention may delete some meanwhile, and `from` must be in one.
+        let segments = self.segments.read().expect("segments lock poisoned").clone();
+        let limit = limit
+            .min(self.next_offset())
+            .min(Offset(self.corrupt_at.load(Ordering::Acquire)));
+        let from = from.max(segments[0].base_offset());
         if from >= limit {
             return Ok(Backlog::default());
         }
-        let segments = self.segments.read().expect("segments lock poisoned").clone();
         // (segment index, byte position) of the batch holding `offset`, or the end.
         let place = |offset: Offset| -> Result<(usize, u64, Option<i64>), StorageError> {
             let index = segments
