@@ -549,16 +549,27 @@ async fn polls_share_records_between_lanes_by_weight() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     create_topic(&broker.address(), "orders", 1).await;
-    let producer = Producer::connect(ProducerConfig::new(broker.address())).await.unwrap();
+    let producer = Producer::connect(ProducerConfig::new(broker.address()))
+        .await
+        .unwrap();
     for i in 0..2000u32 {
-        producer.send(record("orders", 0, 0, format!("e{i}"))).await.unwrap();
-        producer.send(record("orders", 0, 2, format!("b{i}"))).await.unwrap();
+        producer
+            .send(record("orders", 0, 0, format!("e{i}")))
+            .await
+            .unwrap();
+        producer
+            .send(record("orders", 0, 2, format!("b{i}")))
+            .await
+            .unwrap();
     }
     producer.close().await.unwrap();
     let mut config = ConsumerConfig::new(broker.address());
     config.poll_records_max = 10;
     let mut consumer = Consumer::connect(config).await.unwrap();
-    consumer.assign("orders", None, None, StartFrom::Earliest).await.unwrap();
+    consumer
+        .assign("orders", None, None, StartFrom::Earliest)
+        .await
+        .unwrap();
     let mut lanes = [0usize; 3];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while lanes.iter().sum::<usize>() < 1700 {
