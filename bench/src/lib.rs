@@ -4,11 +4,16 @@
 //!
 //! - [`target`]: the broker under test, embedded or remote.
 //! - [`latency`]: latency histograms and their summaries.
+//! - [`report`]: the settings every scenario shares, and what it reports.
+//! - [`produce`], [`consume`]: throughput and latency of producers and consumers.
 //! - [`lanes`]: the priority scenario: express latency idle, behind a bulk backlog, and
 //!   on a one-lane topic (plain FIFO), and bulk's share while express is saturated.
 //!
 //! The storage engine's own benchmarks live in `broker/benches` (criterion).
 
+pub mod consume;
 pub mod lanes;
 pub mod latency;
+pub mod produce;
+pub mod report;
 pub mod target;

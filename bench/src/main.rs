@@ -5,39 +5,35 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use lanes_bench::lanes::{self, LanesConfig};
+use lanes_bench::report::{Common, Report};
 use lanes_bench::target::Target;
+use lanes_bench::{consume, produce};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "lanes-bench",
-    version,
-    about = "Throughput and latency harness for Lanes"
-)]
+#[command(name = "lanes-bench", version, about = "Throughput and latency harness for Lanes")]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
 }
 
-/// Flags every scenario takes.
-#[derive(Debug, Args)]
-struct Common {
-    /// Run against this broker (host:port) instead of an embedded one.
-    #[arg(long, global = true)]
-    broker: Option<String>,
-    /// Bytes per record.
-    #[arg(long, default_value_t = 1024, global = true)]
-    record_bytes: usize,
-    #[arg(long, default_value_t = 4, global = true)]
-    partitions: u32,
-    /// Print one JSON object instead of a table.
-    #[arg(long, global = true)]
-    json: bool,
-}
-
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Producers send records as fast as they can (or at --rate): throughput and
+    /// send-to-acknowledgement latency.
+    Produce {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Consumers drain a filled topic: throughput.
+    Consume {
+        #[command(flatten)]
+        common: Common,
+        /// Consume as one consumer group instead of splitting the partitions.
+        #[arg(long)]
+        group: bool,
+    },
     /// Priority under backlog: express latency idle, behind a bulk backlog, and on a
     /// one-lane topic (FIFO); bulk's share while express is saturated.
     Lanes {
@@ -87,8 +83,28 @@ fn main() -> ExitCode {
     }
 }
 
+fn print(report: &Report, json: bool) {
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.scenario {
+        Scenario::Produce { common } => {
+            let target = Target::start(common.broker.clone()).await?;
+            let report = produce::run(&target, &common).await;
+            target.stop().await?;
+            print(&report?, common.json);
+        }
+        Scenario::Consume { common, group } => {
+            let target = Target::start(common.broker.clone()).await?;
+            let report = consume::run(&target, &common, group).await;
+            target.stop().await?;
+            print(&report?, common.json);
+        }
         Scenario::Lanes {
             common,
             backlog,
@@ -116,7 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.table());
             }
-            Ok(())
         }
     }
+    Ok(())
 }

@@ -50,10 +50,12 @@ pub struct ProducerConfig {
     pub acks: Acks,
     /// Retries never duplicate records (needs `acks` other than `none`).
     pub idempotent: bool,
-    /// How long a batch waits for more records before it is sent.
+    /// How long a batch waits for more records before it is sent. Batches also grow
+    /// while earlier ones of their lane log are in flight, so even with no linger (the
+    /// default) a busy producer sends large batches.
     pub linger: Duration,
     /// Per lane number, lane 0 first: a linger of its own (lanes past the end use
-    /// `linger`). By default lane 0 (express) does not wait.
+    /// `linger`). Lane 0 (express) never waits by default.
     pub lane_linger: Vec<Duration>,
     /// Produce requests in flight on the connection; requests with lane 0 batches may
     /// go beyond it, so express never queues behind bulk.
@@ -91,7 +93,7 @@ impl ProducerConfig {
             client_id: "lanes-producer".into(),
             acks: Acks::Durable,
             idempotent: true,
-            linger: Duration::from_millis(5),
+            linger: Duration::ZERO,
             lane_linger: vec![Duration::ZERO],
             requests_in_flight_max: 8,
             batch_bytes_max: 256 * 1024,

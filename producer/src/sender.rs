@@ -178,8 +178,19 @@ pub(crate) async fn run(
 impl Sender {
     /// Moves full batches, and open ones that lingered long enough (all of them with
     /// `force`), to their lane logs; returns when the next open batch is due.
+    ///
+    /// A lingered batch is sealed only when its lane log could send it now (nothing
+    /// sealed waits and a slot is free): otherwise it keeps taking records until it can
+    /// go or is full. So under load batches grow by themselves, and with no linger a
+    /// record waits for nothing but the batches ahead of it.
     fn seal(&mut self, now: Instant, force: bool) -> Option<Instant> {
         let config = &self.shared.config;
+        let logs = &self.logs;
+        let can_send = |key: &LogKey| {
+            logs.get(key).is_none_or(|log| {
+                log.waiting.is_empty() && log.in_flight.len() < config.in_flight_per_log_max
+            })
+        };
         let linger = |key: &LogKey| {
             config
                 .lane_linger
@@ -194,7 +205,7 @@ impl Sender {
             let due: Vec<LogKey> = accumulator
                 .open
                 .iter()
-                .filter(|(key, open)| force || open.opened_at + linger(key) <= now)
+                .filter(|(key, open)| force || (open.opened_at + linger(key) <= now && can_send(key)))
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in due {
