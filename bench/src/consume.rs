@@ -60,7 +60,9 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
             } else if partitions.is_empty() {
                 return Ok(());
             } else {
-                consumer.assign(TOPIC, Some(&partitions), None, StartFrom::Earliest).await?;
+                consumer
+                    .assign(TOPIC, Some(&partitions), None, StartFrom::Earliest)
+                    .await?;
             }
             while read.0.load(Ordering::Relaxed) < total {
                 let records = consumer.poll_timeout(Duration::from_millis(100)).await?;

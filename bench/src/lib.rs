@@ -5,15 +5,19 @@
 //! - [`target`]: the broker under test, embedded or remote.
 //! - [`latency`]: latency histograms and their summaries.
 //! - [`report`]: the settings every scenario shares, and what it reports.
-//! - [`produce`], [`consume`]: throughput and latency of producers and consumers.
+//! - [`produce`], [`consume`], [`e2e`]: throughput and latency of producers, consumers,
+//!   and both at once.
+//! - [`orders`]: the order-fulfilment demo.
 //! - [`lanes`]: the priority scenario: express latency idle, behind a bulk backlog, and
 //!   on a one-lane topic (plain FIFO), and bulk's share while express is saturated.
 //!
 //! The storage engine's own benchmarks live in `broker/benches` (criterion).
 
 pub mod consume;
+pub mod e2e;
 pub mod lanes;
 pub mod latency;
+pub mod orders;
 pub mod produce;
 pub mod report;
 pub mod target;

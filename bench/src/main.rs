@@ -7,12 +7,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lanes_bench::lanes::{self, LanesConfig};
+use lanes_bench::orders::{self, OrdersConfig};
 use lanes_bench::report::{Common, Report};
 use lanes_bench::target::Target;
-use lanes_bench::{consume, produce};
+use lanes_bench::{consume, e2e, produce};
 
 #[derive(Debug, Parser)]
-#[command(name = "lanes-bench", version, about = "Throughput and latency harness for Lanes")]
+#[command(
+    name = "lanes-bench",
+    version,
+    about = "Throughput and latency harness for Lanes"
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -33,6 +38,36 @@ enum Scenario {
         /// Consume as one consumer group instead of splitting the partitions.
         #[arg(long)]
         group: bool,
+    },
+    /// Producers and a consumer group at once: end-to-end latency, nothing lost or
+    /// duplicated.
+    E2e {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The order-fulfilment demo: order events in three service-class lanes, handled by
+    /// a group of workers; checks order, loss and double effects; latency per lane.
+    Orders {
+        #[command(flatten)]
+        common: Common,
+        /// Orders to place.
+        #[arg(long, default_value_t = 20_000)]
+        orders: u64,
+        /// Workers in the fulfilment group.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Events each worker handles at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// What a simulated payment or warehouse call costs (ms).
+        #[arg(long, default_value_t = 2)]
+        call_ms: u64,
+        /// One order in this many is cancelled (0: none).
+        #[arg(long, default_value_t = 20)]
+        cancel_one_in: u64,
+        /// Stop one worker without a goodbye after this many seconds.
+        #[arg(long)]
+        kill_worker_after_s: Option<f64>,
     },
     /// Priority under backlog: express latency idle, behind a bulk backlog, and on a
     /// one-lane topic (FIFO); bulk's share while express is saturated.
@@ -94,14 +129,42 @@ fn print(report: &Report, json: bool) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Produce { common } => {
-            let target = Target::start(common.broker.clone()).await?;
+            let target = Target::start(common.broker.clone(), common.fsync).await?;
             let report = produce::run(&target, &common).await;
             target.stop().await?;
             print(&report?, common.json);
         }
         Scenario::Consume { common, group } => {
-            let target = Target::start(common.broker.clone()).await?;
+            let target = Target::start(common.broker.clone(), common.fsync).await?;
             let report = consume::run(&target, &common, group).await;
+            target.stop().await?;
+            print(&report?, common.json);
+        }
+        Scenario::E2e { common } => {
+            let target = Target::start(common.broker.clone(), common.fsync).await?;
+            let report = e2e::run(&target, &common).await;
+            target.stop().await?;
+            print(&report?, common.json);
+        }
+        Scenario::Orders {
+            common,
+            orders,
+            workers,
+            concurrency,
+            call_ms,
+            cancel_one_in,
+            kill_worker_after_s,
+        } => {
+            let config = OrdersConfig {
+                orders,
+                workers,
+                concurrency,
+                call: Duration::from_millis(call_ms),
+                cancel_one_in,
+                kill_worker_after: kill_worker_after_s.map(Duration::from_secs_f64),
+            };
+            let target = Target::start(common.broker.clone(), common.fsync).await?;
+            let report = orders::run(&target, &common, &config).await;
             target.stop().await?;
             print(&report?, common.json);
         }
@@ -122,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 handler: Duration::from_micros(handler_us),
                 concurrency,
             };
-            let target = Target::start(common.broker.clone()).await?;
+            let target = Target::start(common.broker.clone(), common.fsync).await?;
             let progress = |line: &str| eprintln!("lanes-bench: {line}");
             let report = lanes::run(&target, &config, &progress).await;
             target.stop().await?;

@@ -44,7 +44,15 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
             duration: Some(Duration::from_secs(common.warmup_s)),
             rate: common.rate,
         };
-        send(target, common, TOPIC, warmup, &Arc::new(Sent::default()), &ProgressBar::hidden()).await?;
+        send(
+            target,
+            common,
+            TOPIC,
+            warmup,
+            &Arc::new(Sent::default()),
+            &ProgressBar::hidden(),
+        )
+        .await?;
     }
     let load = Load {
         count: common.count_or_default(),
@@ -154,7 +162,9 @@ async fn producer_task(
             }
         }
         let at = Instant::now();
-        let delivery = producer.send(ProducerRecord::new(topic.clone(), value.clone())).await?;
+        let delivery = producer
+            .send(ProducerRecord::new(topic.clone(), value.clone()))
+            .await?;
         if deliveries.send((at, value.len(), delivery)).await.is_err() {
             break;
         }

@@ -33,6 +33,9 @@ pub struct Common {
     /// Run against this broker (host:port) instead of an embedded one.
     #[arg(long)]
     pub broker: Option<String>,
+    /// The embedded broker's fsync policy: always (group commit), interval or never.
+    #[arg(long, default_value = "always")]
+    pub fsync: lanes_broker::config::FsyncMode,
     /// Producers (each its own connection).
     #[arg(long, default_value_t = 1)]
     pub producers: usize,
@@ -161,7 +164,10 @@ impl Report {
             self.mb_per_s(),
             self.errors
         );
-        let header = format!("{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n", "latency ms", "p50", "p90", "p99", "p99.9", "max", "records");
+        let header = format!(
+            "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "latency ms", "p50", "p90", "p99", "p99.9", "max", "records"
+        );
         let row = |name: &str, s: &Summary| {
             format!(
                 "{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10}\n",
@@ -203,8 +209,9 @@ pub fn progress(total: Option<u64>, message: &str) -> ProgressBar {
                 .expect("a valid template")
                 .progress_chars("=> "),
         ),
-        None => ProgressBar::new_spinner()
-            .with_style(ProgressStyle::with_template("{msg} {spinner} {pos} {per_sec}").expect("a valid template")),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {spinner} {pos} {per_sec}").expect("a valid template"),
+        ),
     };
     bar.set_message(message.to_owned());
     bar.enable_steady_tick(Duration::from_millis(200));

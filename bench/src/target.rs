@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use lanes_broker::config::FsyncMode;
 use lanes_broker::{Broker, Settings};
 use lanes_protocol::ErrorCode;
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
@@ -26,8 +27,8 @@ struct Embedded {
 }
 
 impl Target {
-    /// Connects to `broker`, or starts one in this process on a temp dir.
-    pub async fn start(broker: Option<String>) -> anyhow::Result<Target> {
+    /// Connects to `broker`, or starts one in this process on a temp dir with `fsync`.
+    pub async fn start(broker: Option<String>, fsync: FsyncMode) -> anyhow::Result<Target> {
         if let Some(address) = broker {
             return Ok(Target {
                 address,
@@ -41,6 +42,7 @@ impl Target {
         let settings = Settings {
             data_dir: dir.path().to_owned(),
             metrics_listen: "off".into(),
+            fsync,
             ..Settings::default()
         };
         let broker = tokio::task::spawn_blocking(move || Broker::open(settings))

@@ -39,3 +39,76 @@ fn lanes_scenario_runs_and_reports() {
     // Every bulk record of the backlog and fifo phases was handled, and the express ones.
     assert!(report["records"].as_u64().unwrap() >= 2 * 3000);
 }
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_lanes-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{args:?}: {stderr}");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stderr}"))
+}
+
+#[test]
+fn produce_consume_and_e2e_report_the_common_fields() {
+    let small = [
+        "--count",
+        "20000",
+        "--record-bytes",
+        "100",
+        "--warmup-s",
+        "0",
+        "--json",
+    ];
+    for scenario in ["produce", "consume", "e2e"] {
+        let mut args = vec![scenario];
+        args.extend(small);
+        let report = run_json(&args);
+        assert_eq!(report["scenario"], scenario);
+        assert_eq!(report["records"], 20000, "{report}");
+        assert_eq!(report["bytes"], 20000 * 100, "{report}");
+        for key in ["seconds", "msgs_per_s", "mb_per_s"] {
+            assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
+        }
+        assert_eq!(report["errors"], 0);
+        if scenario != "consume" {
+            assert!(
+                report["latency_ms"]["p99"].as_f64().is_some_and(|v| v > 0.0),
+                "{report}"
+            );
+        }
+        if scenario != "produce" {
+            assert_eq!(report["lost"], 0, "{report}");
+        }
+        if scenario == "e2e" {
+            assert_eq!(report["duplicates"], 0, "{report}");
+        }
+    }
+}
+
+#[test]
+fn the_orders_demo_checks_order_loss_and_double_effects() {
+    let report = run_json(&[
+        "orders",
+        "--orders",
+        "2000",
+        "--workers",
+        "2",
+        "--call-ms",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(report["scenario"], "orders");
+    assert_eq!(report["orders_complete"], 2000, "{report}");
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["events_in_order"], true);
+    for lane in ["express", "standard", "bulk"] {
+        assert!(report["lanes"][lane]["records"].as_u64().unwrap() > 0, "{report}");
+        assert!(
+            report["lanes"][lane]["latency_ms"]["p99"].as_f64().is_some(),
+            "{report}"
+        );
+    }
+}

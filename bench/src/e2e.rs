@@ -1,0 +1,198 @@
+//! `e2e`: producers and a consumer group at once; latency from the moment a producer
+//! sends a record to the moment a consumer receives it, and a check that every record
+//! arrived once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::bail;
+use bytes::{BufMut, BytesMut};
+use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig};
+use lanes_producer::{Producer, ProducerConfig, ProducerRecord};
+
+use crate::latency::Latencies;
+use crate::report::{Common, Report, progress};
+use crate::target::Target;
+
+const TOPIC: &str = "bench-e2e";
+const GROUP: &str = "lanes-bench-e2e";
+/// Value layout: producer u32, sequence u64, send time (ns since the epoch) u64, padding.
+const HEADER_BYTES: usize = 20;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Which (producer, sequence) pairs arrived, and how often.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Per producer, a bit per sequence number.
+    bits: Vec<Vec<u64>>,
+    distinct: u64,
+    duplicates: u64,
+}
+
+impl Seen {
+    fn mark(&mut self, producer: usize, sequence: u64) {
+        if self.bits.len() <= producer {
+            self.bits.resize(producer + 1, Vec::new());
+        }
+        let words = &mut self.bits[producer];
+        let (word, bit) = ((sequence / 64) as usize, sequence % 64);
+        if words.len() <= word {
+            words.resize(word + 1, 0);
+        }
+        if words[word] & (1 << bit) == 0 {
+            words[word] |= 1 << bit;
+            self.distinct += 1;
+        } else {
+            self.duplicates += 1;
+        }
+    }
+}
+
+pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
+    target.fresh_topic(TOPIC, common.partitions, &[]).await?;
+    let count = common.count_or_default();
+    let duration = common.duration_s.map(Duration::from_secs);
+    if common.record_bytes < HEADER_BYTES {
+        bail!("e2e records carry a {HEADER_BYTES}-byte header: use --record-bytes {HEADER_BYTES} or more");
+    }
+
+    // The group first, so nothing is missed.
+    let latencies = Arc::new(Latencies::default());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let received_bytes = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bar = progress(count, "e2e");
+    let mut consumers = Vec::new();
+    for index in 0..common.consumers.max(1) {
+        let mut config = ConsumerConfig::new(&target.address);
+        config.client_id = format!("lanes-bench-e2e-{index}");
+        let mut consumer = Consumer::connect(config).await?;
+        consumer.subscribe(GroupConfig::new(GROUP, &[TOPIC]))?;
+        let (latencies, seen, received_bytes, done, bar) = (
+            Arc::clone(&latencies),
+            Arc::clone(&seen),
+            Arc::clone(&received_bytes),
+            Arc::clone(&done),
+            bar.clone(),
+        );
+        consumers.push(tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let records = consumer.poll_timeout(Duration::from_millis(50)).await?;
+                let now = now_ns();
+                let mut seen = seen.lock().expect("seen lock poisoned");
+                for record in &records {
+                    let value = &record.value;
+                    let producer = u32::from_be_bytes(value[0..4].try_into().expect("4 bytes")) as usize;
+                    let sequence = u64::from_be_bytes(value[4..12].try_into().expect("8 bytes"));
+                    let sent_ns = u64::from_be_bytes(value[12..20].try_into().expect("8 bytes"));
+                    latencies.record(Duration::from_nanos(now.saturating_sub(sent_ns)));
+                    seen.mark(producer, sequence);
+                    received_bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
+                }
+                bar.inc(records.len() as u64);
+            }
+            consumer.close().await?;
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    wait_for_group(target, common.consumers.max(1), common.partitions).await?;
+
+    let started = Instant::now();
+    let producers = common.producers.max(1) as u64;
+    let deadline = duration.map(|d| Instant::now() + d);
+    let mut tasks = Vec::new();
+    for index in 0..producers {
+        let quota = count.map(|count| count / producers + u64::from(index < count % producers));
+        let rate = common.rate.map(|rate| rate as f64 / producers as f64);
+        let mut config = ProducerConfig::new(&target.address);
+        config.client_id = format!("lanes-bench-e2e-{index}");
+        config.acks = common.acks.into();
+        config.batch_bytes_max = common.batch_bytes;
+        let (sent, record_bytes) = (Arc::clone(&sent), common.record_bytes);
+        tasks.push(tokio::spawn(async move {
+            let producer = Producer::connect(config).await?;
+            let mut sequence = 0u64;
+            let task_started = Instant::now();
+            loop {
+                if quota.is_some_and(|q| sequence >= q) || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                if let Some(rate) = rate
+                    && sequence >= (task_started.elapsed().as_secs_f64() * rate) as u64
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                let mut value = BytesMut::with_capacity(record_bytes);
+                value.put_u32(index as u32);
+                value.put_u64(sequence);
+                value.put_u64(now_ns());
+                value.resize(record_bytes, b'.');
+                producer.send(ProducerRecord::new(TOPIC, value.freeze())).await?;
+                sequence += 1;
+            }
+            producer.close().await?;
+            sent.fetch_add(sequence, Ordering::Relaxed);
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let total = sent.load(Ordering::Relaxed);
+    // Everything sent arrives, or the grace period runs out (then it is lost).
+    let grace = Instant::now() + Duration::from_secs(60);
+    while seen.lock().expect("seen lock poisoned").distinct < total && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    for consumer in consumers {
+        consumer.await??;
+    }
+    bar.finish_and_clear();
+    let seen = seen.lock().expect("seen lock poisoned");
+    Ok(Report {
+        scenario: "e2e",
+        records: seen.distinct,
+        bytes: received_bytes.load(Ordering::Relaxed),
+        seconds,
+        latency: Some(latencies.summary()),
+        lost: Some(total.saturating_sub(seen.distinct)),
+        duplicates: Some(seen.duplicates),
+        ..Report::default()
+    })
+}
+
+/// Waits until the group's members hold every partition between them.
+async fn wait_for_group(target: &Target, members: usize, partitions: u32) -> anyhow::Result<()> {
+    let client = target.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let request = lanes_protocol::messages::DescribeGroupRequest { group: GROUP.into() };
+    loop {
+        if let Ok(group) = client.request(&request).await
+            && group.state == "stable"
+            && group.members.len() == members
+            && group
+                .members
+                .iter()
+                .flat_map(|m| &m.owned)
+                .map(|t| t.partitions.len())
+                .sum::<usize>()
+                == partitions as usize
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the consumer group did not settle");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
