@@ -141,8 +141,10 @@ pub(crate) async fn run(
     let mut stopping = false;
     loop {
         let now = Instant::now();
-        let next_linger = sender.seal(now, false);
+        // Expiry first: a batch it removes may be what held an open batch back, and
+        // nothing else would wake the loop to seal that one.
         sender.expire(now);
+        let next_linger = sender.seal(now, false);
         sender.send(&mut requests, now).await;
         if stopping && requests.is_empty() && sender.idle() {
             return;
