@@ -10,6 +10,7 @@ use anyhow::bail;
 use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom};
 use lanes_protocol::PartitionId;
 
+use crate::latency::Latencies;
 use crate::produce::{self, Load, Sent};
 use crate::report::{AcksArg, Common, Report, progress};
 use crate::target::Target;
@@ -31,6 +32,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
         count: Some(count),
         duration: None,
         rate: None,
+        lanes: None,
     };
     let bar = progress(Some(count), "filling");
     let filled = Arc::new(Sent::default());
@@ -39,6 +41,8 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
     let total = filled.records.load(Ordering::Relaxed);
 
     let read = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    // Latency here is how long each poll that returned records took.
+    let polls = Arc::new(Latencies::default());
     let bar = progress(Some(total), "consume");
     let consumers = common.consumers.max(1) as u32;
     let started = Instant::now();
@@ -46,7 +50,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
     for index in 0..consumers {
         let mut config = ConsumerConfig::new(&target.address);
         config.client_id = format!("lanes-bench-consume-{index}");
-        let (read, bar) = (Arc::clone(&read), bar.clone());
+        let (read, bar, polls) = (Arc::clone(&read), bar.clone(), Arc::clone(&polls));
         let partitions: Vec<PartitionId> = (0..common.partitions)
             .filter(|p| p % consumers == index)
             .map(PartitionId)
@@ -65,7 +69,11 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
                     .await?;
             }
             while read.0.load(Ordering::Relaxed) < total {
+                let asked = Instant::now();
                 let records = consumer.poll_timeout(Duration::from_millis(100)).await?;
+                if !records.is_empty() {
+                    polls.record(asked.elapsed());
+                }
                 let bytes: usize = records.iter().map(|r| r.value.len()).sum();
                 read.0.fetch_add(records.len() as u64, Ordering::Relaxed);
                 read.1.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -88,6 +96,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
         records,
         bytes: read.1.load(Ordering::Relaxed),
         seconds,
+        latency: Some(polls.summary()),
         lost: Some(total.saturating_sub(records)),
         ..Report::default()
     })

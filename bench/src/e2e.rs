@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::bail;
 use bytes::{BufMut, BytesMut};
 use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig};
-use lanes_producer::{Producer, ProducerConfig, ProducerRecord};
+use lanes_producer::{Producer, ProducerRecord};
 
 use crate::latency::Latencies;
 use crate::report::{Common, Report, progress};
@@ -111,10 +111,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
     for index in 0..producers {
         let quota = count.map(|count| count / producers + u64::from(index < count % producers));
         let rate = common.rate.map(|rate| rate as f64 / producers as f64);
-        let mut config = ProducerConfig::new(&target.address);
-        config.client_id = format!("lanes-bench-e2e-{index}");
-        config.acks = common.acks.into();
-        config.batch_bytes_max = common.batch_bytes;
+        let config = common.producer_config(&target.address, format!("lanes-bench-e2e-{index}"));
         let (sent, record_bytes) = (Arc::clone(&sent), common.record_bytes);
         tasks.push(tokio::spawn(async move {
             let producer = Producer::connect(config).await?;

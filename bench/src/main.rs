@@ -30,6 +30,9 @@ enum Scenario {
     Produce {
         #[command(flatten)]
         common: Common,
+        /// Lanes of the topic; records are spread over them round robin.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+        lanes: u8,
     },
     /// Consumers drain a filled topic: throughput.
     Consume {
@@ -94,6 +97,7 @@ enum Scenario {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    lanes_bench::report::MEMORY.start();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -128,9 +132,9 @@ fn print(report: &Report, json: bool) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.scenario {
-        Scenario::Produce { common } => {
+        Scenario::Produce { common, lanes } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = produce::run(&target, &common).await;
+            let report = produce::run(&target, &common, lanes).await;
             target.stop().await?;
             print(&report?, common.json);
         }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::bail;
 use bytes::Bytes;
 use lanes_consumer::{ConsumerRecord, Worker, WorkerConfig};
-use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
+use lanes_producer::{LaneSelector, Producer, ProducerRecord};
 use serde_json::json;
 
 use crate::latency::Latencies;
@@ -164,9 +164,7 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
     let producers = common.producers.max(1) as u64;
     let mut shops = Vec::new();
     for index in 0..producers {
-        let mut producer_config = ProducerConfig::new(&target.address);
-        producer_config.client_id = format!("shop-{index}");
-        producer_config.acks = common.acks.into();
+        let producer_config = common.producer_config(&target.address, format!("shop-{index}"));
         let (orders, cancel_one_in, rate) = (config.orders, config.cancel_one_in, common.rate);
         shops.push(tokio::spawn(async move {
             let producer = Producer::connect(producer_config).await?;

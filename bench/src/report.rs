@@ -31,8 +31,11 @@ impl From<AcksArg> for lanes_protocol::messages::Acks {
 #[derive(Clone, Debug, clap::Args)]
 pub struct Common {
     /// Run against this broker (host:port) instead of an embedded one.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "embedded")]
     pub broker: Option<String>,
+    /// Run a broker in this process on a temp dir (the default).
+    #[arg(long)]
+    pub embedded: bool,
     /// The embedded broker's fsync policy: always (group commit), interval or never.
     #[arg(long, default_value = "always")]
     pub fsync: lanes_broker::config::FsyncMode,
@@ -52,11 +55,14 @@ pub struct Common {
     pub partitions: u32,
     #[arg(long, value_enum, default_value_t = AcksArg::Durable)]
     pub acks: AcksArg,
+    /// How long a producer's batch waits for more records (lane 0 never waits).
+    #[arg(long, default_value_t = 0)]
+    pub linger_ms: u64,
     /// Records to send (default 1,000,000 unless --duration-s is given).
     #[arg(long)]
     pub count: Option<u64>,
     /// Send for this long instead of a count.
-    #[arg(long)]
+    #[arg(long, visible_alias = "duration")]
     pub duration_s: Option<u64>,
     /// Records per second over all producers (open loop); default: as fast as possible.
     #[arg(long)]
@@ -70,6 +76,16 @@ pub struct Common {
 }
 
 impl Common {
+    /// A producer configured by these settings.
+    pub fn producer_config(&self, address: &str, client_id: String) -> lanes_producer::ProducerConfig {
+        let mut config = lanes_producer::ProducerConfig::new(address);
+        config.client_id = client_id;
+        config.acks = self.acks.into();
+        config.batch_bytes_max = self.batch_bytes;
+        config.linger = Duration::from_millis(self.linger_ms);
+        config
+    }
+
     /// The count to send when bounded by count (and the default).
     pub fn count_or_default(&self) -> Option<u64> {
         match (self.count, self.duration_s) {
@@ -123,6 +139,8 @@ impl Report {
             "mb_per_s": round(self.mb_per_s()),
             "latency_ms": self.latency.map_or(Value::Null, Summary::to_json),
             "errors": self.errors,
+            "peak_rss_mib": peak_rss_mib(),
+            "peak_anon_mib": MEMORY.peak_anon_mib(),
         });
         let map = object.as_object_mut().expect("an object");
         if let Some(lost) = self.lost {
@@ -185,6 +203,12 @@ impl Report {
                 out += &row(&lane.lane, latency);
             }
         }
+        if let Some(rss) = peak_rss_mib() {
+            out += &format!(
+                "peak memory of this process (with an embedded broker): {:.0} MiB anonymous, {rss:.0} MiB resident with mapped log pages\n",
+                MEMORY.peak_anon_mib().unwrap_or(0.0)
+            );
+        }
         if let Some(lost) = self.lost {
             out += &format!("lost: {lost}\n");
         }
@@ -195,6 +219,67 @@ impl Report {
             out += &format!("{key}: {value}\n");
         }
         out
+    }
+}
+
+/// This process's peak resident memory (VmHWM), which includes an embedded broker. It
+/// counts the pages of mapped segments that reads touched (page cache the kernel can
+/// drop), so [`MEMORY`]'s anonymous peak is the figure for memory the process holds.
+pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+fn status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// The kernel keeps no peak of anonymous memory (heap, stacks, buffers), so a thread
+/// samples it every 50 ms from the first use on.
+pub static MEMORY: MemorySampler = MemorySampler {
+    peak_anon_kib: std::sync::atomic::AtomicU64::new(0),
+    started: std::sync::Once::new(),
+};
+
+#[derive(Debug)]
+pub struct MemorySampler {
+    peak_anon_kib: std::sync::atomic::AtomicU64,
+    started: std::sync::Once,
+}
+
+impl MemorySampler {
+    /// Starts sampling (once per process).
+    pub fn start(&'static self) {
+        self.started.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("memory-sampler".into())
+                .spawn(move || {
+                    loop {
+                        self.sample();
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "cannot sample memory");
+            }
+        });
+    }
+
+    fn sample(&self) {
+        if let Some(mib) = status_mib("RssAnon:") {
+            let kib = (mib * 1024.0) as u64;
+            self.peak_anon_kib
+                .fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The highest anonymous resident memory seen, including now.
+    pub fn peak_anon_mib(&self) -> Option<f64> {
+        self.sample();
+        let kib = self.peak_anon_kib.load(std::sync::atomic::Ordering::Relaxed);
+        (kib > 0).then(|| (kib as f64 / 1024.0 * 10.0).round() / 10.0)
     }
 }
 

@@ -26,7 +26,7 @@
 mod record;
 mod sender;
 
-use std::collections::HashMap;
+use bytes::BytesMut;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -202,7 +202,10 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Producer {
     shared: Arc<Shared>,
-    topics: tokio::sync::Mutex<HashMap<String, Arc<TopicInfo>>>,
+    /// Topics already looked up: every `send` reads it, so a plain lock and a fast hash.
+    topics: Mutex<foldhash::HashMap<String, Arc<TopicInfo>>>,
+    /// Held while a topic is looked up or created, so that happens once per topic.
+    topic_lookup: tokio::sync::Mutex<()>,
     /// For metadata and topic creation; replaced when its connection is lost.
     admin: tokio::sync::Mutex<Arc<Client>>,
     commands: mpsc::Sender<Command>,
@@ -245,7 +248,8 @@ impl Producer {
         ));
         Ok(Producer {
             shared,
-            topics: tokio::sync::Mutex::new(HashMap::new()),
+            topics: Mutex::new(foldhash::HashMap::default()),
+            topic_lookup: tokio::sync::Mutex::new(()),
             admin: tokio::sync::Mutex::new(admin),
             commands,
             sender: Mutex::new(Some(task)),
@@ -297,14 +301,17 @@ impl Producer {
             let abandon = &self.shared.abandon;
             let open = accumulator.open.entry(key.clone()).or_insert_with(|| {
                 wake = true;
-                OpenBatch::new(limits, abandon)
+                OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST)
             });
             let pushed = open
                 .builder
                 .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
             let pushed = match pushed {
                 Err(BuildError::BatchFull) => {
-                    let full = std::mem::replace(open, OpenBatch::new(limits, abandon));
+                    // Its lane log fills batches: the next one gets its full size at once
+                    // rather than growing (each growth copies the batch).
+                    let next = OpenBatch::new(limits, abandon, batch_bytes_max as usize);
+                    let full = std::mem::replace(open, next);
                     accumulator.closed.push_back((key.clone(), full));
                     wake = true;
                     let open = accumulator.open.get_mut(&key).expect("just replaced");
@@ -371,12 +378,22 @@ impl Producer {
     /// The topic's partitions and lanes, from the broker (cached); a missing topic is
     /// created when the config says so.
     async fn topic(&self, name: &str) -> Result<Arc<TopicInfo>, ProduceError> {
-        let mut topics = self.topics.lock().await;
-        if let Some(info) = topics.get(name) {
-            return Ok(Arc::clone(info));
+        let cached = |producer: &Producer| {
+            let topics = producer.topics.lock().expect("topics lock poisoned");
+            topics.get(name).map(Arc::clone)
+        };
+        if let Some(info) = cached(self) {
+            return Ok(info);
+        }
+        let _lookup = self.topic_lookup.lock().await;
+        if let Some(info) = cached(self) {
+            return Ok(info);
         }
         let info = Arc::new(self.fetch_topic(name).await?);
-        topics.insert(name.to_owned(), Arc::clone(&info));
+        self.topics
+            .lock()
+            .expect("topics lock poisoned")
+            .insert(name.to_owned(), Arc::clone(&info));
         Ok(info)
     }
 
@@ -480,10 +497,14 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What a lane log's first open batch allocates; it grows from there as needed.
+const BATCH_CAPACITY_FIRST: usize = 16 * 1024;
+
 impl OpenBatch {
-    fn new(limits: BatchLimits, abandon: &Arc<Abandon>) -> OpenBatch {
+    fn new(limits: BatchLimits, abandon: &Arc<Abandon>, capacity: usize) -> OpenBatch {
+        let capacity = capacity.min(limits.batch_bytes_max as usize);
         OpenBatch {
-            builder: RecordBatchBuilder::new(limits),
+            builder: RecordBatchBuilder::with_buffer(BytesMut::with_capacity(capacity), limits),
             result: Arc::new(BatchResult::new(Arc::clone(abandon))),
             opened_at: tokio::time::Instant::now(),
             reserved: 0,

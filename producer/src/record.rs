@@ -22,7 +22,9 @@ pub enum LaneSelector {
 /// One record to send.
 #[derive(Clone, Debug)]
 pub struct ProducerRecord {
-    pub topic: String,
+    /// Shared, so that sending many records to one topic allocates nothing per record:
+    /// keep an `Arc<str>` and clone it.
+    pub topic: Arc<str>,
     pub key: Option<Bytes>,
     pub value: Bytes,
     pub headers: Vec<(Bytes, Option<Bytes>)>,
@@ -34,7 +36,7 @@ pub struct ProducerRecord {
 }
 
 impl ProducerRecord {
-    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> ProducerRecord {
         ProducerRecord {
             topic: topic.into(),
             key: None,
@@ -96,6 +98,9 @@ pub struct RecordMetadata {
     /// `None` with `acks = none` (the broker does not answer), or when a retry found the
     /// record appended so long ago that the broker no longer knows its offset.
     pub offset: Option<Offset>,
+    /// When the producer learned of the acknowledgement (before any task waiting for
+    /// it ran): for measuring acknowledgement latency.
+    pub acknowledged_at: std::time::Instant,
 }
 
 /// Raised when the producer is dropped without `close`: its sender is gone, so
@@ -118,6 +123,7 @@ impl Abandon {
 pub(crate) struct BatchResult {
     /// The batch's base offset (`None` with `acks = none`), or why it failed.
     outcome: OnceLock<Result<Option<Offset>, ProduceError>>,
+    completed_at: OnceLock<std::time::Instant>,
     done: Notify,
     abandon: Arc<Abandon>,
 }
@@ -126,12 +132,15 @@ impl BatchResult {
     pub(crate) fn new(abandon: Arc<Abandon>) -> BatchResult {
         BatchResult {
             outcome: OnceLock::new(),
+            completed_at: OnceLock::new(),
             done: Notify::new(),
             abandon,
         }
     }
 
     pub(crate) fn complete(&self, outcome: Result<Option<Offset>, ProduceError>) {
+        // The time first: whoever sees the outcome finds the time set.
+        let _ = self.completed_at.set(std::time::Instant::now());
         if self.outcome.set(outcome).is_ok() {
             self.done.notify_waiters();
         }
@@ -164,14 +173,30 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// The outcome if it is already known, without waiting.
+    pub fn try_outcome(&self) -> Option<Result<RecordMetadata, ProduceError>> {
+        let outcome = self.batch.outcome.get()?.clone();
+        Some(outcome.map(|base| self.metadata(base)))
+    }
+
+    fn metadata(&self, base: Option<Offset>) -> RecordMetadata {
+        RecordMetadata {
+            partition: self.partition,
+            lane: self.lane,
+            offset: base.map(|base| base.plus(u64::from(self.index))),
+            acknowledged_at: self
+                .batch
+                .completed_at
+                .get()
+                .copied()
+                .unwrap_or_else(std::time::Instant::now),
+        }
+    }
+
     /// Waits until the broker has acknowledged the record (as the producer's `acks`
     /// ask) or the producer gave up on it.
     pub async fn wait(self) -> Result<RecordMetadata, ProduceError> {
         let base = self.batch.wait().await?;
-        Ok(RecordMetadata {
-            partition: self.partition,
-            lane: self.lane,
-            offset: base.map(|base| base.plus(u64::from(self.index))),
-        })
+        Ok(self.metadata(base))
     }
 }

@@ -18,7 +18,7 @@
 //! waiting batches, none of them in the log, are renumbered from 0. Renumbering a batch
 //! that might be in the log would append it twice.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub(crate) struct OpenBatch {
 /// Batches between `send` and the sender: open ones per lane log, and full ones.
 #[derive(Debug, Default)]
 pub(crate) struct Accumulator {
-    pub(crate) open: HashMap<LogKey, OpenBatch>,
+    pub(crate) open: foldhash::HashMap<LogKey, OpenBatch>,
     pub(crate) closed: VecDeque<(LogKey, OpenBatch)>,
 }
 
@@ -115,7 +115,7 @@ type Request = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 struct Sender {
     shared: Arc<Shared>,
-    logs: HashMap<LogKey, LogState>,
+    logs: foldhash::HashMap<LogKey, LogState>,
     next_number: u64,
     client: Option<Arc<Client>>,
     reconnect_at: Instant,
@@ -131,7 +131,7 @@ pub(crate) async fn run(
 ) {
     let mut sender = Sender {
         shared: Arc::clone(&shared),
-        logs: HashMap::new(),
+        logs: foldhash::HashMap::default(),
         next_number: 0,
         client: Some(client),
         reconnect_at: Instant::now(),

@@ -32,8 +32,12 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
         .into_iter()
         .enumerate()
         .map(|(topic_index, topic_request)| {
-            // Creating a missing topic touches the disk: do not stall this worker.
-            let topic = blocking(|| broker.topics.get_or_create(&topic_request.name));
+            // Creating a missing topic touches the disk: do not stall this worker. Only
+            // then: handing the worker over costs a thread wake-up per request.
+            let topic = match broker.topics.get(&topic_request.name) {
+                Some(topic) => Ok(topic),
+                None => blocking(|| broker.topics.get_or_create(&topic_request.name)),
+            };
             let mut lane_index = 0;
             topic_request.map_lanes(|_, partition, lane| {
                 let lane_id = lane.lane;
