@@ -14,7 +14,6 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::FsyncMode;
 use crate::topic::LogHandle;
 
 #[derive(Debug, Default)]
@@ -33,15 +32,16 @@ struct Shared {
 
 #[derive(Debug)]
 pub struct Syncer {
-    mode: FsyncMode,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
 }
 
 impl Syncer {
-    /// Starts `threads` sync threads, and a ticker for `fsync = interval`.
-    pub fn start(mode: FsyncMode, threads: u32, interval: Duration) -> Arc<Syncer> {
+    /// Starts `threads` sync threads, and a ticker that queues the lane logs whose
+    /// `fsync = interval` is due every `tick`. Each lane log has its own policy (topics
+    /// override the broker's), so the ticker always runs.
+    pub fn start(threads: u32, tick: Duration) -> Arc<Syncer> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
@@ -56,10 +56,8 @@ impl Syncer {
                     .expect("spawn a sync thread")
             })
             .collect();
-        if mode == FsyncMode::Interval {
+        {
             let shared = Arc::clone(&shared);
-            // Check twice per interval, so no append waits much more than the interval.
-            let tick = (interval / 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
             handles.push(
                 std::thread::Builder::new()
                     .name("lanes-fsync-ticker".into())
@@ -68,16 +66,10 @@ impl Syncer {
             );
         }
         Arc::new(Syncer {
-            mode,
             shared,
             threads: Mutex::new(handles),
             stopped: AtomicBool::new(false),
         })
-    }
-
-    /// Whether every append should queue its log for an fsync.
-    pub fn syncs_on_append(&self) -> bool {
-        self.mode == FsyncMode::Always
     }
 
     pub(crate) fn register(&self, handle: &Arc<LogHandle>) {
@@ -148,7 +140,15 @@ fn sync_loop(shared: &Shared) {
         };
         // Cleared before the fsync: an append that arrives during it queues the log again.
         handle.sync_queued.store(false, Ordering::Release);
+        let (rounds, started) = (handle.log.sync_rounds(), Instant::now());
         let result = handle.log.flush();
+        // Only flushes that ran an fsync round count (another caller may have done it).
+        let ran = handle.log.sync_rounds().saturating_sub(rounds);
+        if ran > 0 {
+            metrics::counter!(crate::metrics::FSYNCS).increment(ran);
+            metrics::histogram!(crate::metrics::FSYNC_DURATION_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+        }
         handle.synced(result);
     }
 }

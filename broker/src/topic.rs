@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::config::{Durability, FsyncMode, Settings, parse_lane_names};
 use crate::durability::Syncer;
 use crate::scheduler::{LanePolicy, WEIGHT_MAX, default_weights};
-use crate::storage::{AppendOutcome, LaneLog, StorageError, files};
+use crate::storage::{AppendOutcome, FsyncPolicy, LaneLog, StorageError, files};
 
 /// A topic's settings, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,13 @@ pub struct TopicSpec {
     pub lane_retention_ms: BTreeMap<String, i64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lane_retention_bytes: BTreeMap<String, i64>,
+    /// Overrides of the broker's `segment_bytes_max`, `fsync` and `fsync_interval_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_bytes_max: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsync: Option<FsyncMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsync_interval_ms: Option<u64>,
 }
 
 /// Why a topic operation failed, with its wire code.
@@ -135,6 +142,9 @@ impl TopicSpec {
             lane_policy: settings.topic_lane_policy_default,
             lane_retention_ms: BTreeMap::new(),
             lane_retention_bytes: BTreeMap::new(),
+            segment_bytes_max: None,
+            fsync: None,
+            fsync_interval_ms: None,
         })
     }
 
@@ -169,6 +179,21 @@ impl TopicSpec {
                     .collect::<Option<Vec<u32>>>()
                     .ok_or_else(|| bad("comma-separated weights from 1 to 1048576, one per lane"))?;
             }
+            "segment_bytes_max" => {
+                let value = config.value.parse().map_err(|_| bad("a number of bytes"))?;
+                self.segment_bytes_max = Some(value);
+            }
+            "fsync" => {
+                let value = config
+                    .value
+                    .parse()
+                    .map_err(|_| bad("always, interval or never"))?;
+                self.fsync = Some(value);
+            }
+            "fsync_interval_ms" => {
+                let value = config.value.parse().ok().filter(|ms| *ms > 0);
+                self.fsync_interval_ms = Some(value.ok_or_else(|| bad("at least 1 (ms)"))?);
+            }
             _ if key.starts_with("retention_ms.") => {
                 let value = retention(&config.value).ok_or_else(|| bad("-1 or ≥ 0"))?;
                 self.lane_retention_ms
@@ -182,7 +207,8 @@ impl TopicSpec {
             other => {
                 return Err(TopicError::InvalidConfig(format!(
                     "unknown topic setting {other:?}; known: durability, retention_ms, retention_bytes, \
-                     lane_policy, lane_weights, retention_ms.<lane>, retention_bytes.<lane>"
+                     lane_policy, lane_weights, retention_ms.<lane>, retention_bytes.<lane>, \
+                     segment_bytes_max, fsync, fsync_interval_ms"
                 )));
             }
         }
@@ -216,7 +242,10 @@ impl TopicSpec {
                 )));
             }
         }
-        Ok(())
+        // The overrides must make sense with the broker's other settings.
+        self.log_settings(settings)
+            .validate()
+            .map_err(|error| TopicError::InvalidConfig(error.to_string()))
     }
 
     /// The lane weights (the defaults for specs written before weights existed).
@@ -247,6 +276,21 @@ impl TopicSpec {
         )
     }
 
+    /// The broker's settings with this topic's overrides of them.
+    pub fn log_settings(&self, settings: &Settings) -> Settings {
+        let mut settings = settings.clone();
+        if let Some(value) = self.segment_bytes_max {
+            settings.segment_bytes_max = value;
+        }
+        if let Some(value) = self.fsync {
+            settings.fsync = value;
+        }
+        if let Some(value) = self.fsync_interval_ms {
+            settings.fsync_interval_ms = value;
+        }
+        settings
+    }
+
     /// The settings as key-value pairs, as Metadata shows them.
     pub fn configs(&self) -> Vec<TopicConfig> {
         let weights: Vec<String> = self.weights().iter().map(u32::to_string).collect();
@@ -262,6 +306,15 @@ impl TopicSpec {
         }
         for (lane, value) in &self.lane_retention_bytes {
             configs.push((format!("retention_bytes.{lane}"), value.to_string()));
+        }
+        if let Some(value) = self.segment_bytes_max {
+            configs.push(("segment_bytes_max".into(), value.to_string()));
+        }
+        if let Some(value) = self.fsync {
+            configs.push(("fsync".into(), value.to_string()));
+        }
+        if let Some(value) = self.fsync_interval_ms {
+            configs.push(("fsync_interval_ms".into(), value.to_string()));
         }
         configs
             .into_iter()
@@ -284,6 +337,7 @@ pub struct LaneCounters {
     pub produce_bytes: metrics::Counter,
     pub produce_records: metrics::Counter,
     pub fetch_bytes: metrics::Counter,
+    pub fetch_records: metrics::Counter,
 }
 
 impl LaneCounters {
@@ -293,6 +347,7 @@ impl LaneCounters {
             produce_bytes: metrics::counter!(crate::metrics::PRODUCE_BYTES, &labels),
             produce_records: metrics::counter!(crate::metrics::PRODUCE_RECORDS, &labels),
             fetch_bytes: metrics::counter!(crate::metrics::FETCH_BYTES, &labels),
+            fetch_records: metrics::counter!(crate::metrics::FETCH_RECORDS, &labels),
         }
     }
 }
@@ -360,7 +415,7 @@ impl LogHandle {
         if self.visibility == Durability::Written {
             self.publish_visible(self.log.next_offset());
         }
-        if self.syncer.syncs_on_append() && !outcome.duplicate {
+        if self.log.config().fsync == FsyncPolicy::Always && !outcome.duplicate {
             self.syncer.request(self);
         }
         Ok(outcome)
@@ -515,7 +570,8 @@ impl Topics {
     }
 
     fn open_topic(&self, spec: TopicSpec) -> Result<Arc<Topic>, TopicError> {
-        let visibility = match self.settings.fsync {
+        let settings = spec.log_settings(&self.settings);
+        let visibility = match settings.fsync {
             FsyncMode::Never => Durability::Written,
             _ => spec.durability,
         };
@@ -524,7 +580,7 @@ impl Topics {
             let mut lanes = Vec::with_capacity(spec.lanes.len());
             for lane in 0..spec.lanes.len() {
                 let (retention_ms, retention_bytes) = spec.lane_retention(lane);
-                let config = self.settings.log_config(retention_ms, retention_bytes);
+                let config = settings.log_config(retention_ms, retention_bytes);
                 let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config)?;
                 let counters = LaneCounters::new(&spec.name, &spec.lanes[lane]);
                 lanes.push(LogHandle::new(
@@ -546,6 +602,29 @@ impl Topics {
 
     pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
         self.read().get(name).cloned()
+    }
+
+    /// Sets the per-lane gauges of the logs on disk: segments, bytes and records not yet
+    /// fsynced, each summed over the topic's partitions.
+    pub fn record_log_metrics(&self) {
+        for topic in self.list() {
+            let lanes = topic.spec.lanes.len();
+            let (mut segments, mut bytes, mut unsynced) =
+                (vec![0u64; lanes], vec![0u64; lanes], vec![0u64; lanes]);
+            for (_, lane, handle) in topic.logs() {
+                let stats = handle.log.stats();
+                let lane = usize::from(lane.0);
+                segments[lane] += stats.segments as u64;
+                bytes[lane] += stats.size_bytes;
+                unsynced[lane] += stats.next_offset.0.saturating_sub(stats.durable_offset.0);
+            }
+            for (lane, name) in topic.spec.lanes.iter().enumerate() {
+                let labels = [("topic", topic.spec.name.clone()), ("lane", name.clone())];
+                metrics::gauge!(crate::metrics::LOG_SEGMENTS, &labels).set(segments[lane] as f64);
+                metrics::gauge!(crate::metrics::LOG_BYTES, &labels).set(bytes[lane] as f64);
+                metrics::gauge!(crate::metrics::LOG_UNSYNCED_RECORDS, &labels).set(unsynced[lane] as f64);
+            }
+        }
     }
 
     /// Every topic, sorted by name.

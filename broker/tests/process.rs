@@ -700,6 +700,8 @@ async fn per_lane_metrics_are_exported() {
     let mut commit = group_commit(&joined.member_id, 0, 5);
     commit.topics[0].partitions[0].lanes[0].lane = Lane(0);
     client.request(&commit).await.unwrap();
+    // A commit from a member that does not exist: rejected, and counted.
+    assert!(client.request(&group_commit("nobody", 0, 1)).await.is_err());
     read_back(&broker.address, "orders", 25).await;
 
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -718,11 +720,46 @@ async fn per_lane_metrics_are_exported() {
             series_value(&metrics, "lanes_group_backlog_bytes", &group_bulk),
             series_value(&metrics, "lanes_group_oldest_unconsumed_age_seconds", &group_bulk),
         );
-        if let (Some(5.0), Some(20.0), Some(fetched), Some(20.0), Some(0.0), Some(bytes), Some(age)) = found {
+        let operations = (
+            series_value(&metrics, "lanes_fetch_records_total", &bulk),
+            series_value(&metrics, "lanes_log_segments", &bulk),
+            series_value(&metrics, "lanes_log_bytes", &bulk),
+            series_value(&metrics, "lanes_log_unsynced_records", &bulk),
+            series_value(&metrics, "lanes_fsync_total", &[]),
+        );
+        if let (Some(5.0), Some(20.0), Some(fetched), Some(20.0), Some(0.0), Some(bytes), Some(age)) = found
+            && let (Some(fetched_records), Some(segments), Some(log_bytes), Some(0.0), Some(fsyncs)) =
+                operations
+        {
             assert!(fetched > 0.0 && bytes > 0.0 && age >= 0.0, "{found:?}");
             assert!(
                 metrics.contains("# HELP lanes_group_backlog_records"),
                 "described"
+            );
+            // Every bulk record was read once; each partition has a segment; what is on
+            // disk holds at least the records' values.
+            assert_eq!(fetched_records, 20.0, "{operations:?}");
+            assert!(
+                segments >= 1.0 && log_bytes >= 20.0 * 2.0 && fsyncs >= 1.0,
+                "{operations:?}"
+            );
+            let at_least_one = |name: &str, labels: &[&str]| {
+                let value = series_value(&metrics, name, labels);
+                assert!(
+                    value.is_some_and(|v| v >= 1.0),
+                    "{name} {labels:?}: {value:?}\n{metrics}"
+                );
+            };
+            at_least_one("lanes_requests_total", &["api=\"produce\""]);
+            at_least_one("lanes_requests_total", &["api=\"fetch\""]);
+            at_least_one("lanes_request_duration_seconds_count", &["api=\"produce\""]);
+            at_least_one("lanes_fsync_duration_seconds_count", &[]);
+            at_least_one("lanes_group_rebalances_total", &["group=\"fulfilment\""]);
+            at_least_one("lanes_connections ", &[]);
+            at_least_one("lanes_connections_total", &[]);
+            at_least_one(
+                "lanes_rejected_total",
+                &["api=\"offset_commit\"", "code=\"UNKNOWN_MEMBER\""],
             );
             break;
         }
@@ -732,4 +769,72 @@ async fn per_lane_metrics_are_exported() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `lanes-broker --print-config` with `env` set and every other `LANES_` variable of the
+/// test's own environment removed; its output, or its error.
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> Result<lanes_broker::Settings, String> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lanes-broker"));
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("LANES_")) {
+        command.env_remove(name);
+    }
+    let output = command
+        .args(args)
+        .arg("--print-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(toml::from_str(&String::from_utf8_lossy(&output.stdout)).unwrap())
+}
+
+/// Each setting comes from the first source that sets it: flag, then environment, then
+/// file, then default; and a bad value stops the start with an error naming its key.
+#[test]
+fn configuration_sources_take_precedence_and_bad_values_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lanes.toml");
+    std::fs::write(
+        &file,
+        "segment_bytes_max = 1000000\nfsync_interval_ms = 30\nconnections_max = 300\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let settings = print_config(
+        &["--config", file, "--segment-bytes-max", "3000000"],
+        &[
+            ("LANES_SEGMENT_BYTES_MAX", "2000000"),
+            ("LANES_FSYNC_INTERVAL_MS", "20"),
+        ],
+    )
+    .unwrap();
+    let defaults = lanes_broker::Settings::default();
+    assert_eq!(
+        settings.segment_bytes_max, 3_000_000,
+        "the flag beats env and file"
+    );
+    assert_eq!(settings.fsync_interval_ms, 20, "the environment beats the file");
+    assert_eq!(settings.connections_max, 300, "the file beats the default");
+    assert_eq!(
+        settings.retention_check_ms, defaults.retention_check_ms,
+        "the default"
+    );
+    assert_ne!(defaults.connections_max, 300);
+
+    // Bad values, from each source: the error names the setting.
+    let flag = print_config(&["--fsync", "sometimes"], &[]).unwrap_err();
+    assert!(flag.contains("fsync"), "{flag}");
+    let env = print_config(&[], &[("LANES_CONNECTIONS_MAX", "many")]).unwrap_err();
+    assert!(
+        env.contains("connections-max") || env.contains("connections_max"),
+        "{env}"
+    );
+    std::fs::write(dir.path().join("bad.toml"), "segment_bytes_max = \"big\"\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    let in_file = print_config(&["--config", bad.to_str().unwrap()], &[]).unwrap_err();
+    assert!(in_file.contains("segment_bytes_max"), "{in_file}");
+    let invalid = print_config(&["--fsync", "interval", "--fsync-interval-ms", "0"], &[]).unwrap_err();
+    assert!(invalid.contains("fsync_interval_ms"), "{invalid}");
 }

@@ -157,6 +157,22 @@ pub fn peek_prefix(buf: &[u8]) -> Option<(Offset, u32)> {
     ))
 }
 
+/// Sums the record counts of the whole batches in `buf` (concatenated, as a fetch
+/// returns them), from their headers alone; stops at anything that is not a whole batch.
+pub fn count_records(buf: &[u8]) -> u64 {
+    let mut at = 0;
+    let mut records = 0u64;
+    while let Some((_, length)) = peek_prefix(&buf[at..]) {
+        let length = length as usize;
+        if length < HEADER_BYTES || at + length > buf.len() {
+            break;
+        }
+        records += u64::from(read_u32(&buf[at..], RECORD_COUNT_AT));
+        at += length;
+    }
+    records
+}
+
 /// Writes the broker-assigned offset of the batch's first record. Does not touch the
 /// checksum, which does not cover this field.
 pub fn stamp_base_offset(batch: &mut [u8], base_offset: Offset) {

@@ -103,7 +103,7 @@ struct Group {
 
 impl Group {
     /// Recomputes the target; a changed target is a new generation.
-    fn rebalance(&mut self, topics: &Topics) {
+    fn rebalance(&mut self, name: &str, topics: &Topics) {
         let mut universe = BTreeSet::new();
         let subscribed: BTreeSet<&String> = self.members.values().flat_map(|m| &m.topics).collect();
         for name in subscribed {
@@ -125,6 +125,9 @@ impl Group {
         if target != self.target {
             self.target = target;
             self.generation = self.generation.wrapping_add(1);
+            metrics::counter!(crate::metrics::GROUP_REBALANCES, "group" => name.to_owned()).increment(1);
+            tracing::info!(group = %name, generation = self.generation, members = self.members.len(),
+                partitions = self.target.len(), "group rebalanced");
         }
     }
 
@@ -331,7 +334,7 @@ impl Coordinator {
             );
             group.empty_since = None;
             tracing::info!(group = %request.group, member = %member_id, "member joined");
-            group.rebalance(topics);
+            group.rebalance(&request.group, topics);
             member_id
         } else {
             let Some(member) = group.members.get_mut(&request.member_id) else {
@@ -344,7 +347,7 @@ impl Coordinator {
             member.deadline = now + session;
             if member.topics != subscription {
                 member.topics = subscription;
-                group.rebalance(topics);
+                group.rebalance(&request.group, topics);
             }
             request.member_id.clone()
         };
@@ -388,7 +391,7 @@ impl Coordinator {
         let mut groups = self.groups();
         let group = member_group(&mut groups, group_name, member_id)?;
         group.remove_member(member_id, Instant::now());
-        group.rebalance(topics);
+        group.rebalance(group_name, topics);
         tracing::info!(group = %group_name, member = %member_id, "member left");
         Ok(())
     }
@@ -669,7 +672,7 @@ impl Coordinator {
                     group.remove_member(member, now);
                 }
                 if !expired.is_empty() || topics_changed {
-                    group.rebalance(topics);
+                    group.rebalance(name, topics);
                 }
                 if group
                     .empty_since

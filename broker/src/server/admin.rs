@@ -14,7 +14,8 @@ use lanes_protocol::{ErrorCode, Offset, PartitionId};
 use super::{Broker, blocking};
 use crate::topic::{Topic, TopicError, TopicSpec, storage_error_code};
 
-fn refused(id: u32, error: &TopicError) -> Vec<Bytes> {
+fn refused(api: &'static str, id: u32, error: &TopicError) -> Vec<Bytes> {
+    crate::metrics::rejected(api, error.code());
     encode_error_response(id, error.code(), &error.to_string())
 }
 
@@ -23,7 +24,7 @@ pub(super) fn create_topic(broker: &Arc<Broker>, id: u32, request: &CreateTopicR
         .and_then(|spec| blocking(|| broker.topics.create(spec)));
     match created {
         Ok(_) => encode_response(id, &CreateTopicResponse),
-        Err(error) => refused(id, &error),
+        Err(error) => refused("create_topic", id, &error),
     }
 }
 
@@ -36,7 +37,7 @@ pub(super) fn delete_topic(broker: &Arc<Broker>, id: u32, request: &DeleteTopicR
     };
     match blocking(|| broker.topics.delete(&request.name, forget)) {
         Ok(()) => encode_response(id, &DeleteTopicResponse),
-        Err(error) => refused(id, &error),
+        Err(error) => refused("delete_topic", id, &error),
     }
 }
 
@@ -49,7 +50,10 @@ pub(super) fn init_producer_id(broker: &Arc<Broker>, id: u32) -> Vec<Bytes> {
                 producer_epoch: 0,
             },
         ),
-        Err(error) => encode_error_response(id, storage_error_code(&error), &error.to_string()),
+        Err(error) => {
+            crate::metrics::rejected("init_producer_id", storage_error_code(&error));
+            encode_error_response(id, storage_error_code(&error), &error.to_string())
+        }
     }
 }
 

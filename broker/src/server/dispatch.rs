@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use lanes_protocol::api::{RequestError, decode_request, encode_error_response, encode_response};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fetch::LaneCredit;
 use super::{Broker, VERSION, admin, fetch, group, produce};
+use crate::metrics;
 
 /// A response frame to come; `None` for requests answered with silence (acks = none).
 pub(super) type ResponseFuture = Pin<Box<dyn Future<Output = Option<Vec<Bytes>>> + Send>>;
@@ -57,13 +59,17 @@ pub(super) fn dispatch(
         Err(error) => return refuse(&error),
     };
     let id = header.correlation_id;
+    let api = metrics::api_name(&request);
+    ::metrics::counter!(metrics::REQUESTS, "api" => api).increment(1);
     if !session.handshaken {
         if header.api_key != ApiKey::ApiVersions as u16 {
             let message = "the first request on a connection must be ApiVersions";
+            metrics::rejected(api, ErrorCode::HandshakeRequired);
             return answer(encode_error_response(id, ErrorCode::HandshakeRequired, message));
         }
         session.handshaken = true;
     }
+    let started = Instant::now();
     let frame = match request {
         Request::ApiVersions(_) => ready(encode_response(id, &ApiVersionsResponse::supported(VERSION))),
         Request::CreateTopic(request) => ready(admin::create_topic(broker, id, &request)),
@@ -87,6 +93,12 @@ pub(super) fn dispatch(
         Request::DescribeGroup(request) => ready(group::describe(broker, id, &request)),
         Request::ListGroups(_) => ready(group::list(broker, id)),
     };
+    let frame = Box::pin(async move {
+        let frame = frame.await;
+        ::metrics::histogram!(metrics::REQUEST_DURATION_SECONDS, "api" => api)
+            .record(started.elapsed().as_secs_f64());
+        frame
+    });
     Reply { frame, close: false }
 }
 
@@ -94,13 +106,15 @@ pub(super) fn dispatch(
 /// correlation id to answer to: answer 0 and close.
 fn refuse(error: &RequestError) -> Reply {
     match error.answer() {
-        Some((header, code, message)) => answer(encode_error_response(header.correlation_id, code, &message)),
+        Some((header, code, message)) => {
+            metrics::rejected("undecodable", code);
+            answer(encode_error_response(header.correlation_id, code, &message))
+        }
         None => Reply {
-            frame: ready(encode_error_response(
-                0,
-                ErrorCode::MalformedRequest,
-                &error.to_string(),
-            )),
+            frame: ready({
+                metrics::rejected("undecodable", ErrorCode::MalformedRequest);
+                encode_error_response(0, ErrorCode::MalformedRequest, &error.to_string())
+            }),
             close: true,
         },
     }

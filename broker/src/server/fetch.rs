@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::future::select_all;
 use lanes_protocol::api::encode_response;
 use lanes_protocol::messages::{FetchLane, FetchLaneResult, FetchRequest, FetchResponse, TopicItems};
-use lanes_protocol::record_batch::peek_prefix;
+use lanes_protocol::record_batch::{count_records, peek_prefix};
 use lanes_protocol::{ErrorCode, Offset};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -95,8 +95,9 @@ pub(super) async fn fetch(
         if done {
             // Only what is sent counts: credit moves on with the answered fetch.
             scheduled.keep(&mut credit.lock().expect("lane credit lock poisoned"));
-            for (handle, bytes) in sent {
+            for (handle, bytes, records) in sent {
                 handle.counters.fetch_bytes.increment(bytes as u64);
+                handle.counters.fetch_records.increment(records);
             }
             return Some(encode_response(id, &response));
         }
@@ -220,15 +221,18 @@ fn batch_sizes(bytes: &Bytes) -> Vec<u32> {
     sizes
 }
 
+/// What one lane log sends in a response: record bytes and records.
+type Sent = (Arc<LogHandle>, usize, u64);
+
 /// Reads every target once and lets the scheduler share `bytes_max` between them;
 /// returns the response, its record bytes, whether any lane log answered with an error,
-/// and the bytes each lane log sends.
+/// and the bytes and records each lane log sends.
 fn read(
     topics: &[TopicItems<Target>],
     schedule: &mut Schedule,
     lane_caps: &[usize],
     bytes_max: usize,
-) -> (FetchResponse, usize, bool, Vec<(Arc<LogHandle>, usize)>) {
+) -> (FetchResponse, usize, bool, Vec<Sent>) {
     let mut errors = false;
     // Each lane log's readable batches, and where it sits in the schedule.
     let mut reads: Vec<TopicItems<(FetchLaneResult, Option<Slot>)>> = Vec::with_capacity(topics.len());
@@ -271,7 +275,7 @@ fn read(
                     result.records = result.records.slice(..taken);
                     total += taken;
                     if taken > 0 {
-                        sent.push((handle, taken));
+                        sent.push((handle, taken, count_records(&result.records)));
                     }
                 }
                 result
@@ -339,6 +343,7 @@ fn failed(
     high_watermark: Offset,
     log_start_offset: Offset,
 ) -> FetchLaneResult {
+    crate::metrics::rejected("fetch", error_code);
     FetchLaneResult {
         lane: lane.lane,
         error_code,

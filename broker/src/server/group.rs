@@ -14,24 +14,31 @@ use lanes_protocol::messages::{
 use super::{Broker, blocking};
 use crate::group::GroupError;
 
-fn refused(id: u32, error: &GroupError) -> Vec<Bytes> {
-    encode_error_response(id, error.code(), &error.to_string())
-}
-
-fn reply<T: lanes_protocol::ResponseBody>(id: u32, result: Result<T, GroupError>) -> Vec<Bytes> {
+fn reply<T: lanes_protocol::ResponseBody>(
+    api: &'static str,
+    id: u32,
+    result: Result<T, GroupError>,
+) -> Vec<Bytes> {
     match result {
         Ok(response) => encode_response(id, &response),
-        Err(error) => refused(id, &error),
+        Err(error) => {
+            crate::metrics::rejected(api, error.code());
+            encode_error_response(id, error.code(), &error.to_string())
+        }
     }
 }
 
 pub(super) fn join(broker: &Arc<Broker>, id: u32, request: &JoinGroupRequest) -> Vec<Bytes> {
     // May create topics (disk I/O).
-    reply(id, blocking(|| broker.groups.join(&broker.topics, request)))
+    reply(
+        "join_group",
+        id,
+        blocking(|| broker.groups.join(&broker.topics, request)),
+    )
 }
 
 pub(super) fn heartbeat(broker: &Arc<Broker>, id: u32, request: &HeartbeatRequest) -> Vec<Bytes> {
-    reply(id, broker.groups.heartbeat(request))
+    reply("heartbeat", id, broker.groups.heartbeat(request))
 }
 
 pub(super) fn leave(broker: &Arc<Broker>, id: u32, request: &LeaveGroupRequest) -> Vec<Bytes> {
@@ -39,7 +46,7 @@ pub(super) fn leave(broker: &Arc<Broker>, id: u32, request: &LeaveGroupRequest) 
         .groups
         .leave(&broker.topics, &request.group, &request.member_id)
         .map(|()| LeaveGroupResponse);
-    reply(id, left)
+    reply("leave_group", id, left)
 }
 
 pub(super) fn offset_commit(broker: &Arc<Broker>, id: u32, request: OffsetCommitRequest) -> Vec<Bytes> {
@@ -47,7 +54,7 @@ pub(super) fn offset_commit(broker: &Arc<Broker>, id: u32, request: OffsetCommit
         super::quiet_lane_messages(&mut response.topics, |lane| &mut lane.error_message);
         response
     });
-    reply(id, committed)
+    reply("offset_commit", id, committed)
 }
 
 pub(super) fn offset_fetch(broker: &Arc<Broker>, id: u32, request: &OffsetFetchRequest) -> Vec<Bytes> {
@@ -55,7 +62,11 @@ pub(super) fn offset_fetch(broker: &Arc<Broker>, id: u32, request: &OffsetFetchR
 }
 
 pub(super) fn describe(broker: &Arc<Broker>, id: u32, request: &DescribeGroupRequest) -> Vec<Bytes> {
-    reply(id, broker.groups.describe(&broker.topics, &request.group))
+    reply(
+        "describe_group",
+        id,
+        broker.groups.describe(&broker.topics, &request.group),
+    )
 }
 
 pub(super) fn list(broker: &Arc<Broker>, id: u32) -> Vec<Bytes> {

@@ -62,11 +62,11 @@ impl Broker {
         settings
             .validate()
             .map_err(|error| TopicError::InvalidConfig(error.to_string()))?;
-        let syncer = Syncer::start(
-            settings.fsync,
-            settings.fsync_threads,
-            Duration::from_millis(settings.fsync_interval_ms),
-        );
+        // Twice per interval, so no append waits much more than its interval; topics
+        // with shorter intervals of their own are served to within 5 ms.
+        let tick = Duration::from_millis(settings.fsync_interval_ms / 2)
+            .clamp(Duration::from_millis(1), Duration::from_millis(5));
+        let syncer = Syncer::start(settings.fsync_threads, tick);
         let topics = Topics::open(&settings, Arc::clone(&syncer))?;
         let producer_ids = ProducerIds::open(settings.data_dir.join("meta"))?;
         let groups = Coordinator::open(&settings, &topics)?;
@@ -119,8 +119,12 @@ impl Broker {
             };
             let broker = Arc::clone(self);
             let shutdown = shutdown.clone();
+            metrics::counter!(crate::metrics::CONNECTIONS_ACCEPTED).increment(1);
+            let open = metrics::gauge!(crate::metrics::CONNECTIONS);
+            open.increment(1.0);
             connections.spawn(async move {
                 connection::serve(broker, stream, peer, shutdown).await;
+                open.decrement(1.0);
                 drop(permit);
             });
         }
@@ -150,9 +154,16 @@ impl Broker {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            // Set again, not only moved on connect and close: gauges not set for a while
+            // are dropped from the export.
+            let open = self.settings.connections_max as usize - self.connections.available_permits();
+            metrics::gauge!(crate::metrics::CONNECTIONS).set(open as f64);
             let broker = Arc::clone(&self);
-            let _ = tokio::task::spawn_blocking(move || broker.groups.record_backlog_metrics(&broker.topics))
-                .await;
+            let _ = tokio::task::spawn_blocking(move || {
+                broker.groups.record_backlog_metrics(&broker.topics);
+                broker.topics.record_log_metrics();
+            })
+            .await;
         }
     }
 

@@ -87,6 +87,7 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
                 .flat_map(|p| p.lanes.iter_mut())
                 .nth(wait.lane)
                 .expect("a wait points at a lane result");
+            crate::metrics::rejected("produce", failure.0);
             result.error_code = failure.0;
             result.error_message = failure.1.to_owned();
         }
@@ -132,13 +133,16 @@ fn lane_result(lane: Lane, result: Result<Appended, (ErrorCode, String)>) -> Pro
             last_offset: outcome.last_offset,
             log_start_offset: handle.log.start_offset(),
         },
-        Err((error_code, error_message)) => ProduceLaneResult {
-            lane,
-            error_code,
-            error_message,
-            base_offset: Offset::ZERO,
-            last_offset: Offset::ZERO,
-            log_start_offset: Offset::ZERO,
-        },
+        Err((error_code, error_message)) => {
+            crate::metrics::rejected("produce", error_code);
+            ProduceLaneResult {
+                lane,
+                error_code,
+                error_message,
+                base_offset: Offset::ZERO,
+                last_offset: Offset::ZERO,
+                log_start_offset: Offset::ZERO,
+            }
+        }
     }
 }

@@ -50,7 +50,17 @@ struct IndexFile {
     entry_bytes: usize,
     mapping: Mapping,
     entries: usize,
+    /// A writable index's file and how many of its first bytes are known to have disk
+    /// blocks. The file is sparse, and a store through the mapping into a hole on a
+    /// full disk would kill the process with SIGBUS; so `push` gives the next chunk
+    /// blocks with an ordinary write first, which fails cleanly instead.
+    backing: Option<(File, usize)>,
 }
+
+/// How much of a writable index `push` backs with blocks at a time: 8,192 offset
+/// entries, enough for 32 MiB of log at the default index interval.
+const BACKING_CHUNK_BYTES: usize = 64 * 1024;
+static ZEROS: [u8; BACKING_CHUNK_BYTES] = [0; BACKING_CHUNK_BYTES];
 
 fn map_read_only(file: &File, len: usize) -> std::io::Result<Mapping> {
     if len == 0 {
@@ -82,6 +92,7 @@ impl IndexFile {
             entry_bytes,
             mapping,
             entries: len / entry_bytes,
+            backing: None,
         };
         Ok((index, len.is_multiple_of(entry_bytes)))
     }
@@ -92,6 +103,7 @@ impl IndexFile {
             entry_bytes,
             mapping: Mapping::None,
             entries: 0,
+            backing: None,
         }
     }
 
@@ -123,11 +135,15 @@ impl IndexFile {
         // page fault would zero-fill a whole window of pages not needed yet (measured:
         // 2% of append time with 64 KiB batches).
         map.advise(Advice::Random).at(path)?;
+        // Only the entries' bytes are sure to have blocks (past them: a hole, or garbage
+        // after a crash that the next pushes overwrite).
+        let backed_bytes = len / entry_bytes * entry_bytes;
         Ok(IndexFile {
             path: path.to_owned(),
             entry_bytes,
             mapping: Mapping::Writable(map),
             entries: len / entry_bytes,
+            backing: Some((file, backed_bytes)),
         })
     }
 
@@ -160,6 +176,9 @@ impl IndexFile {
     fn push(&mut self, entry: &[u8]) -> bool {
         debug_assert_eq!(entry.len(), self.entry_bytes);
         let at = self.entries * self.entry_bytes;
+        if !self.back(at + entry.len()) {
+            return false;
+        }
         match &mut self.mapping {
             Mapping::Writable(map) if at + entry.len() <= map.len() => {
                 map[at..at + entry.len()].copy_from_slice(entry);
@@ -167,6 +186,33 @@ impl IndexFile {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Makes sure the first `end` bytes have disk blocks (see `backing`); false if the
+    /// disk is full or the write fails: the index then takes no more entries for now.
+    fn back(&mut self, end: usize) -> bool {
+        let capacity = self.capacity() * self.entry_bytes;
+        let Some((file, backed_bytes)) = &mut self.backing else {
+            return true;
+        };
+        if end <= *backed_bytes {
+            return true;
+        }
+        let chunk = BACKING_CHUNK_BYTES.min(capacity.saturating_sub(*backed_bytes));
+        if *backed_bytes + chunk < end {
+            return false;
+        }
+        use std::os::unix::fs::FileExt;
+        match file.write_all_at(&ZEROS[..chunk], *backed_bytes as u64) {
+            Ok(()) => {
+                *backed_bytes += chunk;
+                true
+            }
+            Err(error) => {
+                tracing::debug!(path = %self.path.display(), %error, "index not extended");
+                false
+            }
         }
     }
 
@@ -192,6 +238,7 @@ impl IndexFile {
         let len = self.entries * self.entry_bytes;
         // Drop the mapping before shrinking the file under it.
         self.mapping = Mapping::None;
+        self.backing = None;
         let remapped = OpenOptions::new()
             .read(true)
             .write(true)

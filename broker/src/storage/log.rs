@@ -765,6 +765,11 @@ impl LaneLog {
         self.enforce_retention(unix_now_ms())
     }
 
+    /// fsync rounds since open.
+    pub fn sync_rounds(&self) -> u64 {
+        self.sync_rounds.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> LogStats {
         let segments = self.segments.read().expect("segments lock poisoned");
         LogStats {
