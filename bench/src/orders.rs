@@ -81,12 +81,16 @@ struct Fulfilment {
     redelivered: u64,
     /// Events that arrived before an earlier event of their order: must stay 0.
     out_of_order: u64,
+    /// The outside world's ledger: per (order, event number), how many times its call
+    /// (charge, pick, ship, refund) was made. More than once is an order fulfilled twice.
+    effects: HashMap<(u64, u32), u32>,
 }
 
 #[derive(Debug, Default)]
 struct LaneStats {
     latencies: Latencies,
     events: AtomicU64,
+    bytes: AtomicU64,
 }
 
 pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> anyhow::Result<Report> {
@@ -116,11 +120,8 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
                 let sequence: u32 = field()?.parse().map_err(|_| "bad sequence".to_owned())?;
                 let event = field()?.to_owned();
                 let sent_ns: u64 = field()?.parse().map_err(|_| "bad time".to_owned())?;
-                // The outside world: charge the card, then ask the warehouse.
-                match event.as_str() {
-                    "paid" | "packed" | "shipped" | CANCELLED => tokio::time::sleep(call).await,
-                    _ => {}
-                }
+                // Idempotence, as a real service does it: an event already applied is
+                // not applied again.
                 {
                     let mut fulfilment = fulfilment.lock().expect("fulfilment lock poisoned");
                     let applied = *fulfilment.applied.entry(order).or_insert(0);
@@ -132,12 +133,23 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
                         fulfilment.out_of_order += 1;
                         return Err(format!("order {order}: event {sequence} before {applied}"));
                     }
-                    fulfilment.applied.insert(order, applied + 1);
+                }
+                // The outside world: charge the card, ask the warehouse, refund.
+                match event.as_str() {
+                    "paid" | "packed" | "shipped" | CANCELLED => tokio::time::sleep(call).await,
+                    _ => {}
+                }
+                {
+                    let mut fulfilment = fulfilment.lock().expect("fulfilment lock poisoned");
+                    *fulfilment.effects.entry((order, sequence)).or_insert(0) += 1;
+                    let applied = fulfilment.applied.entry(order).or_insert(0);
+                    *applied = (*applied).max(sequence + 1);
                 }
                 let lane = &lanes[record.lane.0 as usize % 3];
                 lane.latencies
                     .record(Duration::from_nanos(now_ns().saturating_sub(sent_ns)));
                 lane.events.fetch_add(1, Ordering::Relaxed);
+                lane.bytes.fetch_add(record.value.len() as u64, Ordering::Relaxed);
                 bar.inc(1);
                 Ok::<(), String>(())
             }
@@ -253,12 +265,12 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
     let mut report = Report {
         scenario: "orders",
         records: applied,
-        bytes: 0,
+        bytes: lanes.iter().map(|l| l.bytes.load(Ordering::Relaxed)).sum(),
         seconds,
         latency: None,
         errors: 0,
         lost: Some(config.orders - complete),
-        duplicates: Some(0),
+        duplicates: Some(fulfilment.effects.values().filter(|count| **count > 1).count() as u64),
         lanes: CLASSES
             .iter()
             .zip(lanes.iter())

@@ -370,3 +370,40 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
     assert_eq!(read_tags(&client).await, acknowledged);
     broker.stop().await;
 }
+
+/// Deleting a topic removes its files; a topic created again under the name is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_removes_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create(&address, "gone", &["a", "b"], &[]).await.unwrap();
+    let producer = Producer::connect(ProducerConfig::new(&address)).await.unwrap();
+    producer.send(ProducerRecord::new("gone", "x")).await.unwrap();
+    producer.flush().await.unwrap();
+    producer.close().await.unwrap();
+    let topic_dir = dir.path().join("topics").join("gone");
+    assert!(!segment_files(&topic_dir.join("0").join("0")).is_empty());
+
+    let client = Client::connect(&address, ClientConfig::default()).await.unwrap();
+    client
+        .request(&lanes_protocol::messages::DeleteTopicRequest { name: "gone".into() })
+        .await
+        .unwrap();
+    assert!(!topic_dir.exists(), "{} is still there", topic_dir.display());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("topics"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    create(&address, "gone", &["a"], &[]).await.unwrap();
+    let mut consumer = Consumer::connect(ConsumerConfig::new(&address)).await.unwrap();
+    consumer
+        .assign("gone", None, None, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let records = consumer.poll_timeout(Duration::from_millis(300)).await.unwrap();
+    assert!(records.is_empty(), "{records:?}");
+    broker.stop().await;
+}

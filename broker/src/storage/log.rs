@@ -362,6 +362,7 @@ impl LaneLog {
             self.fail(format!("fsync of the directory failed: {error}"));
             return Err(error);
         }
+        tracing::info!(dir = %self.dir.display(), %base_offset, sealed_bytes = writer.active.size(), "segment rolled");
         let segment = Arc::new(segment);
         let old_segment = std::mem::replace(&mut writer.active, Arc::clone(&segment));
         let old_file = std::mem::replace(&mut writer.file, Arc::new(file));
