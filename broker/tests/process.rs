@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lanes_broker::storage::{LaneLog, LogConfig};
 use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
@@ -17,92 +17,9 @@ use lanes_protocol::messages::{
 };
 use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
 
-const DEADLINE: Duration = Duration::from_secs(60);
+mod process_support;
 
-/// A broker process on 127.0.0.1:0; killed when dropped.
-struct BrokerProcess {
-    child: Child,
-    address: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl BrokerProcess {
-    fn start(data_dir: &Path) -> BrokerProcess {
-        BrokerProcess::start_with(data_dir, &["--metrics-listen", "off"])
-    }
-
-    fn start_with(data_dir: &Path, args: &[&str]) -> BrokerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lanes-broker"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start lanes-broker");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("piped stderr");
-        std::thread::spawn({
-            let log = Arc::clone(&log);
-            move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains(" listening ")
-                        && let Some(address) = line.split("address=").nth(1)
-                    {
-                        let _ = address_tx.send(address.split_whitespace().next().unwrap().to_owned());
-                    }
-                    log.lock().unwrap().push_str(&(line + "\n"));
-                }
-            }
-        });
-        // Owned by the guard before anything can fail: a panicking test kills it too.
-        let mut broker = BrokerProcess {
-            child,
-            address: String::new(),
-            log,
-        };
-        broker.address = address_rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-            panic!(
-                "the broker did not start listening:\n{}",
-                broker.log.lock().unwrap()
-            )
-        });
-        broker
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; returns whether it exited successfully.
-    fn wait(&mut self) -> bool {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.success();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the broker did not exit:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use process_support::{BrokerProcess, DEADLINE};
 
 fn producer_config(address: &str) -> ProducerConfig {
     let mut config = ProducerConfig::new(address);
