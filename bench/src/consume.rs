@@ -11,6 +11,9 @@ use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom};
 use lanes_protocol::PartitionId;
 
 use crate::latency::Latencies;
+
+/// How long consumers wait for anything new before counting the rest as lost.
+const IDLE: Duration = Duration::from_secs(10);
 use crate::produce::{self, Load, Sent};
 use crate::report::{AcksArg, Common, Report, progress};
 use crate::target::Target;
@@ -43,6 +46,11 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
     let read = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     // Latency here is how long each poll that returned records took.
     let polls = Arc::new(Latencies::default());
+    // Per lane log, the offset after the highest one read (shared: a group moves
+    // partitions between its consumers).
+    let next_offsets = Arc::new(std::sync::Mutex::new(
+        std::collections::HashMap::<(u32, u8), u64>::new(),
+    ));
     let bar = progress(Some(total), "consume");
     let consumers = common.consumers.max(1) as u32;
     let started = Instant::now();
@@ -51,6 +59,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
         let mut config = ConsumerConfig::new(&target.address);
         config.client_id = format!("lanes-bench-consume-{index}");
         let (read, bar, polls) = (Arc::clone(&read), bar.clone(), Arc::clone(&polls));
+        let next_offsets = Arc::clone(&next_offsets);
         let partitions: Vec<PartitionId> = (0..common.partitions)
             .filter(|p| p % consumers == index)
             .map(PartitionId)
@@ -68,16 +77,48 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
                     .assign(TOPIC, Some(&partitions), None, StartFrom::Earliest)
                     .await?;
             }
-            while read.0.load(Ordering::Relaxed) < total {
+            // Records count once: a lane log is read in offset order, so what is new is
+            // what lies past the highest offset seen (a group may redeliver after a
+            // move). Gives up after `IDLE` without anything new: the rest is lost.
+            let mut last_new = Instant::now();
+            while read.0.load(Ordering::Relaxed) < total && last_new.elapsed() < IDLE {
                 let asked = Instant::now();
                 let records = consumer.poll_timeout(Duration::from_millis(100)).await?;
                 if !records.is_empty() {
                     polls.record(asked.elapsed());
                 }
-                let bytes: usize = records.iter().map(|r| r.value.len()).sum();
-                read.0.fetch_add(records.len() as u64, Ordering::Relaxed);
-                read.1.fetch_add(bytes as u64, Ordering::Relaxed);
-                bar.inc(records.len() as u64);
+                let (mut fresh, mut bytes) = (0u64, 0u64);
+                {
+                    // Looked up once per run of one lane log's records, not per record.
+                    let mut next_of = next_offsets.lock().expect("offsets lock poisoned");
+                    let mut run: Option<((u32, u8), u64)> = None;
+                    for record in &records {
+                        let key = (record.partition.0, record.lane.0);
+                        let (_, next) = match &mut run {
+                            Some(run) if run.0 == key => run,
+                            run => {
+                                if let Some((key, next)) = run.take() {
+                                    next_of.insert(key, next);
+                                }
+                                run.insert((key, next_of.get(&key).copied().unwrap_or(0)))
+                            }
+                        };
+                        if record.offset.0 >= *next {
+                            *next = record.offset.0 + 1;
+                            fresh += 1;
+                            bytes += record.value.len() as u64;
+                        }
+                    }
+                    if let Some((key, next)) = run {
+                        next_of.insert(key, next);
+                    }
+                }
+                if fresh > 0 {
+                    last_new = Instant::now();
+                }
+                read.0.fetch_add(fresh, Ordering::Relaxed);
+                read.1.fetch_add(bytes, Ordering::Relaxed);
+                bar.inc(fresh);
             }
             if group {
                 consumer.close().await?;

@@ -31,7 +31,7 @@ enum Scenario {
         #[command(flatten)]
         common: Common,
         /// Lanes of the topic; records are spread over them round robin.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
         lanes: u8,
     },
     /// Consumers drain a filled topic: throughput.

@@ -183,15 +183,24 @@ async fn producer_task(
         if quota.is_some_and(|quota| count >= quota) || (count.is_multiple_of(64) && past_deadline()) {
             break;
         }
-        if let Some(rate) = rate {
-            // Open loop: never ahead of the schedule; behind it, catch up at once.
-            let due = (started.elapsed().as_secs_f64() * rate) as u64;
-            if count >= due {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+        // Latency runs from when the record was due: with `--rate`, its place in the
+        // schedule, so time spent behind schedule (or blocked by a full buffer) counts
+        // (no coordinated omission); as fast as possible, now.
+        let at = match rate {
+            Some(rate) => {
+                // Open loop: never ahead of the schedule; behind it, catch up at once.
+                let due = (started.elapsed().as_secs_f64() * rate) as u64;
+                if count >= due {
+                    if past_deadline() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                started + Duration::from_secs_f64(count as f64 / rate)
             }
-        }
-        let at = Instant::now();
+            None => Instant::now(),
+        };
         let mut record = ProducerRecord::new(Arc::clone(&topic), value.clone());
         if let Some(lanes) = lanes.filter(|lanes| *lanes > 1) {
             record = record.lane(LaneSelector::Index(Lane((count % u64::from(lanes)) as u8)));

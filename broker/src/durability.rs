@@ -26,7 +26,7 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
-    /// Every lane log, for the interval ticker.
+    /// The lane logs with `fsync = interval`, for the ticker.
     logs: Mutex<Vec<Weak<LogHandle>>>,
 }
 
@@ -38,10 +38,13 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    /// Starts `threads` sync threads, and a ticker that queues the lane logs whose
-    /// `fsync = interval` is due every `tick`. Each lane log has its own policy (topics
-    /// override the broker's), so the ticker always runs.
-    pub fn start(threads: u32, tick: Duration) -> Arc<Syncer> {
+    /// Starts `threads` sync threads, and a ticker that queues the registered lane logs
+    /// (those with `fsync = interval`) whose fsync is due: twice per `interval`, so no
+    /// append waits much more than it, and at least every 5 ms for topics whose own
+    /// interval is shorter. Each lane log has its own policy (topics may override the
+    /// broker's), so the ticker always runs; with no interval logs it has nothing to do.
+    pub fn start(threads: u32, interval: Duration) -> Arc<Syncer> {
+        let tick = (interval / 2).clamp(Duration::from_millis(1), Duration::from_millis(5));
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
@@ -140,15 +143,7 @@ fn sync_loop(shared: &Shared) {
         };
         // Cleared before the fsync: an append that arrives during it queues the log again.
         handle.sync_queued.store(false, Ordering::Release);
-        let (rounds, started) = (handle.log.sync_rounds(), Instant::now());
         let result = handle.log.flush();
-        // Only flushes that ran an fsync round count (another caller may have done it).
-        let ran = handle.log.sync_rounds().saturating_sub(rounds);
-        if ran > 0 {
-            metrics::counter!(crate::metrics::FSYNCS).increment(ran);
-            metrics::histogram!(crate::metrics::FSYNC_DURATION_SECONDS)
-                .record(started.elapsed().as_secs_f64());
-        }
         handle.synced(result);
     }
 }

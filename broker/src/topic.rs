@@ -242,6 +242,13 @@ impl TopicSpec {
                 )));
             }
         }
+        if self.fsync == Some(FsyncMode::Never) && self.durability == Durability::Durable {
+            return Err(TopicError::InvalidConfig(
+                "topic setting fsync: never cannot keep the promise durability=durable; \
+                 add --config durability=written"
+                    .into(),
+            ));
+        }
         // The overrides must make sense with the broker's other settings.
         self.log_settings(settings)
             .validate()
@@ -387,7 +394,10 @@ impl LogHandle {
             sync_queued: AtomicBool::new(false),
             syncer,
         });
-        handle.syncer.register(&handle);
+        // Only the clock queues interval logs; appends queue `always` ones.
+        if matches!(handle.log.config().fsync, FsyncPolicy::Interval(_)) {
+            handle.syncer.register(&handle);
+        }
         handle
     }
 
@@ -431,8 +441,13 @@ impl LogHandle {
             Ok(durable) if self.visibility == Durability::Durable => self.publish_visible(durable),
             Ok(_) => {}
             Err(error) => {
-                tracing::error!(dir = %self.log.dir().display(), %error, "fsync failed");
-                self.progress.send_modify(|p| p.failed = true);
+                // Once: a failed lane log stays failed, and every later flush says so.
+                self.progress.send_if_modified(|p| {
+                    if !p.failed {
+                        tracing::error!(dir = %self.log.dir().display(), %error, "fsync failed");
+                    }
+                    !std::mem::replace(&mut p.failed, true)
+                });
             }
         }
     }

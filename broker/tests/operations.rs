@@ -155,7 +155,11 @@ async fn topics_override_segment_size_and_fsync() {
         &address,
         "small",
         &["a"],
-        &[("segment_bytes_max", "32768"), ("fsync", "never")],
+        &[
+            ("segment_bytes_max", "32768"),
+            ("fsync", "never"),
+            ("durability", "written"),
+        ],
     )
     .await
     .unwrap();
@@ -172,7 +176,14 @@ async fn topics_override_segment_size_and_fsync() {
     producer.close().await.unwrap();
     let lane_dir = dir.path().join("topics").join("small").join("0").join("0");
     assert!(segment_files(&lane_dir).len() >= 3, "100 KB in 32 KiB segments");
-    // With fsync never the topic promises only `written`, and says so.
+    // The broker fsyncs always; this topic never did.
+    let topic = broker.broker.topics.get("small").unwrap();
+    let (_, _, handle) = topic.logs().next().unwrap();
+    let stats = handle.log.stats();
+    assert_eq!(stats.sync_rounds, 0, "{stats:?}");
+    assert_eq!(stats.durable_offset, Offset(0), "{stats:?}");
+    assert_eq!(stats.next_offset, Offset(100), "{stats:?}");
+    // Metadata shows the overrides.
     let client = Client::connect(&address, ClientConfig::default()).await.unwrap();
     let metadata = client
         .request(&lanes_protocol::messages::MetadataRequest {
@@ -184,12 +195,15 @@ async fn topics_override_segment_size_and_fsync() {
     let value = |key: &str| configs.iter().find(|c| c.key == key).map(|c| c.value.clone());
     assert_eq!(value("segment_bytes_max").as_deref(), Some("32768"));
     assert_eq!(value("fsync").as_deref(), Some("never"));
-    for bad in [
-        ("fsync", "sometimes"),
-        ("segment_bytes_max", "1000"),
-        ("fsync_interval_ms", "0"),
-    ] {
-        let refused = create(&address, "bad", &["a"], &[bad]).await;
+    let bad_ones: [&[(&str, &str)]; 4] = [
+        &[("fsync", "sometimes")],
+        &[("segment_bytes_max", "1000")],
+        &[("fsync_interval_ms", "0")],
+        // fsync never cannot keep a durable promise: refused rather than weakened.
+        &[("fsync", "never"), ("durability", "durable")],
+    ];
+    for bad in bad_ones {
+        let refused = create(&address, "bad", &["a"], bad).await;
         assert!(
             matches!(
                 refused,

@@ -106,10 +106,10 @@ impl Group {
     fn rebalance(&mut self, name: &str, topics: &Topics) {
         let mut universe = BTreeSet::new();
         let subscribed: BTreeSet<&String> = self.members.values().flat_map(|m| &m.topics).collect();
-        for name in subscribed {
-            if let Some(topic) = topics.get(name) {
+        for topic_name in subscribed {
+            if let Some(topic) = topics.get(topic_name) {
                 universe.extend((0..topic.spec.partitions).map(|p| TopicPartition {
-                    topic: name.clone(),
+                    topic: topic_name.clone(),
                     partition: PartitionId(p),
                 }));
             }

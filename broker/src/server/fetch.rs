@@ -95,9 +95,9 @@ pub(super) async fn fetch(
         if done {
             // Only what is sent counts: credit moves on with the answered fetch.
             scheduled.keep(&mut credit.lock().expect("lane credit lock poisoned"));
-            for (handle, bytes, records) in sent {
-                handle.counters.fetch_bytes.increment(bytes as u64);
-                handle.counters.fetch_records.increment(records);
+            for (handle, records) in sent {
+                handle.counters.fetch_bytes.increment(records.len() as u64);
+                handle.counters.fetch_records.increment(count_records(&records));
             }
             return Some(encode_response(id, &response));
         }
@@ -221,12 +221,12 @@ fn batch_sizes(bytes: &Bytes) -> Vec<u32> {
     sizes
 }
 
-/// What one lane log sends in a response: record bytes and records.
-type Sent = (Arc<LogHandle>, usize, u64);
+/// What one lane log sends in a response (a slice of it).
+type Sent = (Arc<LogHandle>, Bytes);
 
 /// Reads every target once and lets the scheduler share `bytes_max` between them;
 /// returns the response, its record bytes, whether any lane log answered with an error,
-/// and the bytes and records each lane log sends.
+/// and what each lane log sends.
 fn read(
     topics: &[TopicItems<Target>],
     schedule: &mut Schedule,
@@ -275,7 +275,7 @@ fn read(
                     result.records = result.records.slice(..taken);
                     total += taken;
                     if taken > 0 {
-                        sent.push((handle, taken, count_records(&result.records)));
+                        sent.push((handle, result.records.clone()));
                     }
                 }
                 result

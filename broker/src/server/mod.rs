@@ -62,11 +62,10 @@ impl Broker {
         settings
             .validate()
             .map_err(|error| TopicError::InvalidConfig(error.to_string()))?;
-        // Twice per interval, so no append waits much more than its interval; topics
-        // with shorter intervals of their own are served to within 5 ms.
-        let tick = Duration::from_millis(settings.fsync_interval_ms / 2)
-            .clamp(Duration::from_millis(1), Duration::from_millis(5));
-        let syncer = Syncer::start(settings.fsync_threads, tick);
+        let syncer = Syncer::start(
+            settings.fsync_threads,
+            Duration::from_millis(settings.fsync_interval_ms),
+        );
         let topics = Topics::open(&settings, Arc::clone(&syncer))?;
         let producer_ids = ProducerIds::open(settings.data_dir.join("meta"))?;
         let groups = Coordinator::open(&settings, &topics)?;
@@ -120,12 +119,11 @@ impl Broker {
             let broker = Arc::clone(self);
             let shutdown = shutdown.clone();
             metrics::counter!(crate::metrics::CONNECTIONS_ACCEPTED).increment(1);
-            let open = metrics::gauge!(crate::metrics::CONNECTIONS);
-            open.increment(1.0);
+            self.record_connections();
             connections.spawn(async move {
-                connection::serve(broker, stream, peer, shutdown).await;
-                open.decrement(1.0);
+                connection::serve(Arc::clone(&broker), stream, peer, shutdown).await;
                 drop(permit);
+                broker.record_connections();
             });
         }
         connections.close();
@@ -145,6 +143,12 @@ impl Broker {
         }
     }
 
+    /// Sets the open-connections gauge from the connection permits in use.
+    fn record_connections(&self) {
+        let open = self.settings.connections_max as usize - self.connections.available_permits();
+        metrics::gauge!(crate::metrics::CONNECTIONS).set(open as f64);
+    }
+
     async fn run_backlog_metrics(self: Arc<Self>, shutdown: CancellationToken) {
         let period = Duration::from_millis(self.settings.metrics_backlog_interval_ms.max(100));
         let mut ticker = tokio::time::interval(period);
@@ -154,10 +158,9 @@ impl Broker {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            // Set again, not only moved on connect and close: gauges not set for a while
-            // are dropped from the export.
-            let open = self.settings.connections_max as usize - self.connections.available_permits();
-            metrics::gauge!(crate::metrics::CONNECTIONS).set(open as f64);
+            // Set again, not only on connect and close: gauges not set for a while are
+            // dropped from the export.
+            self.record_connections();
             let broker = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || {
                 broker.groups.record_backlog_metrics(&broker.topics);

@@ -50,11 +50,13 @@ struct IndexFile {
     entry_bytes: usize,
     mapping: Mapping,
     entries: usize,
-    /// A writable index's file and how many of its first bytes are known to have disk
+    /// For a writable index, how many of the file's first bytes are known to have disk
     /// blocks. The file is sparse, and a store through the mapping into a hole on a
     /// full disk would kill the process with SIGBUS; so `push` gives the next chunk
-    /// blocks with an ordinary write first, which fails cleanly instead.
-    backing: Option<(File, usize)>,
+    /// blocks with an ordinary write first, which fails cleanly instead. (The file is
+    /// opened for that write only, about once per 32 MiB of log: keeping it open would
+    /// cost two descriptors per lane log.)
+    backed_bytes: Option<usize>,
 }
 
 /// How much of a writable index `push` backs with blocks at a time: 8,192 offset
@@ -92,7 +94,7 @@ impl IndexFile {
             entry_bytes,
             mapping,
             entries: len / entry_bytes,
-            backing: None,
+            backed_bytes: None,
         };
         Ok((index, len.is_multiple_of(entry_bytes)))
     }
@@ -103,7 +105,7 @@ impl IndexFile {
             entry_bytes,
             mapping: Mapping::None,
             entries: 0,
-            backing: None,
+            backed_bytes: None,
         }
     }
 
@@ -143,7 +145,7 @@ impl IndexFile {
             entry_bytes,
             mapping: Mapping::Writable(map),
             entries: len / entry_bytes,
-            backing: Some((file, backed_bytes)),
+            backed_bytes: Some(backed_bytes),
         })
     }
 
@@ -193,7 +195,7 @@ impl IndexFile {
     /// disk is full or the write fails: the index then takes no more entries for now.
     fn back(&mut self, end: usize) -> bool {
         let capacity = self.capacity() * self.entry_bytes;
-        let Some((file, backed_bytes)) = &mut self.backing else {
+        let Some(backed_bytes) = &mut self.backed_bytes else {
             return true;
         };
         if end <= *backed_bytes {
@@ -204,7 +206,11 @@ impl IndexFile {
             return false;
         }
         use std::os::unix::fs::FileExt;
-        match file.write_all_at(&ZEROS[..chunk], *backed_bytes as u64) {
+        let written = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .and_then(|file| file.write_all_at(&ZEROS[..chunk], *backed_bytes as u64));
+        match written {
             Ok(()) => {
                 *backed_bytes += chunk;
                 true
@@ -238,7 +244,7 @@ impl IndexFile {
         let len = self.entries * self.entry_bytes;
         // Drop the mapping before shrinking the file under it.
         self.mapping = Mapping::None;
-        self.backing = None;
+        self.backed_bytes = None;
         let remapped = OpenOptions::new()
             .read(true)
             .write(true)

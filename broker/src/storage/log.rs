@@ -454,6 +454,7 @@ impl LaneLog {
                 .store(point.segment_base.0, Ordering::Release);
             (files, target, point)
         };
+        let started = Instant::now();
         for unsynced in &files {
             if let Err(error) = unsynced.file.sync_data() {
                 let error = StorageError::io(unsynced.segment.log_path(), error);
@@ -461,6 +462,8 @@ impl LaneLog {
                 return Err(error);
             }
         }
+        metrics::counter!(crate::metrics::FSYNCS).increment(1);
+        metrics::histogram!(crate::metrics::FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         self.durable_offset.fetch_max(target.0, Ordering::AcqRel);
         self.sync_rounds.fetch_add(1, Ordering::Relaxed);
         // Only a hint for recovery: if it is lost, recovery checks more.
@@ -480,12 +483,12 @@ impl LaneLog {
 
     /// Whether the fsync policy asks for an fsync now.
     pub fn fsync_due(&self, now: Instant) -> bool {
-        if self.next_offset() <= self.durable_offset() {
+        if self.next_offset() <= self.durable_offset() || self.failed.load(Ordering::Acquire) {
             return false;
         }
         match self.config.fsync {
-            FsyncPolicy::Never => false,
-            FsyncPolicy::Always => true,
+            // `Always` logs are queued by each append, not by the clock.
+            FsyncPolicy::Never | FsyncPolicy::Always => false,
             FsyncPolicy::Interval(interval) => lock(&self.writer)
                 .dirty_since
                 .is_some_and(|since| now.saturating_duration_since(since) >= interval),
@@ -764,11 +767,6 @@ impl LaneLog {
     /// Runs [`LaneLog::enforce_retention`] with the wall clock.
     pub fn enforce_retention_now(&self) -> Result<RetentionOutcome, StorageError> {
         self.enforce_retention(unix_now_ms())
-    }
-
-    /// fsync rounds since open.
-    pub fn sync_rounds(&self) -> u64 {
-        self.sync_rounds.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> LogStats {
