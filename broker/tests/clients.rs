@@ -63,11 +63,17 @@ async fn chaos_proxy(broker: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
                 continue;
             };
             // After the handshake (passed whole), budgets that cycle through 550, 1000,
-            // 1150 and 700 bytes: the largest fits any single response (a produce response
-            // for 30 batches is about 900 bytes), so no response is cut forever; the
-            // others cut often.
+            // 1150 and 700 bytes, which cut often; and every fifth connection 3 KiB,
+            // more than any one response (a produce response for 30 batches is about
+            // 900 bytes, more with error messages), so no response is cut forever, but
+            // still a few responses at most.
             cut_after = cut_after * 7 % 1_500 + 150;
-            let budget = cut_after;
+            let accepted = counter.load(Ordering::Relaxed);
+            let budget = if accepted.is_multiple_of(5) {
+                3 * 1024
+            } else {
+                cut_after
+            };
             tokio::spawn(async move {
                 let (mut client_read, mut client_write) = client.split();
                 let (mut upstream_read, mut upstream_write) = upstream.split();
@@ -115,7 +121,8 @@ async fn retries_through_cut_connections_never_duplicate_or_reorder() {
     config.retry_backoff = Duration::from_millis(5);
     config.delivery_timeout = Duration::from_secs(120);
     config.linger = Duration::from_millis(1);
-    config.batch_bytes_max = 1024;
+    // Small batches: many requests, so many connections are cut whatever the speed.
+    config.batch_bytes_max = 256;
     let producer = loop {
         // Even the handshake may be cut.
         if let Ok(producer) = Producer::connect(config.clone()).await {
