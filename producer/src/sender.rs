@@ -371,17 +371,18 @@ impl Sender {
         keys.sort_by(|a, b| (a.lane, &a.topic, a.partition).cmp(&(b.lane, &b.topic, b.partition)));
         let mut batch_list: Vec<(LogKey, u64, Bytes)> = Vec::new();
         let mut size = 0;
-        for key in keys {
-            // Requests of only less urgent batches leave the last slots to lane 0's, so
-            // an express batch never waits behind a queue of bulk requests.
-            if key.lane.0 > 0
-                && batch_list.is_empty()
-                && requests.len() >= config.requests_in_flight_max.max(1)
-            {
-                break;
-            }
+        'keys: for key in keys {
             let log = self.logs.get_mut(&key).expect("listed");
             while log.in_flight.len() < config.in_flight_per_log_max {
+                // Requests of only less urgent batches leave the last slots to lane 0's,
+                // so an express batch never waits behind a queue of bulk requests.
+                // Checked per batch: one lane log may start several requests.
+                if key.lane.0 > 0
+                    && batch_list.is_empty()
+                    && requests.len() >= config.requests_in_flight_max.max(1)
+                {
+                    break 'keys;
+                }
                 let Some((&number, first)) = log.waiting.first_key_value() else {
                     break;
                 };
