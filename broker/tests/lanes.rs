@@ -17,19 +17,7 @@ const PARTITIONS: u32 = 2;
 const RECORD_BYTES: usize = 1000;
 
 async fn create(client: &Client, name: &str, configs: &[(&str, &str)]) {
-    client
-        .request(&CreateTopicRequest {
-            name: name.into(),
-            partitions: PARTITIONS,
-            lanes: vec![],
-            configs: configs
-                .iter()
-                .map(|(key, value)| TopicConfig {
-                    key: (*key).into(),
-                    value: (*value).into(),
-                })
-                .collect(),
-        })
+    server_support::create_topic_with(client, name, PARTITIONS, &[], configs)
         .await
         .unwrap();
 }

@@ -12,8 +12,7 @@ use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
 use lanes_producer::{Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
 use lanes_protocol::messages::{
-    Acks, CreateTopicRequest, FetchLane, FetchRequest, PartitionItems, ProduceLane, ProduceRequest,
-    TopicConfig, TopicItems,
+    Acks, FetchLane, FetchRequest, PartitionItems, ProduceLane, ProduceRequest, TopicItems,
 };
 use lanes_protocol::record_batch::ProducerStamp;
 use lanes_protocol::{BatchLimits, ErrorCode, Lane, Offset, PartitionId, RecordBatchBuilder};
@@ -29,21 +28,7 @@ async fn create(
     configs: &[(&str, &str)],
 ) -> Result<(), ClientError> {
     let client = Client::connect(address, ClientConfig::default()).await?;
-    client
-        .request(&CreateTopicRequest {
-            name: name.into(),
-            partitions: 1,
-            lanes: lanes.iter().map(|l| (*l).to_owned()).collect(),
-            configs: configs
-                .iter()
-                .map(|(key, value)| TopicConfig {
-                    key: (*key).into(),
-                    value: (*value).into(),
-                })
-                .collect(),
-        })
-        .await
-        .map(|_| ())
+    server_support::create_topic_with(&client, name, 1, lanes, configs).await
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {

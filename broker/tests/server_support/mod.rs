@@ -26,6 +26,32 @@ pub async fn create_topic(address: &str, name: &str, partitions: u32) {
         .unwrap();
 }
 
+/// Creates a topic with these lanes (none: the broker's default) and `key=value`
+/// settings.
+pub async fn create_topic_with(
+    client: &lanes_protocol::client::Client,
+    name: &str,
+    partitions: u32,
+    lanes: &[&str],
+    configs: &[(&str, &str)],
+) -> Result<(), lanes_protocol::client::ClientError> {
+    client
+        .request(&lanes_protocol::messages::CreateTopicRequest {
+            name: name.into(),
+            partitions,
+            lanes: lanes.iter().map(|l| (*l).to_owned()).collect(),
+            configs: configs
+                .iter()
+                .map(|(key, value)| lanes_protocol::messages::TopicConfig {
+                    key: (*key).into(),
+                    value: (*value).into(),
+                })
+                .collect(),
+        })
+        .await
+        .map(|_| ())
+}
+
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub broker: Arc<Broker>,
