@@ -42,6 +42,9 @@ pub struct LogConfig {
     /// Sealed segments rolled but not yet fsynced that a lane log keeps open; at the
     /// bound, a roll fsyncs the oldest of them itself. Bounds open files per lane log.
     pub unsynced_segments_max: usize,
+    /// For tests (reliability suite 8): while set, every fsync of a segment fails as a
+    /// disk would. Not reachable from the broker's settings.
+    pub fsync_fault: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for LogConfig {
@@ -57,6 +60,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             producer_ids_max: 10_000,
             unsynced_segments_max: 4,
+            fsync_fault: None,
         }
     }
 }

@@ -455,8 +455,18 @@ impl LaneLog {
             (files, target, point)
         };
         let started = Instant::now();
+        let injected = self
+            .config
+            .fsync_fault
+            .as_ref()
+            .is_some_and(|fault| fault.load(Ordering::Acquire));
         for unsynced in &files {
-            if let Err(error) = unsynced.file.sync_data() {
+            let synced = if injected {
+                Err(std::io::Error::other("injected fsync failure"))
+            } else {
+                unsynced.file.sync_data()
+            };
+            if let Err(error) = synced {
                 let error = StorageError::io(unsynced.segment.log_path(), error);
                 self.fail(format!("fsync failed: {error}"));
                 return Err(error);
