@@ -56,11 +56,10 @@ async fn produce(address: String, producer: u32, stop: Arc<AtomicBool>) -> Vec<(
     config.retry_backoff = Duration::from_millis(20);
     let producer_handle = Producer::connect(config).await.unwrap();
     // Acknowledgements are awaited in order by a second task, through a bounded queue.
-    let (pending, mut deliveries) = mpsc::channel(4096);
+    let (pending, mut deliveries) = mpsc::channel::<(String, lanes_producer::Delivery)>(4096);
     let acker = tokio::spawn(async move {
         let mut acked = Vec::new();
         while let Some((value, delivery)) = deliveries.recv().await {
-            let delivery: lanes_producer::Delivery = delivery;
             if let Ok(metadata) = delivery.wait().await {
                 let offset = metadata.offset.expect("acks = durable reports offsets");
                 acked.push((value, (metadata.partition.0, metadata.lane.0, offset)));

@@ -103,8 +103,7 @@ async fn acknowledged_records_survive_sigkill() {
             }
         }));
         if !killed && acked.lock().unwrap().len() >= 500 {
-            broker.child.kill().unwrap(); // SIGKILL, mid-stream
-            broker.child.wait().unwrap();
+            broker.kill(); // SIGKILL, mid-stream
             killed = true;
         }
         if i % 50 == 0 {
