@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use lanes_protocol::Offset;
 
 use super::error::{IoContext, StorageError};
+use super::faults;
 
 const SLOT_BYTES: usize = 64;
 const CRC_AT: usize = 60;
@@ -50,6 +51,9 @@ impl CheckpointFile {
     /// Opens (creating if missing) the checkpoint file and returns the clean point it
     /// holds, if any slot is valid.
     pub(crate) fn open(path: &Path) -> Result<(CheckpointFile, Option<CleanPoint>), StorageError> {
+        if !path.exists() {
+            faults::created(path);
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -66,7 +70,9 @@ impl CheckpointFile {
             std::fs::TryLockError::Error(error) => StorageError::io(path, error),
         })?;
         let mut bytes = [0u8; 2 * SLOT_BYTES];
-        let len = file.metadata().at(path)?.len().min(bytes.len() as u64) as usize;
+        let file_len = file.metadata().at(path)?.len();
+        faults::sized(path, file_len);
+        let len = file_len.min(bytes.len() as u64) as usize;
         file.read_exact_at(&mut bytes[..len], 0).at(path)?;
         let best = bytes
             .chunks_exact(SLOT_BYTES)
@@ -83,7 +89,7 @@ impl CheckpointFile {
 
     /// Fsyncs the slots written so far.
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
-        self.file.sync_data().at(&self.path)
+        faults::synced(&self.path, || self.file.sync_data()).at(&self.path)
     }
 
     /// Writes `point` into the older slot. With `sync`, also fsyncs it.
@@ -92,8 +98,9 @@ impl CheckpointFile {
         let slot = encode_slot(self.sequence, point);
         let at = (self.sequence % 2) * SLOT_BYTES as u64;
         self.file.write_all_at(&slot, at).at(&self.path)?;
+        faults::wrote(&self.path, at, SLOT_BYTES as u64);
         if sync {
-            self.file.sync_data().at(&self.path)?;
+            self.sync()?;
         }
         Ok(())
     }

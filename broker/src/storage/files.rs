@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use lanes_protocol::Offset;
 
 use super::error::{IoContext, StorageError};
+use super::faults;
 
 pub(crate) const LOG_SUFFIX: &str = "log";
 pub(crate) const INDEX_SUFFIX: &str = "index";
@@ -30,7 +31,7 @@ pub(crate) fn parse_offset_file_name(name: &str) -> Option<(Offset, &str)> {
 
 /// Makes a directory's entries (created, renamed or removed files) durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+    faults::dir_synced(dir, || File::open(dir).and_then(|d| d.sync_all())).at(dir)
 }
 
 /// Creates `dir` and any missing parents, fsyncing each parent after the entry for its

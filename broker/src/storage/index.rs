@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use memmap2::{Advice, Mmap, MmapMut, MmapOptions};
 
 use super::error::{IoContext, StorageError};
+use super::faults;
 
 pub(crate) const OFFSET_ENTRY_BYTES: usize = 8;
 pub(crate) const TIME_ENTRY_BYTES: usize = 12;
@@ -118,6 +119,9 @@ impl IndexFile {
         bytes_max: u32,
         reset: bool,
     ) -> Result<IndexFile, StorageError> {
+        if !path.exists() {
+            faults::created(path);
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -131,6 +135,7 @@ impl IndexFile {
             // Sparse: costs no disk until entries are written.
             file.set_len(map_len as u64).at(path)?;
         }
+        faults::sized(path, len.max(map_len) as u64);
         // SAFETY: as in `map_read_only`; additionally this mapping is the only writer.
         let map = unsafe { MmapOptions::new().len(map_len).map_mut(&file).at(path)? };
         // Entries are written one page at a time into a sparse file; readahead on each
@@ -184,6 +189,7 @@ impl IndexFile {
         match &mut self.mapping {
             Mapping::Writable(map) if at + entry.len() <= map.len() => {
                 map[at..at + entry.len()].copy_from_slice(entry);
+                faults::wrote(&self.path, at as u64, entry.len() as u64);
                 self.entries += 1;
                 true
             }
@@ -229,7 +235,7 @@ impl IndexFile {
     /// Writes dirty pages back to the file.
     fn flush(&self) -> Result<(), StorageError> {
         match &self.mapping {
-            Mapping::Writable(map) => map.flush().at(&self.path),
+            Mapping::Writable(map) => faults::synced(&self.path, || map.flush()).at(&self.path),
             _ => Ok(()),
         }
     }
@@ -251,6 +257,7 @@ impl IndexFile {
             .open(&self.path)
             .and_then(|file| {
                 file.set_len(len as u64)?;
+                faults::sized(&self.path, len as u64);
                 map_read_only(&file, len)
             });
         match remapped {

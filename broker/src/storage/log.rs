@@ -15,6 +15,7 @@ use lanes_protocol::{BatchHeader, Offset, validate_batch};
 use super::checkpoint::{CheckpointFile, CleanPoint};
 use super::config::{FsyncPolicy, LogConfig};
 use super::error::StorageError;
+use super::faults;
 use super::files::{
     INDEX_SUFFIX, LOG_SUFFIX, SNAPSHOT_SUFFIX, TIME_INDEX_SUFFIX, create_dir_all_durable, fsync_dir,
     offset_file_name, remove_if_exists, write_file_atomic,
@@ -277,6 +278,7 @@ impl LaneLog {
         if let Err(error) = writer.file.write_all_at(batch, u64::from(position)) {
             return Err(self.write_failed(&writer, position, error));
         }
+        faults::wrote(writer.active.log_path(), u64::from(position), batch.len() as u64);
         writer
             .active
             .publish_append(position, &header, self.config.index_interval_bytes);
@@ -376,7 +378,7 @@ impl LaneLog {
             // Bound the open files: fsync the oldest now; its dirty pages have long been
             // written back, so this is cheap.
             let oldest = writer.unsynced.pop_front().expect("over the bound");
-            if let Err(error) = oldest.file.sync_data() {
+            if let Err(error) = faults::synced(oldest.segment.log_path(), || oldest.file.sync_data()) {
                 self.fail(format!("fsync failed: {error}"));
                 return Err(StorageError::io(oldest.segment.log_path(), error));
             }
@@ -464,7 +466,7 @@ impl LaneLog {
             let synced = if injected {
                 Err(std::io::Error::other("injected fsync failure"))
             } else {
-                unsynced.file.sync_data()
+                faults::synced(unsynced.segment.log_path(), || unsynced.file.sync_data())
             };
             if let Err(error) = synced {
                 let error = StorageError::io(unsynced.segment.log_path(), error);

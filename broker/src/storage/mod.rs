@@ -14,6 +14,7 @@
 mod checkpoint;
 mod config;
 mod error;
+pub mod faults;
 pub(crate) mod files;
 mod index;
 mod log;

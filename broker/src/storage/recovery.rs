@@ -28,6 +28,7 @@ use lanes_protocol::Offset;
 use super::checkpoint::CleanPoint;
 use super::config::LogConfig;
 use super::error::{IoContext, StorageError};
+use super::faults;
 use super::files::{
     self, INDEX_SUFFIX, LOG_SUFFIX, SNAPSHOT_SUFFIX, TEMP_SUFFIX, TIME_INDEX_SUFFIX, fsync_dir,
     offset_file_name, parse_offset_file_name, remove_if_exists,
@@ -240,7 +241,7 @@ pub(crate) fn recover(
     }
     // Make what was kept durable: from here on all of it counts as acknowledged.
     let (last, active_file) = last.expect("at least the clean segment is scanned");
-    active_file.sync_data().at(last.log_path())?;
+    faults::synced(last.log_path(), || active_file.sync_data()).at(last.log_path())?;
     segments.push(Arc::new(last));
 
     let next_offset = segments.last().expect("not empty").next_offset();
@@ -266,7 +267,7 @@ pub(crate) fn recover(
 
 /// Fsyncs a scanned segment that is not the last and seals it.
 fn seal_scanned(segment: Segment, file: &File) -> Result<Segment, StorageError> {
-    file.sync_data().at(segment.log_path())?;
+    faults::synced(segment.log_path(), || file.sync_data()).at(segment.log_path())?;
     let last_batch = segment
         .last_batch_base()
         .map_err(|stop| corrupt_invariant(&segment, stop))?;
@@ -428,6 +429,7 @@ fn scan_segment(
         reason = %stop.reason, "log ends at a torn or invalid batch; cutting it there");
     report.truncated_bytes += u64::from(file_len - position);
     file.set_len(u64::from(position)).at(segment.log_path())?;
+    faults::sized(segment.log_path(), u64::from(position));
     Ok((segment, file, ScanOutcome::Cut))
 }
 

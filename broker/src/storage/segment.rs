@@ -19,6 +19,7 @@ use memmap2::MmapOptions;
 
 use super::config::LogConfig;
 use super::error::{IoContext, StorageError};
+use super::faults;
 use super::files::{INDEX_SUFFIX, LOG_SUFFIX, TIME_INDEX_SUFFIX, offset_file_name};
 use super::index::{OffsetIndex, TimeIndex};
 
@@ -64,6 +65,7 @@ impl Segment {
         config: &LogConfig,
     ) -> Result<(Segment, File), StorageError> {
         let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
+        faults::created(&log_path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -107,6 +109,9 @@ impl Segment {
             .open(&log_path)
             .at(&log_path)?;
         let file_len = file.metadata().at(&log_path)?.len() as usize;
+        if active {
+            faults::sized(&log_path, file_len as u64);
+        }
         let index_path = offset_file_name(dir, base_offset, INDEX_SUFFIX);
         let time_index_path = offset_file_name(dir, base_offset, TIME_INDEX_SUFFIX);
         let (index, time_index, health) = if active {

@@ -2,6 +2,7 @@
 //! killed when dropped.
 #![allow(dead_code, unreachable_pub)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -29,11 +30,22 @@ impl BrokerProcess {
 
     /// Listening on `listen` (a fixed port, to restart where clients reconnect).
     pub fn start_on(listen: &str, data_dir: &Path, args: &[&str]) -> BrokerProcess {
+        BrokerProcess::start_on_with_env(listen, data_dir, args, &[])
+    }
+
+    /// As [`BrokerProcess::start_on`], with extra environment variables.
+    pub fn start_on_with_env(
+        listen: &str,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &OsStr)],
+    ) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lanes-broker"))
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

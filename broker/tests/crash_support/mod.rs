@@ -1,0 +1,234 @@
+//! The workload and checker shared by reliability suites 1 (`crash.rs`, SIGKILL) and 2
+//! (`power_loss.rs`, SIGKILL plus simulated power loss): idempotent producers with
+//! `acks = durable` log every acknowledgement while the test crashes the broker; at the
+//! end, as Jepsen's Kafka checker does, every acknowledged record is read exactly once,
+//! at the offset it was acknowledged with; each lane log's offsets run 0, 1, 2… with no
+//! gap or repeat (one value per offset); and no record, acknowledged or not, is stored
+//! twice.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
+use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
+use lanes_protocol::client::{Client, ClientConfig};
+use lanes_protocol::messages::CreateTopicRequest;
+use lanes_protocol::{Lane, Offset};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::process_support::DEADLINE;
+
+pub const TOPIC: &str = "crash";
+const PRODUCERS: u32 = 2;
+const PARTITIONS: u32 = 4;
+
+/// Where an acknowledged record landed: (partition, lane, offset).
+type Position = (u32, u8, Offset);
+
+/// A small deterministic generator: the seed is printed, so a failing run can be
+/// repeated with `LANES_CRASH_SEED`.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sends `p{producer}-{n}` records until `stop`; returns every acknowledgement.
+async fn produce(address: String, producer: u32, stop: Arc<AtomicBool>) -> Vec<(String, Position)> {
+    let mut config = ProducerConfig::new(&address);
+    config.client_id = format!("crash-{producer}");
+    config.delivery_timeout = Duration::from_secs(120);
+    config.retry_backoff = Duration::from_millis(20);
+    let producer_handle = Producer::connect(config).await.unwrap();
+    // Acknowledgements are awaited in order by a second task, through a bounded queue.
+    let (pending, mut deliveries) = mpsc::channel::<(String, lanes_producer::Delivery)>(4096);
+    let acker = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        while let Some((value, delivery)) = deliveries.recv().await {
+            if let Ok(metadata) = delivery.wait().await {
+                let offset = metadata.offset.expect("acks = durable reports offsets");
+                acked.push((value, (metadata.partition.0, metadata.lane.0, offset)));
+            }
+        }
+        acked
+    });
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let value = format!("p{producer}-{n}");
+        let record = ProducerRecord::new(TOPIC, value.clone())
+            .key(format!("order-{}", n % 64))
+            .lane(LaneSelector::Index(Lane((n % 3) as u8)));
+        let delivery = producer_handle.send(record).await.unwrap();
+        if pending.send((value, delivery)).await.is_err() {
+            break;
+        }
+        n += 1;
+        if n.is_multiple_of(64) {
+            // Let the acker and the sender run: the buffer would otherwise fill at once.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    drop(pending);
+    // Everything sent is settled now that the broker is up for good.
+    let _ = producer_handle.close().await;
+    acker.await.unwrap()
+}
+
+/// Every stored record, per lane log, in offset order.
+async fn read_all(address: &str) -> BTreeMap<(u32, u8), Vec<(Offset, String)>> {
+    let mut consumer = Consumer::connect(ConsumerConfig::new(address)).await.unwrap();
+    consumer
+        .assign(TOPIC, None, None, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut logs: BTreeMap<(u32, u8), Vec<(Offset, String)>> = BTreeMap::new();
+    let mut empty_polls = 0;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while empty_polls < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reading back took too long"
+        );
+        let records = consumer.poll_timeout(Duration::from_millis(200)).await.unwrap();
+        empty_polls = if records.is_empty() { empty_polls + 1 } else { 0 };
+        for record in records {
+            logs.entry((record.partition.0, record.lane.0))
+                .or_default()
+                .push((record.offset, String::from_utf8(record.value.to_vec()).unwrap()));
+        }
+    }
+    logs
+}
+
+/// A seed from `name` if set, else from the clock; printed by the caller so that a
+/// failing run can be repeated.
+pub fn seed(name: &str) -> u64 {
+    env_u64(
+        name,
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64,
+    )
+}
+
+/// A free port on 127.0.0.1, so that a restarted broker listens where producers
+/// reconnect.
+pub fn fixed_listen_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// The producers, running until [`Workload::finish`].
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    producers: Vec<JoinHandle<Vec<(String, Position)>>>,
+}
+
+/// What the checker saw.
+pub struct Checked {
+    pub acknowledged: usize,
+    pub stored: usize,
+    pub lane_logs: usize,
+}
+
+impl Workload {
+    /// Creates the topic and starts the producers.
+    pub async fn start(address: &str) -> Workload {
+        let client = Client::connect(address, ClientConfig::default()).await.unwrap();
+        client
+            .request(&CreateTopicRequest {
+                name: TOPIC.into(),
+                partitions: PARTITIONS,
+                lanes: vec!["express".into(), "standard".into(), "bulk".into()],
+                configs: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let producers = (0..PRODUCERS)
+            .map(|p| tokio::spawn(produce(address.to_owned(), p, Arc::clone(&stop))))
+            .collect();
+        Workload { stop, producers }
+    }
+
+    /// Stops the producers, lets them settle against the broker at `address` (up for
+    /// good now), reads every lane log back and checks it; panics on a violation.
+    pub async fn finish(self, address: &str) -> Checked {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut acked: Vec<(String, Position)> = Vec::new();
+        for producer in self.producers {
+            acked.extend(producer.await.unwrap());
+        }
+        assert!(
+            acked.len() > 100,
+            "too little was acknowledged to check: {}",
+            acked.len()
+        );
+        let logs = read_all(address).await;
+        check(&acked, &logs)
+    }
+}
+
+/// The checks, over every acknowledgement and every stored record.
+fn check(acked: &[(String, Position)], logs: &BTreeMap<(u32, u8), Vec<(Offset, String)>>) -> Checked {
+    // One value per offset, and offsets 0, 1, 2… in each lane log (nothing lost from
+    // the middle of a log, nothing written twice at one offset).
+    let mut stored: HashMap<&str, Position> = HashMap::new();
+    let mut stored_count = 0;
+    for (&(partition, lane), records) in logs {
+        for (index, (offset, value)) in records.iter().enumerate() {
+            assert_eq!(
+                *offset,
+                Offset(index as u64),
+                "lane log {partition}/{lane}: offsets not dense and increasing"
+            );
+            stored_count += 1;
+            let previous = stored.insert(value, (partition, lane, *offset));
+            assert!(
+                previous.is_none(),
+                "{value} is stored twice: {previous:?} and {offset}"
+            );
+        }
+    }
+    // Every acknowledged record exactly once, where its acknowledgement said.
+    let mut lost = Vec::new();
+    for (value, position) in acked {
+        match stored.get(value.as_str()) {
+            Some(found) => assert_eq!(
+                found, position,
+                "{value} acknowledged at {position:?}, stored at {found:?}"
+            ),
+            None => lost.push(value),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    Checked {
+        acknowledged: acked.len(),
+        stored: stored_count,
+        lane_logs: logs.len(),
+    }
+}
