@@ -9,6 +9,8 @@
 //! acknowledgement.
 
 #[cfg(feature = "faults")]
+mod crash_support;
+#[cfg(feature = "faults")]
 mod process_support;
 mod support;
 
@@ -77,16 +79,14 @@ fn a_failed_fsync_stops_the_log_and_keeps_what_was_acknowledged() {
 
 #[cfg(feature = "faults")]
 mod through_a_broker {
-    use std::time::Duration;
 
     use lanes_broker::storage::faults::FSYNC_FAULT_ENV;
-    use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
     use lanes_producer::{ProduceError, Producer, ProducerConfig, ProducerRecord};
     use lanes_protocol::client::{Client, ClientConfig};
     use lanes_protocol::messages::CreateTopicRequest;
     use lanes_protocol::{ErrorCode, Offset};
 
-    use crate::process_support::{BrokerProcess, DEADLINE};
+    use crate::process_support::BrokerProcess;
 
     const TOPIC: &str = "orders";
 
@@ -101,28 +101,10 @@ mod through_a_broker {
 
     /// Every record of the topic's one lane log, in offset order.
     async fn read_all(address: &str) -> Vec<(Offset, String)> {
-        let mut consumer = Consumer::connect(ConsumerConfig::new(address)).await.unwrap();
-        consumer
-            .assign(TOPIC, None, None, StartFrom::Earliest)
+        crate::crash_support::read_all(address, TOPIC)
             .await
-            .unwrap();
-        let mut records = Vec::new();
-        let mut empty_polls = 0;
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while empty_polls < 3 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "reading back took too long"
-            );
-            let polled = consumer.poll_timeout(Duration::from_millis(200)).await.unwrap();
-            empty_polls = if polled.is_empty() { empty_polls + 1 } else { 0 };
-            records.extend(
-                polled
-                    .into_iter()
-                    .map(|r| (r.offset, String::from_utf8(r.value.to_vec()).unwrap())),
-            );
-        }
-        records
+            .remove(&(0, 0))
+            .unwrap_or_default()
     }
 
     fn assert_storage_failed(result: Result<(), ProduceError>) {

@@ -115,11 +115,10 @@ mod journal {
             .as_ref()
     }
 
-    fn note(line: impl FnOnce(&mut String)) {
+    /// Appends one line; `format_args!` formats nothing while no journal is set.
+    fn note(line: std::fmt::Arguments<'_>) {
         let Some(journal) = journal() else { return };
-        let mut text = String::new();
-        line(&mut text);
-        text.push('\n');
+        let text = format!("{line}\n");
         let mut journal = journal.lock().expect("journal lock poisoned");
         journal
             .file
@@ -133,15 +132,15 @@ mod journal {
     }
 
     pub(crate) fn wrote(path: &Path, offset: u64, len: u64) {
-        note(|line| *line = format!("W {offset} {len} {}", path.display()));
+        note(format_args!("W {offset} {len} {}", path.display()));
     }
 
     pub(crate) fn sized(path: &Path, len: u64) {
-        note(|line| *line = format!("O {len} {}", path.display()));
+        note(format_args!("O {len} {}", path.display()));
     }
 
     pub(crate) fn created(path: &Path) {
-        note(|line| *line = format!("C {}", path.display()));
+        note(format_args!("C {}", path.display()));
     }
 
     pub(crate) fn synced<T>(path: &Path, sync: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
@@ -152,14 +151,14 @@ mod journal {
         }
         let began = lines();
         let result = sync()?;
-        note(|line| *line = format!("S {began} {}", path.display()));
+        note(format_args!("S {began} {}", path.display()));
         Ok(result)
     }
 
     pub(crate) fn dir_synced<T>(dir: &Path, sync: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         let began = lines();
         let result = sync()?;
-        note(|line| *line = format!("D {began} {}", dir.display()));
+        note(format_args!("D {began} {}", dir.display()));
         Ok(result)
     }
 

@@ -4,7 +4,7 @@
 //! end, as Jepsen's Kafka checker does, every acknowledged record is read exactly once,
 //! at the offset it was acknowledged with; each lane log's offsets run 0, 1, 2… with no
 //! gap or repeat (one value per offset); and no record, acknowledged or not, is stored
-//! twice.
+//! twice. `read_all` also serves suite 8 (`fsync_failure.rs`).
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -92,10 +92,10 @@ async fn produce(address: String, producer: u32, stop: Arc<AtomicBool>) -> Vec<(
 }
 
 /// Every stored record, per lane log, in offset order.
-async fn read_all(address: &str) -> BTreeMap<(u32, u8), Vec<(Offset, String)>> {
+pub async fn read_all(address: &str, topic: &str) -> BTreeMap<(u32, u8), Vec<(Offset, String)>> {
     let mut consumer = Consumer::connect(ConsumerConfig::new(address)).await.unwrap();
     consumer
-        .assign(TOPIC, None, None, StartFrom::Earliest)
+        .assign(topic, None, None, StartFrom::Earliest)
         .await
         .unwrap();
     let mut logs: BTreeMap<(u32, u8), Vec<(Offset, String)>> = BTreeMap::new();
@@ -183,7 +183,7 @@ impl Workload {
             "too little was acknowledged to check: {}",
             acked.len()
         );
-        let logs = read_all(address).await;
+        let logs = read_all(address, TOPIC).await;
         check(&acked, &logs)
     }
 }
