@@ -12,6 +12,7 @@ use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig};
 use lanes_producer::{Producer, ProducerRecord};
 
 use crate::latency::Latencies;
+use crate::pace::Ticks;
 use crate::report::{Common, Report, progress};
 use crate::target::Target;
 
@@ -107,12 +108,14 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
     let started = Instant::now();
     let producers = common.producers.max(1) as u64;
     let deadline = duration.map(|d| Instant::now() + d);
+    let ticks = common.rate.map(|_| Ticks::start()).transpose()?;
     let mut tasks = Vec::new();
     for index in 0..producers {
         let quota = count.map(|count| count / producers + u64::from(index < count % producers));
         let rate = common.rate.map(|rate| rate as f64 / producers as f64);
         let config = common.producer_config(&target.address, format!("lanes-bench-e2e-{index}"));
         let (sent, record_bytes) = (Arc::clone(&sent), common.record_bytes);
+        let mut ticks = ticks.clone();
         tasks.push(tokio::spawn(async move {
             let producer = Producer::connect(config).await?;
             let mut sequence = 0u64;
@@ -121,10 +124,10 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
                 if quota.is_some_and(|q| sequence >= q) || deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
-                if let Some(rate) = rate
+                if let (Some(rate), Some(ticks)) = (rate, &mut ticks)
                     && sequence >= (task_started.elapsed().as_secs_f64() * rate) as u64
                 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    ticks.next().await;
                     continue;
                 }
                 let mut value = BytesMut::with_capacity(record_bytes);

@@ -8,6 +8,7 @@
 //! - [`produce`], [`consume`], [`e2e`]: throughput and latency of producers, consumers,
 //!   and both at once.
 //! - [`orders`]: the order-fulfilment demo.
+//! - [`pace`]: open-loop pacing for `--rate`, finer than tokio's timer.
 //! - [`lanes`]: the priority scenario: express latency idle, behind a bulk backlog, and
 //!   on a one-lane topic (plain FIFO), and bulk's share while express is saturated.
 //!
@@ -18,6 +19,7 @@ pub mod e2e;
 pub mod lanes;
 pub mod latency;
 pub mod orders;
+pub mod pace;
 pub mod produce;
 pub mod report;
 pub mod target;

@@ -13,6 +13,7 @@ use lanes_protocol::Lane;
 use tokio::sync::mpsc;
 
 use crate::latency::Latencies;
+use crate::pace::Ticks;
 use crate::report::{Common, Report, progress};
 use crate::target::Target;
 
@@ -102,6 +103,7 @@ pub async fn send(
 ) -> anyhow::Result<()> {
     let producers = common.producers.max(1) as u64;
     let deadline = load.duration.map(|d| Instant::now() + d);
+    let ticks = load.rate.map(|_| Ticks::start()).transpose()?;
     let mut tasks = Vec::new();
     for index in 0..producers {
         let quota = load
@@ -115,7 +117,7 @@ pub async fn send(
             Bytes::from(vec![b'x'; common.record_bytes]),
             quota,
             deadline,
-            rate,
+            rate.zip(ticks.clone()),
             load.lanes,
             Arc::clone(sent),
             bar.clone(),
@@ -134,7 +136,7 @@ async fn producer_task(
     value: Bytes,
     quota: Option<u64>,
     deadline: Option<Instant>,
-    rate: Option<f64>,
+    mut rate: Option<(f64, Ticks)>,
     lanes: Option<u8>,
     sent: Arc<Sent>,
     bar: ProgressBar,
@@ -186,15 +188,16 @@ async fn producer_task(
         // Latency runs from when the record was due: with `--rate`, its place in the
         // schedule, so time spent behind schedule (or blocked by a full buffer) counts
         // (no coordinated omission); as fast as possible, now.
-        let at = match rate {
-            Some(rate) => {
+        let at = match &mut rate {
+            Some((rate, ticks)) => {
+                let rate = *rate;
                 // Open loop: never ahead of the schedule; behind it, catch up at once.
                 let due = (started.elapsed().as_secs_f64() * rate) as u64;
                 if count >= due {
                     if past_deadline() {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    ticks.next().await;
                     continue;
                 }
                 started + Duration::from_secs_f64(count as f64 / rate)

@@ -592,3 +592,52 @@ async fn polls_share_records_between_lanes_by_weight() {
     assert!((60..=160).contains(&lanes[2]), "{lanes:?}");
     broker.stop().await;
 }
+
+/// A producer with many requests in flight must write them in the order it made them:
+/// without idempotence nothing at the broker puts a reordered batch back in its place.
+/// Each batch goes in its own request, so one pass of the sender queues over a hundred,
+/// more than one poll of a task may do before tokio's cooperative budget makes it
+/// yield (an earlier sender polled the request futures to write them, and those that
+/// hit the budget went out after later ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_keep_their_order_without_idempotence() {
+    const PARTITIONS: u32 = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "orders", PARTITIONS).await;
+    let mut config = ProducerConfig::new(broker.address());
+    config.idempotent = false;
+    config.acks = lanes_protocol::messages::Acks::Written;
+    config.request_bytes_max = 1;
+    config.batch_bytes_max = 512;
+    let producer = Producer::connect(config).await.unwrap();
+    let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..(PARTITIONS * 1_000) {
+        let partition = i % PARTITIONS;
+        let value = format!("event-{i}");
+        sent.entry((partition, 0)).or_default().push(value.clone());
+        deliveries.push(
+            producer
+                .send(record("orders", partition, 0, value))
+                .await
+                .unwrap(),
+        );
+    }
+    for delivery in deliveries {
+        delivery.wait().await.expect("delivered");
+    }
+    drop(producer);
+    let stored = read_all(&broker.address(), "orders", None).await;
+    for (log, expected) in &sent {
+        let got = stored.get(log).map_or(&[][..], Vec::as_slice);
+        let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
+        assert!(
+            got == expected.as_slice(),
+            "lane log {log:?}: {} records stored, {} sent, first difference at {first_difference:?}",
+            got.len(),
+            expected.len()
+        );
+    }
+    broker.stop().await;
+}

@@ -376,17 +376,25 @@ impl Sender {
         // Lane 0 of every lane log before lane 1, and so on.
         let mut keys: Vec<LogKey> = self.logs.keys().cloned().collect();
         keys.sort_by(|a, b| (a.lane, &a.topic, a.partition).cmp(&(b.lane, &b.topic, b.partition)));
+        // `queue` waits for a free slot on the connection, and slots free up only as this
+        // task completes requests: never queue more than there are slots, less one for
+        // the InitProducerId a reset sends.
+        let slots = client.requests_in_flight_max().saturating_sub(1).max(1);
+        let mut lists: Vec<Vec<(LogKey, u64, Bytes)>> = Vec::new();
         let mut batch_list: Vec<(LogKey, u64, Bytes)> = Vec::new();
         let mut size = 0;
         'keys: for key in keys {
             let log = self.logs.get_mut(&key).expect("listed");
             while log.in_flight.len() < config.in_flight_per_log_max {
+                if batch_list.is_empty() && requests.len() + lists.len() >= slots {
+                    break 'keys;
+                }
                 // Requests of only less urgent batches leave the last slots to lane 0's,
                 // so an express batch never waits behind a queue of bulk requests.
                 // Checked per batch: one lane log may start several requests.
                 if key.lane.0 > 0
                     && batch_list.is_empty()
-                    && requests.len() >= config.requests_in_flight_max.max(1)
+                    && requests.len() + lists.len() >= config.requests_in_flight_max.max(1)
                 {
                     break 'keys;
                 }
@@ -401,13 +409,19 @@ impl Sender {
                 batch_list.push((key.clone(), number, batch.bytes.clone()));
                 log.in_flight.insert(number, batch);
                 if size >= config.request_bytes_max {
-                    requests.push(request(&client, config, std::mem::take(&mut batch_list)));
+                    lists.push(std::mem::take(&mut batch_list));
                     size = 0;
                 }
             }
         }
         if !batch_list.is_empty() {
-            requests.push(request(&client, config, batch_list));
+            lists.push(batch_list);
+        }
+        // Queued one after another: batches of a lane log must reach the broker in
+        // order, whatever order the response futures are polled in.
+        for batches in lists {
+            let request = queue(&client, config, batches).await;
+            requests.push(request);
         }
     }
 
@@ -547,9 +561,10 @@ impl Sender {
     }
 }
 
-/// One produce request for `batches`, as a future.
-fn request(
-    client: &Arc<Client>,
+/// Queues one produce request for `batches` on the connection; returns the wait for
+/// its outcome.
+async fn queue(
+    client: &Client,
     config: &crate::ProducerConfig,
     batches: Vec<(LogKey, u64, Bytes)>,
 ) -> Request {
@@ -606,13 +621,18 @@ fn request(
         timeout_ms: u32::try_from(config.durability_timeout.as_millis()).unwrap_or(u32::MAX),
         topics,
     };
-    let client = Arc::clone(client);
-    Box::pin(async move {
-        let result = if request.acks == Acks::None {
-            client.send_only(&request).await.map(|()| None)
-        } else {
-            client.request(&request).await.map(Some)
-        };
-        Done { sent: order, result }
-    })
+    if request.acks == Acks::None {
+        let result = client.send_only(&request).await.map(|()| None);
+        return Box::pin(std::future::ready(Done { sent: order, result }));
+    }
+    match client.queue(&request).await {
+        Ok(response) => Box::pin(async move {
+            let result = response.wait().await.map(Some);
+            Done { sent: order, result }
+        }),
+        Err(error) => Box::pin(std::future::ready(Done {
+            sent: order,
+            result: Err(error),
+        })),
+    }
 }

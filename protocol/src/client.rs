@@ -6,9 +6,17 @@
 //! each reply is matched to the oldest outstanding request and its correlation id is
 //! checked. When the connection fails, every outstanding request fails with it and the
 //! client is closed; callers reconnect.
+//!
+//! Requests are written in the order they are queued. A caller whose requests must
+//! reach the broker in order (a producer's batches of one lane log) queues them one
+//! after another with [`Client::queue`] and waits for the responses side by side:
+//! polling several [`Client::request`] futures at once does not fix their order, since
+//! one that yields (its task's cooperative budget spent, say) is polled again after
+//! those behind it.
 
 use std::collections::VecDeque;
 use std::io;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use crate::ErrorCode;
@@ -102,7 +110,7 @@ type Pending = Arc<Mutex<VecDeque<(u32, Reply)>>>;
 /// One connection to a broker. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Client {
-    addr: String,
+    addr: Arc<str>,
     config: ClientConfig,
     outgoing: mpsc::Sender<Outgoing>,
     in_flight: Arc<Semaphore>,
@@ -146,7 +154,7 @@ impl Client {
             Arc::clone(&closed),
         ));
         let mut client = Client {
-            addr: addr.to_owned(),
+            addr: Arc::from(addr),
             in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max.max(1))),
             config,
             outgoing,
@@ -171,6 +179,11 @@ impl Client {
         &self.versions
     }
 
+    /// How many requests may await their responses at once.
+    pub fn requests_in_flight_max(&self) -> usize {
+        self.config.requests_in_flight_max.max(1)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -184,8 +197,24 @@ impl Client {
         self.request_unchecked(request).await
     }
 
+    /// Queues `request` behind every request queued before it (waiting for a free
+    /// in-flight slot) and returns the wait for its response.
+    pub async fn queue<R: RequestBody>(&self, request: &R) -> Result<PendingResponse<R>, ClientError> {
+        if self.versions.common_version(R::API_KEY).is_none() {
+            return Err(ClientError::Unsupported(R::API_KEY));
+        }
+        self.queue_unchecked(request).await
+    }
+
     async fn request_unchecked<R: RequestBody>(&self, request: &R) -> Result<R::Response, ClientError> {
-        let _permit = self.in_flight.acquire().await.map_err(|_| self.closed_error())?;
+        self.queue_unchecked(request).await?.wait().await
+    }
+
+    async fn queue_unchecked<R: RequestBody>(&self, request: &R) -> Result<PendingResponse<R>, ClientError> {
+        let permit = Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| self.closed_error())?;
         let correlation_id = self.next_correlation_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_request(correlation_id, &self.config.client_id, request);
         let (reply, response) = oneshot::channel();
@@ -196,17 +225,13 @@ impl Client {
             })
             .await
             .map_err(|_| self.closed_error())?;
-        let (header, reader) = tokio::time::timeout(self.config.request_timeout, response)
-            .await
-            .map_err(|_| ClientError::Timeout(self.config.request_timeout))?
-            .map_err(|_| self.closed_error())??;
-        if header.error_code != ErrorCode::None {
-            return Err(ClientError::Broker {
-                code: header.error_code,
-                message: header.error_message,
-            });
-        }
-        Ok(decode_response_body(reader)?)
+        Ok(PendingResponse {
+            response,
+            timeout: self.config.request_timeout,
+            addr: Arc::clone(&self.addr),
+            _permit: permit,
+            _request: PhantomData,
+        })
     }
 
     /// Sends a request that gets no response (a produce with `acks = none`); waits at
@@ -224,7 +249,35 @@ impl Client {
     }
 
     fn closed_error(&self) -> ClientError {
-        ClientError::Closed(self.addr.clone())
+        ClientError::Closed(self.addr.to_string())
+    }
+}
+
+/// A queued request's response to come; holds its in-flight slot until dropped.
+#[derive(Debug)]
+pub struct PendingResponse<R> {
+    response: oneshot::Receiver<Result<(ResponseHeader, Reader), ClientError>>,
+    timeout: Duration,
+    addr: Arc<str>,
+    _permit: OwnedSemaphorePermit,
+    _request: PhantomData<fn() -> R>,
+}
+
+impl<R: RequestBody> PendingResponse<R> {
+    /// Waits at most `request_timeout` for the response. A response whose header
+    /// carries an error code is returned as [`ClientError::Broker`].
+    pub async fn wait(self) -> Result<R::Response, ClientError> {
+        let (header, reader) = tokio::time::timeout(self.timeout, self.response)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+            .map_err(|_| ClientError::Closed(self.addr.to_string()))??;
+        if header.error_code != ErrorCode::None {
+            return Err(ClientError::Broker {
+                code: header.error_code,
+                message: header.error_message,
+            });
+        }
+        Ok(decode_response_body(reader)?)
     }
 }
 
