@@ -46,6 +46,20 @@ async fn read_all(address: &str, topic: &str, lanes: Option<&[Lane]>) -> HashMap
     logs
 }
 
+/// Every lane log holds exactly what was sent to it, in the order it was sent.
+fn assert_stored_as_sent(stored: &HashMap<(u32, u8), Vec<String>>, sent: &HashMap<(u32, u8), Vec<String>>) {
+    for (log, expected) in sent {
+        let got = stored.get(log).map_or(&[][..], Vec::as_slice);
+        let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
+        assert!(
+            got == expected.as_slice(),
+            "lane log {log:?}: {} records stored, {} sent, first difference at {first_difference:?}",
+            got.len(),
+            expected.len()
+        );
+    }
+}
+
 /// A TCP proxy to `broker` that cuts each connection after passing some bytes of
 /// responses (a different amount each time), so that clients lose answers mid-stream
 /// and must retry over a new connection.
@@ -152,16 +166,7 @@ async fn retries_through_cut_connections_never_duplicate_or_reorder() {
     let cuts = connections.load(Ordering::Relaxed);
     assert!(cuts > 5, "the proxy cut connections ({cuts} of them)");
     let stored = read_all(&broker.address(), "orders", None).await;
-    for (log, expected) in &sent {
-        let got = stored.get(log).map_or(&[][..], Vec::as_slice);
-        let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
-        assert!(
-            got == expected.as_slice(),
-            "lane log {log:?}: {} records stored, {} sent, first difference at {first_difference:?}",
-            got.len(),
-            expected.len()
-        );
-    }
+    assert_stored_as_sent(&stored, &sent);
     broker.stop().await;
 }
 
@@ -629,15 +634,6 @@ async fn pipelined_requests_keep_their_order_without_idempotence() {
     }
     drop(producer);
     let stored = read_all(&broker.address(), "orders", None).await;
-    for (log, expected) in &sent {
-        let got = stored.get(log).map_or(&[][..], Vec::as_slice);
-        let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
-        assert!(
-            got == expected.as_slice(),
-            "lane log {log:?}: {} records stored, {} sent, first difference at {first_difference:?}",
-            got.len(),
-            expected.len()
-        );
-    }
+    assert_stored_as_sent(&stored, &sent);
     broker.stop().await;
 }
