@@ -15,19 +15,53 @@ pub struct Latencies {
 impl Default for Latencies {
     fn default() -> Self {
         Latencies {
-            // Up to an hour, 3 significant digits.
-            histogram: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
+            histogram: Mutex::new(new_histogram()),
         }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Up to an hour, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+fn micros(latency: Duration) -> u64 {
+    u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// One task's histogram, recorded into without a lock and added to a [`Latencies`] at
+/// the end: a task that records every record would otherwise take the shared lock
+/// hundreds of thousands of times a second, on the cores the broker needs.
+#[derive(Debug)]
+pub struct LocalLatencies(Histogram<u64>);
+
+impl Default for LocalLatencies {
+    fn default() -> Self {
+        LocalLatencies(new_histogram())
+    }
+}
+
+impl LocalLatencies {
+    pub fn record(&mut self, latency: Duration) {
+        self.0.saturating_record(micros(latency));
     }
 }
 
 impl Latencies {
     pub fn record(&self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
         self.histogram
             .lock()
             .expect("histogram lock poisoned")
-            .saturating_record(us);
+            .saturating_record(micros(latency));
+    }
+
+    /// Adds what one task recorded.
+    pub fn add(&self, local: &LocalLatencies) {
+        self.histogram
+            .lock()
+            .expect("histogram lock poisoned")
+            .add(&local.0)
+            .expect("histograms of the same bounds");
     }
 
     pub fn summary(&self) -> Summary {

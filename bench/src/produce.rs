@@ -12,7 +12,7 @@ use lanes_producer::{Delivery, LaneSelector, Producer, ProducerConfig, ProducerR
 use lanes_protocol::Lane;
 use tokio::sync::mpsc;
 
-use crate::latency::Latencies;
+use crate::latency::{Latencies, LocalLatencies};
 use crate::pace::Ticks;
 use crate::report::{Common, Report, progress};
 use crate::target::Target;
@@ -151,6 +151,7 @@ async fn producer_task(
             // Latency ends when the producer learned of the acknowledgement, not when
             // this task got round to it. Counters are updated once per chunk.
             let mut chunk = Vec::with_capacity(1024);
+            let mut latencies = LocalLatencies::default();
             while acked.recv_many(&mut chunk, 1024).await > 0 {
                 let (mut records, mut bytes, mut errors) = (0u64, 0u64, 0u64);
                 for (at, size, delivery) in chunk.drain(..) {
@@ -160,8 +161,7 @@ async fn producer_task(
                     };
                     match outcome {
                         Ok(metadata) => {
-                            sent.latencies
-                                .record(metadata.acknowledged_at.saturating_duration_since(at));
+                            latencies.record(metadata.acknowledged_at.saturating_duration_since(at));
                             records += 1;
                             bytes += size as u64;
                         }
@@ -173,11 +173,15 @@ async fn producer_task(
                 sent.errors.fetch_add(errors, Ordering::Relaxed);
                 bar.inc(records);
             }
+            sent.latencies.add(&latencies);
         }
     });
     let topic: Arc<str> = Arc::from(topic);
     let started = Instant::now();
     let mut count = 0u64;
+    // Records the schedule had due when the clock was last read: the clock is read
+    // again only once they are sent.
+    let mut due = 0u64;
     loop {
         // The clock is read every 64 records: reading it per record is a visible part
         // of the bench's own cost.
@@ -192,7 +196,9 @@ async fn producer_task(
             Some((rate, ticks)) => {
                 let rate = *rate;
                 // Open loop: never ahead of the schedule; behind it, catch up at once.
-                let due = (started.elapsed().as_secs_f64() * rate) as u64;
+                if count >= due {
+                    due = (started.elapsed().as_secs_f64() * rate) as u64;
+                }
                 if count >= due {
                     if past_deadline() {
                         break;
