@@ -5,8 +5,7 @@
 //! added up to 2 ms to a record's latency from its place in the schedule, twice the
 //! latency being measured. A thread that ticks every [`TICK`] wakes the paced tasks
 //! instead. Each tick wakes every paced task, so a shorter tick costs CPU the broker
-//! shares: at 100 µs the p99 at 330,000 records/s was 1.1–2.6 ms, at 250 µs 0.57–0.68 ms
-//! (two runs each, acks written).
+//! shares; docs/BENCHMARKS.md ("Open-loop pacing") has how 100 µs and 250 µs compared.
 
 use std::time::Duration;
 
