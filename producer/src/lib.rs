@@ -15,8 +15,9 @@
 //!
 //! Records are grouped per lane log (topic, partition, lane) into batches of up to
 //! `batch_bytes_max`, sent when full, after `linger`, or on [`Producer::flush`]. The
-//! partition comes from the record, else from the FNV-1a hash of its key, else round
-//! robin. Buffered records are bounded by `buffer_bytes_max`: [`Producer::send`] waits
+//! partition comes from the record, else from the FNV-1a hash of its key, else it is
+//! sticky: records without a key fill one partition for `batch_bytes_max` bytes, then
+//! move to the next. Buffered records are bounded by `buffer_bytes_max`: [`Producer::send`] waits
 //! for room (backpressure). With idempotence (the default), retries after a lost
 //! connection or a transient broker error never append a batch twice: each lane log gets
 //! sequence numbers and the broker answers a retry with the original offsets. At most
@@ -27,7 +28,8 @@ mod record;
 mod sender;
 
 use bytes::BytesMut;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,7 +148,9 @@ pub(crate) struct TopicInfo {
     pub(crate) name: Arc<str>,
     pub(crate) partitions: u32,
     pub(crate) lanes: Vec<String>,
-    round_robin: AtomicU32,
+    /// Records without a key: the partition they started on, and the bytes sent since.
+    keyless_first: u32,
+    keyless_bytes: AtomicU64,
 }
 
 impl TopicInfo {
@@ -170,7 +174,14 @@ impl TopicInfo {
         }
     }
 
-    fn partition(&self, record: &ProducerRecord) -> Result<PartitionId, ProduceError> {
+    /// `record_bytes` is the record's encoded size, counted towards `batch_bytes_max`
+    /// when the record has no key.
+    fn partition(
+        &self,
+        record: &ProducerRecord,
+        record_bytes: usize,
+        batch_bytes_max: u32,
+    ) -> Result<PartitionId, ProduceError> {
         match (record.partition, &record.key) {
             (Some(partition), _) if partition.0 < self.partitions => Ok(partition),
             (Some(partition), _) => Err(ProduceError::UnknownPartition {
@@ -178,9 +189,18 @@ impl TopicInfo {
                 partition: partition.0,
             }),
             (None, Some(key)) => Ok(partition_for_key(key, self.partitions)),
-            (None, None) => Ok(PartitionId(
-                self.round_robin.fetch_add(1, Ordering::Relaxed) % self.partitions,
-            )),
+            // Sticky, as Kafka's default partitioner (KIP-794): records without a key go
+            // to one partition until a batch's worth of bytes has gone there, then to
+            // the next. Round robin per record would cut every burst of sends into one
+            // small batch per partition: more requests and appends, smaller writes.
+            (None, None) => {
+                let sent_bytes = self
+                    .keyless_bytes
+                    .fetch_add(record_bytes as u64, Ordering::Relaxed);
+                let turn = sent_bytes / u64::from(batch_bytes_max.max(1));
+                let partition = (u64::from(self.keyless_first) + turn) % u64::from(self.partitions.max(1));
+                Ok(PartitionId(partition as u32))
+            }
         }
     }
 }
@@ -263,10 +283,10 @@ impl Producer {
             return Err(ProduceError::Closed);
         }
         let topic = self.topic(&record.topic).await?;
-        let partition = topic.partition(&record)?;
-        let lane = topic.lane(&record.lane)?;
         let batch_bytes_max = self.shared.config.batch_bytes_max;
         let reserve = record.encoded_len_max();
+        let partition = topic.partition(&record, reserve, batch_bytes_max)?;
+        let lane = topic.lane(&record.lane)?;
         if reserve + lanes_protocol::record_batch::HEADER_BYTES > batch_bytes_max as usize {
             return Err(ProduceError::RecordTooLarge {
                 record_bytes: reserve,
@@ -432,11 +452,14 @@ impl Producer {
         if topic.error_code != ErrorCode::None {
             return Err(ProduceError::UnknownTopic(name.to_owned()));
         }
+        let partitions = topic.partitions.len() as u32;
         Ok(TopicInfo {
             name: Arc::from(name),
-            partitions: topic.partitions.len() as u32,
+            partitions,
             lanes: topic.lanes,
-            round_robin: AtomicU32::new(0),
+            // Producers that start together should not all fill the same partition.
+            keyless_first: (RandomState::new().hash_one(name) % u64::from(partitions.max(1))) as u32,
+            keyless_bytes: AtomicU64::new(0),
         })
     }
 
@@ -509,5 +532,53 @@ impl OpenBatch {
             opened_at: tokio::time::Instant::now(),
             reserved: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(partitions: u32) -> TopicInfo {
+        TopicInfo {
+            name: Arc::from("t"),
+            partitions,
+            lanes: vec!["standard".to_owned()],
+            keyless_first: 1,
+            keyless_bytes: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn records_without_a_key_fill_one_partition_for_a_batch_then_move_on() {
+        let topic = topic(3);
+        let record = ProducerRecord::new("t", vec![0u8; 29]);
+        let record_bytes = record.encoded_len_max();
+        assert_eq!(record_bytes, 100);
+        let partitions: Vec<u32> = (0..35)
+            .map(|_| topic.partition(&record, record_bytes, 1000).expect("partition").0)
+            .collect();
+        let expected: Vec<u32> = [1, 2, 0, 1].iter().flat_map(|&p| [p; 10]).take(35).collect();
+        assert_eq!(partitions, expected);
+    }
+
+    #[test]
+    fn keys_and_explicit_partitions_are_not_sticky() {
+        let topic = topic(4);
+        let keyed = ProducerRecord::new("t", "v").key("order-42");
+        let by_key = partition_for_key(b"order-42", 4);
+        for _ in 0..3 {
+            assert_eq!(topic.partition(&keyed, 10_000, 1000).expect("partition"), by_key);
+        }
+        let pinned = ProducerRecord::new("t", "v").partition(PartitionId(3));
+        assert_eq!(
+            topic.partition(&pinned, 10, 1000).expect("partition"),
+            PartitionId(3)
+        );
+        let missing = ProducerRecord::new("t", "v").partition(PartitionId(4));
+        assert!(matches!(
+            topic.partition(&missing, 10, 1000),
+            Err(ProduceError::UnknownPartition { partition: 4, .. })
+        ));
     }
 }

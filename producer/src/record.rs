@@ -29,7 +29,8 @@ pub struct ProducerRecord {
     pub value: Bytes,
     pub headers: Vec<(Bytes, Option<Bytes>)>,
     pub lane: LaneSelector,
-    /// `None`: from the key's hash, or round robin for records without a key.
+    /// `None`: from the key's hash; without a key, the partition the producer is filling
+    /// (it moves on after `batch_bytes_max` bytes).
     pub partition: Option<PartitionId>,
     /// `None`: now.
     pub timestamp_ms: Option<i64>,
