@@ -708,7 +708,7 @@ impl Topics {
         files::fsync_dir(&self.meta_dir)?;
         forget(name);
         for (_, _, log) in topic.logs() {
-            let _ = log.log.close();
+            log.log.close_for_removal();
         }
         let dir = self.data_dir.join(name);
         fs::remove_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;

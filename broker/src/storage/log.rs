@@ -794,6 +794,17 @@ impl LaneLog {
         }
     }
 
+    /// Stops appends for a log whose files are about to be removed, without the fsyncs
+    /// and checkpoint of [`LaneLog::close`]: making bytes durable just before unlinking
+    /// them only costs time. Waits for a running fsync round to end.
+    pub fn close_for_removal(&self) {
+        lock(&self.writer).closed = true;
+        let mut syncing = lock(&self.syncing);
+        while *syncing {
+            syncing = self.sync_done.wait(syncing).expect("sync lock poisoned");
+        }
+    }
+
     /// Closes cleanly: fsyncs everything, flushes and trims the indexes and records a
     /// clean shutdown, so the next open checks nothing it does not have to. Appends fail
     /// afterwards; reads still work.
@@ -855,6 +866,23 @@ mod tests {
         let mut builder = RecordBatchBuilder::new(BatchLimits::default());
         builder.push(0, None, b"order", &[]).unwrap();
         builder.finish(ProducerStamp::NONE).to_vec()
+    }
+
+    #[test]
+    fn closing_for_removal_stops_appends_without_an_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        log.append(&mut one_record_batch()).unwrap();
+        log.close_for_removal();
+        assert_eq!(log.stats().sync_rounds, 0);
+        assert!(matches!(
+            log.append(&mut one_record_batch()),
+            Err(StorageError::Closed { .. })
+        ));
     }
 
     #[test]
