@@ -17,8 +17,8 @@
 //! `batch_bytes_max`, sent when full, after `linger`, or on [`Producer::flush`]. The
 //! partition comes from the record, else from the FNV-1a hash of its key, else it is
 //! sticky: records without a key fill one partition for `batch_bytes_max` bytes, then
-//! move to the next. Buffered records are bounded by `buffer_bytes_max`: [`Producer::send`] waits
-//! for room (backpressure). With idempotence (the default), retries after a lost
+//! move to the next. Buffered records are bounded by `buffer_bytes_max`:
+//! [`Producer::send`] waits for room (backpressure). With idempotence (the default), retries after a lost
 //! connection or a transient broker error never append a batch twice: each lane log gets
 //! sequence numbers and the broker answers a retry with the original offsets. At most
 //! `in_flight_per_log_max` (5) batches per lane log are in flight, and a lane log's
