@@ -26,6 +26,10 @@ pub struct Sent {
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
     pub latencies: Latencies,
+    /// With `--rate`: how late every 64th record went to `send` after its place in the
+    /// schedule, the load generator's own delay (OpenMessaging Benchmark's "publish
+    /// delay"). It is part of `latencies`, which start at that place too.
+    pub send_delays: Latencies,
 }
 
 /// How long, or how much, to send.
@@ -81,7 +85,7 @@ pub async fn run(target: &Target, common: &Common, lanes: u8) -> anyhow::Result<
     send(target, common, TOPIC, load, &sent, &bar).await?;
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    Ok(Report {
+    let mut report = Report {
         scenario: "produce",
         records: sent.records.load(Ordering::Relaxed),
         bytes: sent.bytes.load(Ordering::Relaxed),
@@ -89,7 +93,12 @@ pub async fn run(target: &Target, common: &Common, lanes: u8) -> anyhow::Result<
         latency: Some(sent.latencies.summary()),
         errors: sent.errors.load(Ordering::Relaxed),
         ..Report::default()
-    })
+    };
+    if common.rate.is_some() {
+        let delays = sent.send_delays.summary().to_json();
+        report.extra.insert("send_delay_ms".into(), delays);
+    }
+    Ok(report)
 }
 
 /// Runs the producers until the load is sent and acknowledged.
@@ -182,6 +191,7 @@ async fn producer_task(
     // Records the schedule had due when the clock was last read: the clock is read
     // again only once they are sent.
     let mut due = 0u64;
+    let mut send_delays = LocalLatencies::default();
     loop {
         // The clock is read every 64 records: reading it per record is a visible part
         // of the bench's own cost.
@@ -215,12 +225,17 @@ async fn producer_task(
             record = record.lane(LaneSelector::Index(Lane((count % u64::from(lanes)) as u8)));
         }
         let delivery = producer.send(record).await?;
+        // Sampled: a clock read per record is a visible part of the bench's own cost.
+        if rate.is_some() && count.is_multiple_of(64) {
+            send_delays.record(at.elapsed());
+        }
         if deliveries.send((at, value.len(), delivery)).await.is_err() {
             break;
         }
         count += 1;
     }
     drop(deliveries);
+    sent.send_delays.add(&send_delays);
     producer.flush().await.ok();
     acker.await?;
     producer.close().await.ok();

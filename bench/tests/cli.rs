@@ -87,6 +87,33 @@ fn produce_consume_and_e2e_report_the_common_fields() {
     }
 }
 
+/// With `--rate`, produce also reports how late the generator sent records against
+/// the schedule; every 64th record is sampled.
+#[test]
+fn paced_produce_reports_the_send_delay() {
+    let report = run_json(&[
+        "produce",
+        "--count",
+        "6400",
+        "--rate",
+        "20000",
+        "--record-bytes",
+        "100",
+        "--warmup-s",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(report["records"], 6400, "{report}");
+    let delay = &report["send_delay_ms"];
+    assert_eq!(delay["count"], 100, "{report}");
+    // A record's send delay is part of its latency, which starts at the same place.
+    let delay_max = delay["max"].as_f64().expect("a max");
+    let latency_max = report["latency_ms"]["max"].as_f64().expect("a latency max");
+    assert!(delay_max <= latency_max, "{report}");
+    let unpaced = run_json(&["produce", "--count", "1000", "--warmup-s", "0", "--json"]);
+    assert!(unpaced.get("send_delay_ms").is_none(), "{unpaced}");
+}
+
 #[test]
 fn the_orders_demo_checks_order_loss_and_double_effects() {
     let report = run_json(&[
