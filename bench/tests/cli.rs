@@ -40,6 +40,9 @@ fn lanes_scenario_runs_and_reports() {
     assert!(report["records"].as_u64().unwrap() >= 2 * 3000);
 }
 
+/// 100-byte records, no warm-up, one JSON object out: small, quick runs.
+const SMALL_RECORDS_JSON: [&str; 5] = ["--record-bytes", "100", "--warmup-s", "0", "--json"];
+
 fn run_json(args: &[&str]) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_lanes-bench"))
         .args(args)
@@ -52,18 +55,9 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn produce_consume_and_e2e_report_the_common_fields() {
-    let small = [
-        "--count",
-        "20000",
-        "--record-bytes",
-        "100",
-        "--warmup-s",
-        "0",
-        "--json",
-    ];
     for scenario in ["produce", "consume", "e2e"] {
-        let mut args = vec![scenario];
-        args.extend(small);
+        let mut args = vec![scenario, "--count", "20000"];
+        args.extend(SMALL_RECORDS_JSON);
         let report = run_json(&args);
         assert_eq!(report["scenario"], scenario);
         assert_eq!(report["records"], 20000, "{report}");
@@ -91,18 +85,9 @@ fn produce_consume_and_e2e_report_the_common_fields() {
 /// the schedule; every 64th record is sampled.
 #[test]
 fn paced_produce_reports_the_send_delay() {
-    let report = run_json(&[
-        "produce",
-        "--count",
-        "6400",
-        "--rate",
-        "20000",
-        "--record-bytes",
-        "100",
-        "--warmup-s",
-        "0",
-        "--json",
-    ]);
+    let mut args = vec!["produce", "--count", "6400", "--rate", "20000"];
+    args.extend(SMALL_RECORDS_JSON);
+    let report = run_json(&args);
     assert_eq!(report["records"], 6400, "{report}");
     let delay = &report["send_delay_ms"];
     assert_eq!(delay["count"], 100, "{report}");

@@ -868,15 +868,21 @@ mod tests {
         builder.finish(ProducerStamp::NONE).to_vec()
     }
 
-    #[test]
-    fn closing_for_removal_stops_appends_without_an_fsync() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A log that fsyncs only when asked, with one record appended.
+    fn never_synced_log_with_one_record(dir: &Path) -> LaneLog {
         let config = LogConfig {
             fsync: FsyncPolicy::Never,
             ..LogConfig::default()
         };
-        let log = LaneLog::open(dir.path(), config).unwrap();
+        let log = LaneLog::open(dir, config).unwrap();
         log.append(&mut one_record_batch()).unwrap();
+        log
+    }
+
+    #[test]
+    fn closing_for_removal_stops_appends_without_an_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = never_synced_log_with_one_record(dir.path());
         log.close_for_removal();
         assert_eq!(log.stats().sync_rounds, 0);
         assert!(matches!(
@@ -932,12 +938,7 @@ mod tests {
     #[test]
     fn never_policy_syncs_only_when_asked() {
         let dir = tempfile::tempdir().unwrap();
-        let config = LogConfig {
-            fsync: FsyncPolicy::Never,
-            ..LogConfig::default()
-        };
-        let log = LaneLog::open(dir.path(), config).unwrap();
-        log.append(&mut one_record_batch()).unwrap();
+        let log = never_synced_log_with_one_record(dir.path());
         assert!(!log.fsync_due(Instant::now() + Duration::from_secs(3600)));
         log.close().unwrap();
         assert_eq!(log.durable_offset(), Offset(1), "a clean close syncs");
