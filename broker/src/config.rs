@@ -126,6 +126,10 @@ settings! {
     retention_bytes: i64 = -1, "LANES_RETENTION_BYTES";
     /// How often retention runs (ms).
     retention_check_ms: u64 = 300_000, "LANES_RETENTION_CHECK_MS";
+    /// Deleted segment files are freed a chunk at a time at this rate (faster when the
+    /// backlog would take over 10 s), so that a large delete does not stall fsyncs and
+    /// the machine; 0 frees them at once.
+    delete_bytes_per_s: u64 = 256 * MIB as u64, "LANES_DELETE_BYTES_PER_S";
     /// Largest record batch a producer may send (bytes).
     batch_bytes_max: u32 = MIB, "LANES_BATCH_BYTES_MAX";
     /// Most records in one batch.

@@ -33,6 +33,8 @@ pub const LOG_UNSYNCED_RECORDS: &str = "lanes_log_unsynced_records";
 pub const LOG_SEGMENTS: &str = "lanes_log_segments";
 /// Per topic and lane (summed over partitions): bytes of segment files.
 pub const LOG_BYTES: &str = "lanes_log_bytes";
+/// Bytes of deleted segment files not yet freed (see `delete_bytes_per_s`).
+pub const DELETE_PENDING_BYTES: &str = "lanes_delete_pending_bytes";
 /// Assignment changes (new generations), by group.
 pub const GROUP_REBALANCES: &str = "lanes_group_rebalances_total";
 /// Client connections open now.
@@ -80,6 +82,11 @@ pub fn describe() {
         LOG_BYTES,
         Unit::Bytes,
         "Bytes of segment files, by topic and lane."
+    );
+    describe_gauge!(
+        DELETE_PENDING_BYTES,
+        Unit::Bytes,
+        "Bytes of deleted segment files not yet freed."
     );
     describe_counter!(
         GROUP_REBALANCES,

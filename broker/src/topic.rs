@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::config::{Durability, FsyncMode, Settings, parse_lane_names};
 use crate::durability::Syncer;
 use crate::scheduler::{LanePolicy, WEIGHT_MAX, default_weights};
-use crate::storage::{AppendOutcome, FsyncPolicy, LaneLog, StorageError, files};
+use crate::storage::{AppendOutcome, FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError, files};
 
 /// A topic's settings, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -511,11 +511,12 @@ pub struct Topics {
     /// Counts creates and deletes, so others can notice that topics changed.
     version: AtomicU64,
     syncer: Arc<Syncer>,
+    reaper: Arc<Reaper>,
 }
 
 impl Topics {
     /// Opens every topic in the data directory, recovering its lane logs.
-    pub fn open(settings: &Settings, syncer: Arc<Syncer>) -> Result<Topics, TopicError> {
+    pub fn open(settings: &Settings, syncer: Arc<Syncer>, reaper: Arc<Reaper>) -> Result<Topics, TopicError> {
         let data_dir = settings.data_dir.join("topics");
         let meta_dir = settings.data_dir.join("meta").join("topics");
         files::create_dir_all_durable(&data_dir)?;
@@ -528,6 +529,7 @@ impl Topics {
             admin: Mutex::new(()),
             version: AtomicU64::new(0),
             syncer,
+            reaper,
         };
         let mut specs = Vec::new();
         for entry in fs::read_dir(&topics.meta_dir).map_err(|e| StorageError::io(&topics.meta_dir, e))? {
@@ -595,7 +597,10 @@ impl Topics {
             let mut lanes = Vec::with_capacity(spec.lanes.len());
             for lane in 0..spec.lanes.len() {
                 let (retention_ms, retention_bytes) = spec.lane_retention(lane);
-                let config = settings.log_config(retention_ms, retention_bytes);
+                let config = LogConfig {
+                    reaper: Some(Arc::clone(&self.reaper)),
+                    ..settings.log_config(retention_ms, retention_bytes)
+                };
                 let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config)?;
                 let counters = LaneCounters::new(&spec.name, &spec.lanes[lane]);
                 lanes.push(LogHandle::new(
@@ -707,11 +712,14 @@ impl Topics {
         files::remove_if_exists(&spec_path)?;
         files::fsync_dir(&self.meta_dir)?;
         forget(name);
+        let mut doomed = Vec::new();
         for (_, _, log) in topic.logs() {
-            log.log.close_for_removal();
+            doomed.extend(log.log.close_for_removal());
         }
         let dir = self.data_dir.join(name);
+        // The segment files the reaper holds open are only unlinked here, not freed.
         fs::remove_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+        self.reaper.reap(doomed);
         tracing::info!(topic = %name, "topic deleted");
         Ok(())
     }

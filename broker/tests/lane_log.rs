@@ -8,7 +8,7 @@ use std::fs::{self, OpenOptions};
 use std::path::Path;
 use std::time::Duration;
 
-use lanes_broker::storage::{FsyncPolicy, LaneLog, LogConfig, StorageError};
+use lanes_broker::storage::{FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError};
 use lanes_protocol::record_batch::ProducerStamp;
 use lanes_protocol::{BatchError, Offset};
 use support::*;
@@ -472,6 +472,60 @@ fn scrambled_indexes_are_rebuilt_or_bypassed() {
     }
     let log = LaneLog::open(dir.path(), small_config()).unwrap();
     lookups_are_correct(&log, &written);
+}
+
+/// The reaper frees deleted segments gradually, and never shrinks one that a reader
+/// still holds a slice of (reading it would then be a SIGBUS, killing this test).
+#[test]
+fn retention_hands_segments_to_the_reaper_which_waits_for_their_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let reaper = Reaper::start(1 << 30);
+    let config = LogConfig {
+        retention_bytes: Some(8192),
+        reaper: Some(std::sync::Arc::clone(&reaper)),
+        ..small_config()
+    };
+    let log = LaneLog::open(dir.path(), config).unwrap();
+    let written = fill(&log, 0, 80, 2, 100);
+    let held = log.read(Offset(0), 1, log.next_offset()).unwrap();
+    let held_copy = held.bytes.to_vec();
+    let before = log.stats();
+
+    let outcome = log.enforce_retention(0).unwrap();
+    assert!(outcome.segments_deleted > 1);
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        log.stats().segments,
+        "the names go at once"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // Every segment but the one read from is freed; that one waits for its reader.
+    wait("the unread segments to be freed", &|| reaper.stats().files <= 1);
+    let rounds = reaper.stats().rounds;
+    wait("the reaper to look again", &|| {
+        reaper.stats().rounds >= rounds + 2 || reaper.stats().files == 0
+    });
+    assert_eq!(reaper.stats().files, 1, "the segment read from is still held");
+    assert_eq!(&held.bytes[..], &held_copy[..], "the held slice reads as it was");
+    drop(held);
+    wait("the last segment to be freed", &|| reaper.stats().files == 0);
+    let freed = before.size_bytes - log.stats().size_bytes;
+    assert_eq!(
+        (reaper.stats().freed_bytes, reaper.stats().pending_bytes),
+        (freed, 0)
+    );
+    let kept = read_all(&log, log.start_offset(), log.next_offset());
+    assert_eq!(kept.len() as u64, 160 - log.start_offset().0);
+    assert_eq!(kept.last().unwrap().1, *written.last().unwrap());
 }
 
 #[test]

@@ -22,7 +22,7 @@ use crate::durability::Syncer;
 use crate::group::Coordinator;
 use crate::group::offsets::OffsetsError;
 use crate::producer_ids::ProducerIds;
-use crate::storage::StorageError;
+use crate::storage::{Reaper, StorageError};
 use crate::topic::{TopicError, Topics};
 
 /// The broker's software version, as ApiVersions reports it.
@@ -50,6 +50,7 @@ pub struct Broker {
     pub groups: Coordinator,
     producer_ids: ProducerIds,
     syncer: Arc<Syncer>,
+    reaper: Arc<Reaper>,
     /// Bytes of requests being received or handled, over all connections.
     request_bytes: Arc<Semaphore>,
     connections: Arc<Semaphore>,
@@ -66,7 +67,8 @@ impl Broker {
             settings.fsync_threads,
             Duration::from_millis(settings.fsync_interval_ms),
         );
-        let topics = Topics::open(&settings, Arc::clone(&syncer))?;
+        let reaper = Reaper::start(settings.delete_bytes_per_s);
+        let topics = Topics::open(&settings, Arc::clone(&syncer), Arc::clone(&reaper))?;
         let producer_ids = ProducerIds::open(settings.data_dir.join("meta"))?;
         let groups = Coordinator::open(&settings, &topics)?;
         Ok(Arc::new(Broker {
@@ -79,6 +81,7 @@ impl Broker {
             groups,
             producer_ids,
             syncer,
+            reaper,
         }))
     }
 
@@ -209,6 +212,7 @@ impl Broker {
     pub fn close(&self) -> Result<(), StorageError> {
         let result = self.topics.close().and(self.groups.close());
         self.syncer.stop();
+        self.reaper.stop();
         result
     }
 }

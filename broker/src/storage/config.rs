@@ -45,6 +45,9 @@ pub struct LogConfig {
     /// For tests (reliability suite 8): while set, every fsync of a segment fails as a
     /// disk would. Not reachable from the broker's settings.
     pub fsync_fault: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Frees the `.log` files of deleted segments gradually; without one they are freed
+    /// at once.
+    pub reaper: Option<std::sync::Arc<super::Reaper>>,
 }
 
 impl Default for LogConfig {
@@ -61,6 +64,7 @@ impl Default for LogConfig {
             producer_ids_max: 10_000,
             unsynced_segments_max: 4,
             fsync_fault: None,
+            reaper: None,
         }
     }
 }

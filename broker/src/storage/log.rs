@@ -21,6 +21,7 @@ use super::files::{
     offset_file_name, remove_if_exists, write_file_atomic,
 };
 use super::producer_state::{ProducerStateTable, SequenceCheck};
+use super::reaper::Doomed;
 use super::recovery::{self, Corruption, RecoveryReport};
 use super::segment::{ScanStop, Segment};
 
@@ -710,8 +711,15 @@ impl LaneLog {
         };
         drop(writer);
         let mut outcome = RetentionOutcome::default();
+        let mut doomed = Vec::new();
         for segment in &deleted {
-            // Readers holding the segment keep its mapping; the files can go now.
+            doomed.extend(
+                self.config
+                    .reaper
+                    .as_ref()
+                    .and_then(|reaper| reaper.doom(segment)),
+            );
+            // Readers holding the segment keep its mapping; the names can go now.
             for path in segment.paths() {
                 remove_if_exists(path)?;
             }
@@ -726,6 +734,9 @@ impl LaneLog {
         }
         if !deleted.is_empty() {
             fsync_dir(&self.dir)?;
+        }
+        if let Some(reaper) = &self.config.reaper {
+            reaper.reap(doomed);
         }
         Ok(outcome)
     }
@@ -796,13 +807,24 @@ impl LaneLog {
 
     /// Stops appends for a log whose files are about to be removed, without the fsyncs
     /// and checkpoint of [`LaneLog::close`]: making bytes durable just before unlinking
-    /// them only costs time. Waits for a running fsync round to end.
-    pub fn close_for_removal(&self) {
+    /// them only costs time. Waits for a running fsync round to end. Returns the
+    /// segments' `.log` files, open, for the reaper to free once they are unlinked
+    /// (none without a reaper).
+    pub fn close_for_removal(&self) -> Vec<Doomed> {
         lock(&self.writer).closed = true;
         let mut syncing = lock(&self.syncing);
         while *syncing {
             syncing = self.sync_done.wait(syncing).expect("sync lock poisoned");
         }
+        drop(syncing);
+        let Some(reaper) = &self.config.reaper else {
+            return Vec::new();
+        };
+        let segments = self.segments.read().expect("segments lock poisoned");
+        segments
+            .iter()
+            .filter_map(|segment| reaper.doom(segment))
+            .collect()
     }
 
     /// Closes cleanly: fsyncs everything, flushes and trims the indexes and records a

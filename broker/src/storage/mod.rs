@@ -19,6 +19,7 @@ pub(crate) mod files;
 mod index;
 mod log;
 mod producer_state;
+mod reaper;
 pub mod recovery;
 mod segment;
 
@@ -26,4 +27,5 @@ pub use config::{FsyncPolicy, LogConfig};
 pub use error::StorageError;
 pub use log::{AppendOutcome, Backlog, LaneLog, LogStats, ReadSlice, RetentionOutcome};
 pub use producer_state::SEQUENCES_REMEMBERED;
+pub use reaper::{Doomed, Reaper, ReaperStats};
 pub use recovery::{Corruption, RecoveryReport};

@@ -10,12 +10,12 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use bytes::Bytes;
 use lanes_protocol::record_batch::{HEADER_BYTES, MAGIC};
 use lanes_protocol::{BatchHeader, BatchLimits, Offset, RecordBatch, validate_batch};
-use memmap2::MmapOptions;
+use memmap2::{Mmap, MmapOptions};
 
 use super::config::LogConfig;
 use super::error::{IoContext, StorageError};
@@ -38,6 +38,15 @@ pub(crate) struct ScanStop {
     pub(crate) reason: String,
 }
 
+/// A mapping that [`Segment::mapping`] can watch: it goes when the last `Bytes` does.
+struct SharedMap(Arc<Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Segment {
     base_offset: Offset,
@@ -46,6 +55,9 @@ pub(crate) struct Segment {
     time_index_path: PathBuf,
     /// The whole mapping of the `.log` file; only `..size` holds batches.
     data: Bytes,
+    /// Gone once `data` and every slice of it are dropped: until then the file must
+    /// not shrink (see the reaper).
+    mapping: Weak<Mmap>,
     size: AtomicU32,
     next_offset: AtomicU64,
     max_timestamp_ms: AtomicI64,
@@ -151,17 +163,19 @@ impl Segment {
         time_index: TimeIndex,
     ) -> Result<Segment, StorageError> {
         let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
-        let data = if map_len == 0 {
-            Bytes::new()
+        let (data, mapping) = if map_len == 0 {
+            (Bytes::new(), Weak::new())
         } else {
             // SAFETY: the log file is written only by this process, by appends beyond
             // `size`, which readers never cross; it is truncated only during recovery
-            // before any reader exists, or beyond `size` after a failed write. Pages
+            // before any reader exists, beyond `size` after a failed write, or by the
+            // reaper once deleted and this mapping is gone (`mapping` below). Pages
             // past the end of the file are never touched. Changing data files from
             // outside while the broker runs is unsupported, as for any broker that maps
             // its files.
-            let map = unsafe { MmapOptions::new().len(map_len).map(file).at(&log_path)? };
-            Bytes::from_owner(map)
+            let map = Arc::new(unsafe { MmapOptions::new().len(map_len).map(file).at(&log_path)? });
+            let mapping = Arc::downgrade(&map);
+            (Bytes::from_owner(SharedMap(map)), mapping)
         };
         Ok(Segment {
             base_offset,
@@ -169,6 +183,7 @@ impl Segment {
             time_index_path: offset_file_name(dir, base_offset, TIME_INDEX_SUFFIX),
             log_path,
             data,
+            mapping,
             size: AtomicU32::new(0),
             next_offset: AtomicU64::new(base_offset.0),
             max_timestamp_ms: AtomicI64::new(i64::MIN),
@@ -185,6 +200,11 @@ impl Segment {
 
     pub(crate) fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// The `.log` file's mapping, alive while anything can still read through it.
+    pub(crate) fn mapping(&self) -> Weak<Mmap> {
+        Weak::clone(&self.mapping)
     }
 
     pub(crate) fn paths(&self) -> [&Path; 3] {
