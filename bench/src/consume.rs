@@ -64,7 +64,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
             .filter(|p| p % consumers == index)
             .map(PartitionId)
             .collect();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(crate::spawn_scoped(async move {
             let mut consumer = Consumer::connect(config).await?;
             if group {
                 let mut group = GroupConfig::new("lanes-bench-consume", &[TOPIC]);

@@ -83,7 +83,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
             Arc::clone(&done),
             bar.clone(),
         );
-        consumers.push(tokio::spawn(async move {
+        consumers.push(crate::spawn_scoped(async move {
             while !done.load(Ordering::Relaxed) {
                 let records = consumer.poll_timeout(Duration::from_millis(50)).await?;
                 let now = now_ns();
@@ -116,7 +116,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         let config = common.producer_config(&target.address, format!("lanes-bench-e2e-{index}"));
         let (sent, record_bytes) = (Arc::clone(&sent), common.record_bytes);
         let mut ticks = ticks.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(crate::spawn_scoped(async move {
             let producer = Producer::connect(config).await?;
             let mut sequence = 0u64;
             let task_started = Instant::now();

@@ -247,7 +247,7 @@ async fn run_phase(
     worker_config.consumer.client_id = format!("lanes-bench-{}", phase.name);
     let worker = Worker::connect(worker_config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run_until(handler, config.concurrency, async move {
+    let running = crate::spawn_scoped(worker.run_until(handler, config.concurrency, async move {
         let _ = stopped.await;
     }));
     wait_for_assignment(target, &group, config.partitions).await?;

@@ -23,3 +23,14 @@ pub mod pace;
 pub mod produce;
 pub mod report;
 pub mod target;
+
+/// Spawns a scenario's task so that it ends when its handle is dropped: an interrupted
+/// scenario stops its producers and consumers instead of leaving them retrying against
+/// a broker that is shutting down.
+pub(crate) fn spawn_scoped<F>(future: F) -> tokio_util::task::AbortOnDropHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(future))
+}

@@ -115,10 +115,58 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<Interrupted>() => {
+            eprintln!("lanes-bench: interrupted; the embedded broker's data is removed");
+            ExitCode::from(130)
+        }
         Err(error) => {
             eprintln!("lanes-bench: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ctrl-C or SIGTERM ended the run.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Runs `scenario` until it ends or the process is asked to stop. On a signal the
+/// scenario is dropped and the caller stops the target, which removes an embedded
+/// broker's data directory (gigabytes after a produce run); a second signal exits at
+/// once.
+async fn until_interrupted<T>(scenario: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::select! {
+        outcome = scenario => outcome,
+        () = stop_signal() => {
+            tokio::spawn(async {
+                stop_signal().await;
+                std::process::exit(130);
+            });
+            Err(Interrupted.into())
+        }
+    }
+}
+
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
     }
 }
 
@@ -134,19 +182,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Produce { common, lanes } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = produce::run(&target, &common, lanes).await;
+            let report = until_interrupted(produce::run(&target, &common, lanes)).await;
             target.stop().await?;
             print(&report?, common.json);
         }
         Scenario::Consume { common, group } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = consume::run(&target, &common, group).await;
+            let report = until_interrupted(consume::run(&target, &common, group)).await;
             target.stop().await?;
             print(&report?, common.json);
         }
         Scenario::E2e { common } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = e2e::run(&target, &common).await;
+            let report = until_interrupted(e2e::run(&target, &common)).await;
             target.stop().await?;
             print(&report?, common.json);
         }
@@ -168,7 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kill_worker_after: kill_worker_after_s.map(Duration::from_secs_f64),
             };
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = orders::run(&target, &common, &config).await;
+            let report = until_interrupted(orders::run(&target, &common, &config)).await;
             target.stop().await?;
             print(&report?, common.json);
         }
@@ -191,7 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let target = Target::start(common.broker.clone(), common.fsync).await?;
             let progress = |line: &str| eprintln!("lanes-bench: {line}");
-            let report = lanes::run(&target, &config, &progress).await;
+            let report = until_interrupted(lanes::run(&target, &config, &progress)).await;
             target.stop().await?;
             let report = report?;
             if common.json {

@@ -165,7 +165,7 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
         worker_config.retries_max = 0; // an out-of-order event is a bug: show it
         let worker = Worker::connect(worker_config).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(worker.run_until(handler.clone(), config.concurrency, async move {
+        let task = crate::spawn_scoped(worker.run_until(handler.clone(), config.concurrency, async move {
             let _ = stopped.await;
         }));
         workers.push((stop, task));
@@ -178,7 +178,7 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
     for index in 0..producers {
         let producer_config = common.producer_config(&target.address, format!("shop-{index}"));
         let (orders, cancel_one_in, rate) = (config.orders, config.cancel_one_in, common.rate);
-        shops.push(tokio::spawn(async move {
+        shops.push(crate::spawn_scoped(async move {
             let producer = Producer::connect(producer_config).await?;
             let mine: Vec<u64> = (index..orders).step_by(producers as usize).collect();
             let shop_started = Instant::now();

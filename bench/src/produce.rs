@@ -120,7 +120,7 @@ pub async fn send(
             .map(|count| count / producers + u64::from(index < count % producers));
         let rate = load.rate.map(|rate| rate as f64 / producers as f64);
         let config = common.producer_config(&target.address, format!("lanes-bench-{index}"));
-        tasks.push(tokio::spawn(producer_task(
+        tasks.push(crate::spawn_scoped(producer_task(
             config,
             topic.to_owned(),
             Bytes::from(vec![b'x'; common.record_bytes]),
@@ -154,7 +154,7 @@ async fn producer_task(
     // Acknowledgements are awaited in order by another task; the bounded queue keeps
     // the records waiting for theirs bounded too.
     let (deliveries, mut acked) = mpsc::channel::<(Instant, usize, Delivery)>(1 << 16);
-    let acker = tokio::spawn({
+    let acker = crate::spawn_scoped({
         let sent = Arc::clone(&sent);
         async move {
             // Latency ends when the producer learned of the acknowledgement, not when

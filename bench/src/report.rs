@@ -33,7 +33,8 @@ pub struct Common {
     /// Run against this broker (host:port) instead of an embedded one.
     #[arg(long, conflicts_with = "embedded")]
     pub broker: Option<String>,
-    /// Run a broker in this process on a temp dir (the default).
+    /// Run a broker in this process on a temp dir, removed afterwards, also after Ctrl-C
+    /// (the default).
     #[arg(long)]
     pub embedded: bool,
     /// The embedded broker's fsync policy: always (group commit), interval or never.

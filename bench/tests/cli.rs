@@ -1,7 +1,9 @@
-//! `lanes-bench lanes` end to end, small: every phase runs against an embedded broker
-//! and the JSON carries the figures the priority-lanes issue asks for.
+//! `lanes-bench` end to end, small: each scenario runs against an embedded broker and
+//! its JSON carries the figures its issue asks for; an interrupted run cleans up.
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[test]
 fn lanes_scenario_runs_and_reports() {
@@ -123,4 +125,74 @@ fn the_orders_demo_checks_order_loss_and_double_effects() {
             "{report}"
         );
     }
+}
+
+/// Ctrl-C ends a run cleanly: the embedded broker's data directory, which a produce run
+/// fills with gigabytes, is removed, and the exit status says the run was interrupted.
+#[test]
+fn an_interrupted_run_removes_the_embedded_brokers_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_lanes-bench"))
+        .args([
+            "produce",
+            "--duration-s",
+            "600",
+            "--rate",
+            "1000",
+            "--acks",
+            "written",
+        ])
+        .args(SMALL_RECORDS_JSON)
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data_dirs = || -> Vec<PathBuf> {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| {
+                path.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("lanes-bench-")
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !data_dirs()
+        .iter()
+        .any(|dir| dir.join("topics/bench-produce").exists())
+    {
+        assert!(Instant::now() < deadline, "the bench never created its topic");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = bench.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bench.kill().unwrap();
+            panic!("the bench did not stop after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut bench.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(
+        data_dirs(),
+        Vec::<PathBuf>::new(),
+        "the embedded broker's data is gone"
+    );
 }

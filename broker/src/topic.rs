@@ -717,8 +717,10 @@ impl Topics {
             doomed.extend(log.log.close_for_removal());
         }
         let dir = self.data_dir.join(name);
-        // The segment files the reaper holds open are only unlinked here, not freed.
+        // The segment files the reaper holds open are only unlinked here, not freed; it
+        // shrinks them only once their unlinking is durable.
         fs::remove_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+        files::fsync_dir(&self.data_dir)?;
         self.reaper.reap(doomed);
         tracing::info!(topic = %name, "topic deleted");
         Ok(())

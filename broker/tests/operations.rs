@@ -395,6 +395,20 @@ async fn deleting_a_topic_removes_its_files() {
         .filter_map(|e| e.ok().map(|e| e.file_name()))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The broker (in this process) frees the unlinked segment files gradually, then
+    // closes them: none stays open.
+    let held = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.starts_with(&topic_dir))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !held().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still open: {:?}", held());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     create(&address, "gone", &["a"], &[]).await.unwrap();
     let mut consumer = Consumer::connect(ConsumerConfig::new(&address)).await.unwrap();

@@ -695,6 +695,10 @@ impl LaneLog {
             self.sync_checkpoint()?;
         }
         let writer = lock(&self.writer);
+        if writer.closed {
+            // Closed for good, or for removal, whose files are the caller's to free.
+            return Ok(RetentionOutcome::default());
+        }
         let floor = self
             .checkpoint_segment
             .load(Ordering::Acquire)
