@@ -137,9 +137,11 @@ impl Reaper {
     }
 
     fn doom_file(&self, path: &Path, mapping: Weak<Mmap>) -> Option<Doomed> {
+        if self.shared.bytes_per_s == 0 {
+            return None;
+        }
         let open_files = &self.shared.open_files;
-        if self.shared.bytes_per_s == 0 || open_files.fetch_add(1, Ordering::AcqRel) >= self.shared.files_max
-        {
+        if open_files.fetch_add(1, Ordering::AcqRel) >= self.shared.files_max {
             open_files.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
