@@ -22,6 +22,9 @@ pub const REQUESTS: &str = "lanes_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "lanes_request_duration_seconds";
 /// Requests, or lane logs within a request, answered with an error, by API and code.
 pub const REJECTED: &str = "lanes_rejected_total";
+/// Produce requests with `acks = durable`: from their appends to their records being
+/// durable (queueing for an fsync thread, and the fsync).
+pub const PRODUCE_DURABILITY_WAIT_SECONDS: &str = "lanes_produce_durability_wait_seconds";
 /// fsync rounds of lane logs (each covers every append before it).
 pub const FSYNCS: &str = "lanes_fsync_total";
 /// How long each fsync round took.
@@ -67,6 +70,11 @@ pub fn describe() {
         "Requests, or lane logs within requests, answered with an error, by API and error code."
     );
     describe_counter!(FSYNCS, Unit::Count, "fsync rounds of lane logs.");
+    describe_histogram!(
+        PRODUCE_DURABILITY_WAIT_SECONDS,
+        Unit::Seconds,
+        "Durable produce requests: from their appends to their records being durable."
+    );
     describe_histogram!(
         FSYNC_DURATION_SECONDS,
         Unit::Seconds,

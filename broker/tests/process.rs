@@ -670,6 +670,12 @@ async fn per_lane_metrics_are_exported() {
             at_least_one("lanes_requests_total", &["api=\"fetch\""]);
             at_least_one("lanes_request_duration_seconds_count", &["api=\"produce\""]);
             at_least_one("lanes_fsync_duration_seconds_count", &[]);
+            at_least_one("lanes_produce_durability_wait_seconds_count", &[]);
+            assert_eq!(
+                series_value(&metrics, "lanes_delete_pending_bytes", &[]),
+                Some(0.0),
+                "{metrics}"
+            );
             at_least_one("lanes_group_rebalances_total", &["group=\"fulfilment\""]);
             at_least_one("lanes_connections ", &[]);
             at_least_one("lanes_connections_total", &[]);

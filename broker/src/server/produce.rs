@@ -2,7 +2,7 @@
 //! topic promises.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use lanes_protocol::api::encode_response;
@@ -66,6 +66,7 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
         quiet(&mut response);
         return ready(encode_response(id, &response));
     }
+    let appended_at = Instant::now();
     Box::pin(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
         for wait in waits {
@@ -91,6 +92,8 @@ pub(super) fn produce(broker: &Arc<Broker>, id: u32, request: ProduceRequest<Byt
             result.error_code = failure.0;
             result.error_message = failure.1.to_owned();
         }
+        ::metrics::histogram!(crate::metrics::PRODUCE_DURABILITY_WAIT_SECONDS)
+            .record(appended_at.elapsed().as_secs_f64());
         quiet(&mut response);
         Some(encode_response(id, &response))
     })
