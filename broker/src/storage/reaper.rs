@@ -307,6 +307,14 @@ mod tests {
 
     use super::*;
 
+    /// Maps `path` as a segment maps its `.log` file.
+    fn map(path: &Path) -> Arc<Mmap> {
+        let file = File::open(path).unwrap();
+        // SAFETY: the test's own file; nothing else changes it while mapped, which is
+        // what these tests check of the reaper.
+        Arc::new(unsafe { MmapOptions::new().map(&file).unwrap() })
+    }
+
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !done() {
@@ -339,10 +347,7 @@ mod tests {
         let path = dir.path().join("00000000000000000000.log");
         let bytes: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         File::create(&path).unwrap().write_all(&bytes).unwrap();
-        let file = File::open(&path).unwrap();
-        // SAFETY: the test's own file; nothing else changes it while mapped, which is
-        // what this test checks of the reaper.
-        let map = Arc::new(unsafe { MmapOptions::new().map(&file).unwrap() });
+        let map = map(&path);
         let reaper = Reaper::start(1 << 30);
         reaper.reap(vec![reaper.doom_file(&path, Arc::downgrade(&map)).unwrap()]);
         wait_for("the reaper to look at the file a few times", || {
@@ -371,9 +376,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000000000000000000.log");
         File::create(&path).unwrap().set_len(100).unwrap();
-        let file = File::open(&path).unwrap();
-        // SAFETY: as above. The mapping keeps the queued files from being freed.
-        let map = Arc::new(unsafe { MmapOptions::new().map(&file).unwrap() });
+        // The mapping keeps the queued files from being freed.
+        let map = map(&path);
         let reaper = Reaper::start_with(1 << 30, 2);
         let first = reaper.doom_file(&path, Arc::downgrade(&map)).unwrap();
         let second = reaper.doom_file(&path, Arc::downgrade(&map)).unwrap();
@@ -397,9 +401,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000000000000000000.log");
         File::create(&path).unwrap().set_len(1000).unwrap();
-        let file = File::open(&path).unwrap();
-        // SAFETY: as above.
-        let map = Arc::new(unsafe { MmapOptions::new().map(&file).unwrap() });
+        let map = map(&path);
         let reaper = Reaper::start(1 << 30);
         reaper.reap(vec![reaper.doom_file(&path, Arc::downgrade(&map)).unwrap()]);
         reaper.stop();
