@@ -301,11 +301,20 @@ fn reap_loop(shared: &Shared) {
 #[allow(unsafe_code)] // the tests map files as segments do
 mod tests {
     use std::io::Write;
+    use std::path::PathBuf;
     use std::time::Instant;
 
     use memmap2::MmapOptions;
 
     use super::*;
+
+    /// A sparse `.log` file of `len` bytes in a temp dir (kept while the dir lives).
+    fn sparse_log(len: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000000000000000000.log");
+        File::create(&path).unwrap().set_len(len).unwrap();
+        (dir, path)
+    }
 
     /// Maps `path` as a segment maps its `.log` file.
     fn map(path: &Path) -> Arc<Mmap> {
@@ -325,10 +334,8 @@ mod tests {
 
     #[test]
     fn a_doomed_file_is_freed_a_chunk_at_a_time_then_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("00000000000000000000.log");
         let len = 2 * CHUNK_BYTES + 100;
-        File::create(&path).unwrap().set_len(len).unwrap();
+        let (_dir, path) = sparse_log(len);
         let reaper = Reaper::start(1 << 30);
         let doomed = reaper.doom_file(&path, Weak::new()).expect("taken");
         assert_eq!(reaper.stats().files, 0, "nothing is freed before reap");
@@ -365,17 +372,13 @@ mod tests {
 
     #[test]
     fn a_reaper_with_no_rate_takes_no_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("00000000000000000000.log");
-        File::create(&path).unwrap().set_len(100).unwrap();
+        let (_dir, path) = sparse_log(100);
         assert!(Reaper::start(0).doom_file(&path, Weak::new()).is_none());
     }
 
     #[test]
     fn a_reaper_holds_at_most_files_max_files_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("00000000000000000000.log");
-        File::create(&path).unwrap().set_len(100).unwrap();
+        let (_dir, path) = sparse_log(100);
         // The mapping keeps the queued files from being freed.
         let map = map(&path);
         let reaper = Reaper::start_with(1 << 30, 2);
@@ -398,9 +401,7 @@ mod tests {
 
     #[test]
     fn stop_closes_the_files_left_without_shrinking_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("00000000000000000000.log");
-        File::create(&path).unwrap().set_len(1000).unwrap();
+        let (_dir, path) = sparse_log(1000);
         let map = map(&path);
         let reaper = Reaper::start(1 << 30);
         reaper.reap(vec![reaper.doom_file(&path, Arc::downgrade(&map)).unwrap()]);
