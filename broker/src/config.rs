@@ -111,6 +111,9 @@ settings! {
     fsync_interval_ms: u64 = 10, "LANES_FSYNC_INTERVAL_MS";
     /// Threads that run fsyncs; fsyncs of different lane logs run in parallel.
     fsync_threads: u32 = 2, "LANES_FSYNC_THREADS";
+    /// Without `fsync = always`: the fsync threads start the writeback of each this many
+    /// appended bytes of a lane log, instead of leaving it all to the kernel; 0 leaves it.
+    writeback_bytes: u32 = 16 * MIB, "LANES_WRITEBACK_BYTES";
     /// A segment rolls before it would exceed this size (bytes).
     segment_bytes_max: u32 = 1024 * MIB, "LANES_SEGMENT_BYTES_MAX";
     /// A segment rolls once it has been active this long (ms).
@@ -339,6 +342,7 @@ impl Settings {
                 FsyncMode::Interval => FsyncPolicy::Interval(Duration::from_millis(self.fsync_interval_ms)),
                 FsyncMode::Never => FsyncPolicy::Never,
             },
+            writeback_bytes: self.writeback_bytes,
             retention_ms: u64::try_from(retention_ms).ok(),
             retention_bytes: u64::try_from(retention_bytes).ok(),
             producer_ids_max: self.producer_ids_max as usize,

@@ -6,7 +6,9 @@
 //! Appends that arrive while that fsync runs queue the log again and are covered by the
 //! next round: group commit across every producer of the lane log. With
 //! `fsync = interval`, a ticker queues the logs whose oldest unsynced append is due.
-//! Fsyncs of different lane logs run in parallel on `fsync_threads` threads.
+//! Fsyncs of different lane logs run in parallel on `fsync_threads` threads. The same
+//! threads start the writeback of logs that do not fsync each append, every
+//! `writeback_bytes` (see [`LaneLog::start_writeback`](crate::storage::LaneLog::start_writeback)).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,9 +18,15 @@ use std::time::{Duration, Instant};
 
 use crate::topic::LogHandle;
 
+#[derive(Debug)]
+enum Job {
+    Fsync(Arc<LogHandle>),
+    Writeback(Arc<LogHandle>),
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    logs: VecDeque<Arc<LogHandle>>,
+    jobs: VecDeque<Job>,
     stopping: bool,
 }
 
@@ -88,6 +96,14 @@ impl Syncer {
         self.shared.enqueue(handle);
     }
 
+    /// Queues `handle` to start its writeback unless it is queued already.
+    pub fn request_writeback(&self, handle: &Arc<LogHandle>) {
+        if !handle.writeback_queued.swap(true, Ordering::AcqRel) {
+            self.shared
+                .push(Job::Writeback(Arc::clone(handle)), &handle.writeback_queued);
+        }
+    }
+
     /// Lets the queued fsyncs finish, then stops the threads.
     pub fn stop(&self) {
         if self.stopped.swap(true, Ordering::AcqRel) {
@@ -113,15 +129,19 @@ impl Drop for Syncer {
 
 impl Shared {
     fn enqueue(&self, handle: &Arc<LogHandle>) {
-        if handle.sync_queued.swap(true, Ordering::AcqRel) {
-            return;
+        if !handle.sync_queued.swap(true, Ordering::AcqRel) {
+            self.push(Job::Fsync(Arc::clone(handle)), &handle.sync_queued);
         }
+    }
+
+    /// Queues `job`, whose `queued` flag the caller has just set.
+    fn push(&self, job: Job, queued: &AtomicBool) {
         let mut queue = self.queue.lock().expect("sync queue lock poisoned");
         if queue.stopping {
-            handle.sync_queued.store(false, Ordering::Release);
+            queued.store(false, Ordering::Release);
             return;
         }
-        queue.logs.push_back(Arc::clone(handle));
+        queue.jobs.push_back(job);
         drop(queue);
         self.ready.notify_one();
     }
@@ -129,11 +149,11 @@ impl Shared {
 
 fn sync_loop(shared: &Shared) {
     loop {
-        let handle = {
+        let job = {
             let mut queue = shared.queue.lock().expect("sync queue lock poisoned");
             loop {
-                if let Some(handle) = queue.logs.pop_front() {
-                    break handle;
+                if let Some(job) = queue.jobs.pop_front() {
+                    break job;
                 }
                 if queue.stopping {
                     return;
@@ -141,10 +161,24 @@ fn sync_loop(shared: &Shared) {
                 queue = shared.ready.wait(queue).expect("sync queue lock poisoned");
             }
         };
-        // Cleared before the fsync: an append that arrives during it queues the log again.
-        handle.sync_queued.store(false, Ordering::Release);
-        let result = handle.log.flush();
-        handle.synced(result);
+        match job {
+            Job::Fsync(handle) => {
+                // Cleared before the fsync: an append that arrives during it queues the
+                // log again.
+                handle.sync_queued.store(false, Ordering::Release);
+                let result = handle.log.flush();
+                handle.synced(result);
+            }
+            Job::Writeback(handle) => {
+                handle.writeback_queued.store(false, Ordering::Release);
+                // Only a hint to the kernel: if it fails, writeback is left to the kernel
+                // as without it, and the append or fsync that meets the same disk error
+                // reports it.
+                if let Err(error) = handle.log.start_writeback() {
+                    tracing::debug!(dir = %handle.log.dir().display(), %error, "could not start writeback");
+                }
+            }
+        }
     }
 }
 

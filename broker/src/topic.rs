@@ -367,8 +367,10 @@ pub struct LogHandle {
     /// What consumers may see: written records, or only durable ones.
     visibility: Durability,
     progress: watch::Sender<Progress>,
-    /// Whether the log waits in the syncer's queue.
+    /// Whether the log waits in the syncer's queue for an fsync.
     pub(crate) sync_queued: AtomicBool,
+    /// Whether the log waits in the syncer's queue for its writeback to start.
+    pub(crate) writeback_queued: AtomicBool,
     syncer: Arc<Syncer>,
 }
 
@@ -392,6 +394,7 @@ impl LogHandle {
                 failed: false,
             }),
             sync_queued: AtomicBool::new(false),
+            writeback_queued: AtomicBool::new(false),
             syncer,
         });
         // Only the clock queues interval logs; appends queue `always` ones.
@@ -427,6 +430,9 @@ impl LogHandle {
         }
         if self.log.config().fsync == FsyncPolicy::Always && !outcome.duplicate {
             self.syncer.request(self);
+        }
+        if outcome.writeback_due {
+            self.syncer.request_writeback(self);
         }
         Ok(outcome)
     }

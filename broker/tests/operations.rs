@@ -134,7 +134,11 @@ async fn retention_deletes_old_segments_while_produce_and_fetch_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_override_segment_size_and_fsync() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = TestBroker::start(dir.path(), |s| s.batch_bytes_max = 16 * 1024).await;
+    let broker = TestBroker::start(dir.path(), |s| {
+        s.batch_bytes_max = 16 * 1024;
+        s.writeback_bytes = 16 * 1024;
+    })
+    .await;
     let address = broker.address();
     create(
         &address,
@@ -164,7 +168,13 @@ async fn topics_override_segment_size_and_fsync() {
     // The broker fsyncs always; this topic never did.
     let topic = broker.broker.topics.get("small").unwrap();
     let (_, _, handle) = topic.logs().next().unwrap();
+    // Instead, the fsync threads started its writeback every 16 KiB.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while handle.log.stats().writeback_starts == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let stats = handle.log.stats();
+    assert!(stats.writeback_starts > 0, "{stats:?}");
     assert_eq!(stats.sync_rounds, 0, "{stats:?}");
     assert_eq!(stats.durable_offset, Offset(0), "{stats:?}");
     assert_eq!(stats.next_offset, Offset(100), "{stats:?}");

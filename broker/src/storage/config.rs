@@ -32,6 +32,11 @@ pub struct LogConfig {
     /// Size and record-count bounds of an appended batch.
     pub batch: BatchLimits,
     pub fsync: FsyncPolicy,
+    /// With a policy other than `Always`: once this many bytes have been appended to the
+    /// active segment since the kernel was last asked to, the syncer starts their
+    /// writeback (`sync_file_range`), so dirty pages leave steadily instead of piling up
+    /// to the kernel's threshold and going out in bursts. 0 leaves it to the kernel.
+    pub writeback_bytes: u32,
     /// Sealed segments whose newest record is older than this are deleted.
     pub retention_ms: Option<u64>,
     /// Oldest sealed segments are deleted while the log is larger than this.
@@ -58,6 +63,7 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             index_bytes_max: 10 << 20,
             batch: BatchLimits::default(),
+            writeback_bytes: 16 << 20,
             fsync: FsyncPolicy::Always,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,

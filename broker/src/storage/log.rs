@@ -37,6 +37,9 @@ pub struct AppendOutcome {
     /// The batch was a producer's retry of one already in the log; nothing was written
     /// and the offsets are the original ones.
     pub duplicate: bool,
+    /// `writeback_bytes` have been appended since writeback last started: call
+    /// [`LaneLog::start_writeback`] (off the request's thread).
+    pub writeback_due: bool,
 }
 
 /// Whole batches read from one segment, as a slice of its mapping.
@@ -58,6 +61,8 @@ pub struct LogStats {
     pub size_bytes: u64,
     /// fsync rounds (each covering every append before it) since open.
     pub sync_rounds: u64,
+    /// Writebacks started by [`LaneLog::start_writeback`] since open.
+    pub writeback_starts: u64,
     pub corruption: Option<Corruption>,
 }
 
@@ -98,6 +103,8 @@ struct Writer {
     dirty_since: Option<Instant>,
     producers: ProducerStateTable,
     closed: bool,
+    /// Where in the active segment the bytes not yet handed to writeback begin.
+    writeback_from: u32,
 }
 
 /// One lane log: segments of checksummed batches in a directory, appended by one
@@ -126,6 +133,7 @@ pub struct LaneLog {
     checkpoint_segment: AtomicU64,
     pending_checkpoint_segment: AtomicU64,
     sync_rounds: AtomicU64,
+    writeback_starts: AtomicU64,
     /// Set after a failed write or fsync: the log refuses writes from then on.
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -190,6 +198,7 @@ impl LaneLog {
             dirty_since: None,
             producers: recovered.producers,
             closed: false,
+            writeback_from: 0,
         };
         tracing::debug!(dir = %dir.display(), %start_offset, %next_offset, report = ?recovered.report, "lane log opened");
         Ok(LaneLog {
@@ -208,6 +217,7 @@ impl LaneLog {
             checkpoint_segment: AtomicU64::new(checkpoint_segment.0),
             pending_checkpoint_segment: AtomicU64::new(u64::MAX),
             sync_rounds: AtomicU64::new(0),
+            writeback_starts: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             recovery: recovered.report,
@@ -264,6 +274,7 @@ impl LaneLog {
                 base_offset: meta.base_offset,
                 last_offset: meta.last_offset,
                 duplicate: true,
+                writeback_due: false,
             });
         }
         if self.should_roll(&writer, &header) {
@@ -287,11 +298,40 @@ impl LaneLog {
         writer.producers.record(&header);
         writer.dirty_since.get_or_insert_with(Instant::now);
         self.next_offset.store(header.next_offset().0, Ordering::Release);
+        let writeback_due = self.config.writeback_bytes > 0
+            && self.config.fsync != FsyncPolicy::Always
+            && writer.active.size().saturating_sub(writer.writeback_from) >= self.config.writeback_bytes;
         Ok(AppendOutcome {
             base_offset,
             last_offset: header.last_offset(),
             duplicate: false,
+            writeback_due,
         })
+    }
+
+    /// Asks the kernel to start writing back what was appended to the active segment
+    /// since the last call, and returns without waiting for it. Not a durability step:
+    /// it only keeps dirty pages from piling up. `sync_file_range` can wait for room in
+    /// the disk's queue, so the syncer calls this, never a request's thread.
+    pub fn start_writeback(&self) -> Result<(), StorageError> {
+        let (file, from, to, path) = {
+            let mut writer = lock(&self.writer);
+            let to = writer.active.size();
+            if writer.closed || to <= writer.writeback_from {
+                return Ok(());
+            }
+            let from = std::mem::replace(&mut writer.writeback_from, to);
+            (
+                Arc::clone(&writer.file),
+                from,
+                to,
+                writer.active.log_path().to_path_buf(),
+            )
+        };
+        start_writeback(&file, u64::from(from), u64::from(to - from))
+            .map_err(|error| StorageError::io(&path, error))?;
+        self.writeback_starts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<(), StorageError> {
@@ -386,6 +426,8 @@ impl LaneLog {
         }
         writer.active_since = Instant::now();
         writer.last_batch_base = base_offset;
+        // The sealed segment's unstarted tail is left to the kernel.
+        writer.writeback_from = 0;
         self.segments
             .write()
             .expect("segments lock poisoned")
@@ -805,6 +847,7 @@ impl LaneLog {
             segments: segments.len(),
             size_bytes: segments.iter().map(|s| u64::from(s.size())).sum(),
             sync_rounds: self.sync_rounds.load(Ordering::Relaxed),
+            writeback_starts: self.writeback_starts.load(Ordering::Relaxed),
             corruption: self.corruption(),
         }
     }
@@ -882,6 +925,24 @@ fn clean_point_of(active: &Segment, clean_shutdown: bool) -> CleanPoint {
     }
 }
 
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writeback of dirty pages in the
+/// range that are not already under writeback, without waiting for it to finish.
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: a plain system call on a file descriptor that `file` keeps open; no memory
+    // is passed.
+    let result = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -903,6 +964,49 @@ mod tests {
         let log = LaneLog::open(dir, config).unwrap();
         log.append(&mut one_record_batch()).unwrap();
         log
+    }
+
+    #[test]
+    fn writeback_is_due_every_writeback_bytes_unless_every_append_is_fsynced() {
+        let batch_bytes = one_record_batch().len() as u32;
+        let open = |dir: &Path, fsync, writeback_bytes| {
+            let config = LogConfig {
+                fsync,
+                writeback_bytes,
+                ..LogConfig::default()
+            };
+            LaneLog::open(dir, config).unwrap()
+        };
+        let append_due = |log: &LaneLog, count| -> Vec<bool> {
+            (0..count)
+                .map(|_| log.append(&mut one_record_batch()).unwrap().writeback_due)
+                .collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), FsyncPolicy::Never, 3 * batch_bytes);
+        // Due from the third batch on, until the writeback starts.
+        assert_eq!(append_due(&log, 4), [false, false, true, true]);
+        log.start_writeback().unwrap();
+        assert_eq!(log.stats().writeback_starts, 1);
+        log.start_writeback().unwrap();
+        assert_eq!(
+            log.stats().writeback_starts,
+            1,
+            "nothing new appended, nothing started"
+        );
+        assert_eq!(append_due(&log, 3), [false, false, true]);
+        assert_eq!(log.stats().sync_rounds, 0, "writeback is not an fsync");
+
+        let dir = tempfile::tempdir().unwrap();
+        let always = open(dir.path(), FsyncPolicy::Always, batch_bytes);
+        assert_eq!(append_due(&always, 2), [false, false], "its fsyncs write back");
+        let dir = tempfile::tempdir().unwrap();
+        let off = open(dir.path(), FsyncPolicy::Interval(Duration::from_secs(60)), 0);
+        assert_eq!(
+            append_due(&off, 2),
+            [false, false],
+            "0 leaves writeback to the kernel"
+        );
     }
 
     #[test]
