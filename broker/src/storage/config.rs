@@ -44,8 +44,9 @@ pub struct LogConfig {
     /// Idempotent producers remembered per lane log; the least recently active one is
     /// forgotten when a new one arrives at the bound.
     pub producer_ids_max: usize,
-    /// Sealed segments rolled but not yet fsynced that a lane log keeps open; at the
-    /// bound, a roll fsyncs the oldest of them itself. Bounds open files per lane log.
+    /// Sealed segments rolled but not yet fsynced that a lane log keeps open. Past it an
+    /// fsync round is due, which the fsync threads run; past twice it, a roll fsyncs
+    /// the oldest itself. Bounds open files per lane log.
     pub unsynced_segments_max: usize,
     /// For tests (reliability suite 8): while set, every fsync of a segment fails as a
     /// disk would. Not reachable from the broker's settings.

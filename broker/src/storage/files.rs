@@ -72,6 +72,23 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), Storage
     fsync_dir(path.parent().expect("file paths have a parent"))
 }
 
+/// Writes `path` afresh with `bytes` and returns it open, without waiting for the disk:
+/// no fsync, no temp file. Until an fsync of the returned file, a crash can leave it
+/// missing, empty or torn, so this is only for files that carry a checksum and that
+/// recovery can do without (producer snapshots).
+pub(crate) fn write_file_unsynced(path: &Path, bytes: &[u8]) -> Result<File, StorageError> {
+    faults::created(path);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .at(path)?;
+    file.write_all(bytes).at(path)?;
+    faults::wrote(path, 0, bytes.len() as u64);
+    Ok(file)
+}
+
 /// Removes a file, treating "already gone" as done.
 pub(crate) fn remove_if_exists(path: &Path) -> Result<(), StorageError> {
     match fs::remove_file(path) {

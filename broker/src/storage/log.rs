@@ -18,7 +18,7 @@ use super::error::StorageError;
 use super::faults;
 use super::files::{
     INDEX_SUFFIX, LOG_SUFFIX, SNAPSHOT_SUFFIX, TIME_INDEX_SUFFIX, create_dir_all_durable, fsync_dir,
-    offset_file_name, remove_if_exists, write_file_atomic,
+    offset_file_name, remove_if_exists, write_file_unsynced,
 };
 use super::producer_state::{ProducerStateTable, SequenceCheck};
 use super::reaper::Doomed;
@@ -26,6 +26,9 @@ use super::recovery::{self, Corruption, RecoveryReport};
 use super::segment::{ScanStop, Segment};
 
 const CHECKPOINT_FILE: &str = "checkpoint";
+/// How far ahead of the active segment's end [`LaneLog::start_writeback`] allocates its
+/// blocks, in `writeback_bytes`. Kept ahead, an append never allocates: see there.
+const ALLOCATE_AHEAD_WRITEBACKS: u32 = 4;
 /// Corruption offset meaning "none".
 const NOT_CORRUPT: u64 = u64::MAX;
 
@@ -37,7 +40,8 @@ pub struct AppendOutcome {
     /// The batch was a producer's retry of one already in the log; nothing was written
     /// and the offsets are the original ones.
     pub duplicate: bool,
-    /// `writeback_bytes` have been appended since writeback last started: call
+    /// `writeback_bytes` have been appended since writeback last started, or the
+    /// appends are about to outrun the blocks allocated ahead of them: call
     /// [`LaneLog::start_writeback`] (off the request's thread).
     pub writeback_due: bool,
 }
@@ -105,6 +109,15 @@ struct Writer {
     closed: bool,
     /// Where in the active segment the bytes not yet handed to writeback begin.
     writeback_from: u32,
+    /// The newest producer snapshot, written at a roll without waiting for the disk (a
+    /// roll holds up every append to the log, and a small fsync waits behind all the
+    /// writeback queued on the disk: up to 0.8 s was seen). The next fsync round makes it
+    /// durable; until then a crash may damage it, and recovery, finding its checksum
+    /// wrong, starts from an older snapshot or the log's start instead.
+    unsynced_snapshot: Option<(PathBuf, File)>,
+    /// How much of the active segment has its blocks allocated (as far as this log
+    /// asked for; 0 for a new or reopened one).
+    allocated_to: u32,
 }
 
 /// One lane log: segments of checksummed batches in a directory, appended by one
@@ -134,6 +147,8 @@ pub struct LaneLog {
     pending_checkpoint_segment: AtomicU64,
     sync_rounds: AtomicU64,
     writeback_starts: AtomicU64,
+    /// More than `unsynced_segments_max` rolled segments wait for an fsync: one is due.
+    unsynced_over_bound: AtomicBool,
     /// Set after a failed write or fsync: the log refuses writes from then on.
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -199,6 +214,8 @@ impl LaneLog {
             producers: recovered.producers,
             closed: false,
             writeback_from: 0,
+            unsynced_snapshot: None,
+            allocated_to: 0,
         };
         tracing::debug!(dir = %dir.display(), %start_offset, %next_offset, report = ?recovered.report, "lane log opened");
         Ok(LaneLog {
@@ -218,6 +235,7 @@ impl LaneLog {
             pending_checkpoint_segment: AtomicU64::new(u64::MAX),
             sync_rounds: AtomicU64::new(0),
             writeback_starts: AtomicU64::new(0),
+            unsynced_over_bound: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             recovery: recovered.report,
@@ -298,9 +316,14 @@ impl LaneLog {
         writer.producers.record(&header);
         writer.dirty_since.get_or_insert_with(Instant::now);
         self.next_offset.store(header.next_offset().0, Ordering::Release);
-        let writeback_due = self.config.writeback_bytes > 0
-            && self.config.fsync != FsyncPolicy::Always
-            && writer.active.size().saturating_sub(writer.writeback_from) >= self.config.writeback_bytes;
+        let writeback_due = self.config.writeback_bytes > 0 && self.config.fsync != FsyncPolicy::Always && {
+            let size = writer.active.size();
+            let allocate_before = size
+                .saturating_add(self.config.writeback_bytes)
+                .min(self.config.segment_bytes_max);
+            size.saturating_sub(writer.writeback_from) >= self.config.writeback_bytes
+                || writer.allocated_to < allocate_before
+        };
         Ok(AppendOutcome {
             base_offset,
             last_offset: header.last_offset(),
@@ -309,28 +332,62 @@ impl LaneLog {
         })
     }
 
-    /// Asks the kernel to start writing back what was appended to the active segment
-    /// since the last call, and returns without waiting for it. Not a durability step:
-    /// it only keeps dirty pages from piling up. `sync_file_range` can wait for room in
-    /// the disk's queue, so the syncer calls this, never a request's thread.
+    /// Allocates the active segment's blocks up to `ALLOCATE_AHEAD_WRITEBACKS` ×
+    /// `writeback_bytes` past its end, then asks the kernel to start writing back what
+    /// was appended since the last call, and returns without waiting for the writeback.
+    /// Not a durability step: it only keeps dirty pages from piling up.
+    ///
+    /// The allocation is what keeps writeback from stalling appends. ext4 allocates a
+    /// delayed-allocation file's blocks at writeback, holding the file's `i_data_sem`,
+    /// and may read block bitmaps from a busy disk meanwhile (tens of ms); an append
+    /// into unallocated blocks takes that lock too, so it waited. An append into
+    /// allocated blocks does not take it. Both calls can wait on the disk, so the syncer
+    /// calls this, never a request's thread.
     pub fn start_writeback(&self) -> Result<(), StorageError> {
-        let (file, from, to, path) = {
+        let (file, segment, writeback, allocate) = {
             let mut writer = lock(&self.writer);
-            let to = writer.active.size();
-            if writer.closed || to <= writer.writeback_from {
+            if writer.closed {
                 return Ok(());
             }
-            let from = std::mem::replace(&mut writer.writeback_from, to);
+            let size = writer.active.size();
+            let writeback = (size > writer.writeback_from).then(|| {
+                let from = std::mem::replace(&mut writer.writeback_from, size);
+                (from, size)
+            });
+            let ahead = self
+                .config
+                .writeback_bytes
+                .saturating_mul(ALLOCATE_AHEAD_WRITEBACKS);
+            let allocate_to = size.saturating_add(ahead).min(self.config.segment_bytes_max);
+            let allocate_from = writer.allocated_to.max(size);
+            let allocate = (allocate_to > allocate_from).then_some((allocate_from, allocate_to));
+            if allocate.is_some() {
+                // Even if it fails: it is asked for again only once the appends get there.
+                writer.allocated_to = allocate_to;
+            }
             (
                 Arc::clone(&writer.file),
-                from,
-                to,
-                writer.active.log_path().to_path_buf(),
+                Arc::clone(&writer.active),
+                writeback,
+                allocate,
             )
         };
-        start_writeback(&file, u64::from(from), u64::from(to - from))
-            .map_err(|error| StorageError::io(&path, error))?;
-        self.writeback_starts.fetch_add(1, Ordering::Relaxed);
+        if let Some((from, to)) = allocate {
+            // Only saves work at writeback: without it (a file system that cannot, a
+            // full disk) appends allocate as before.
+            if let Err(error) = allocate_keeping_size(&file, u64::from(from), u64::from(to - from)) {
+                tracing::debug!(segment = %segment.log_path().display(), %error, "could not allocate ahead");
+            }
+            let rolled_meanwhile = !Arc::ptr_eq(&lock(&self.writer).active, &segment);
+            if rolled_meanwhile {
+                give_back_allocation(&file, &segment);
+            }
+        }
+        if let Some((from, to)) = writeback {
+            start_writeback(&file, u64::from(from), u64::from(to - from))
+                .map_err(|error| StorageError::io(segment.log_path(), error))?;
+            self.writeback_starts.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -388,8 +445,15 @@ impl LaneLog {
     fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
         let base_offset = self.next_offset();
         let snapshot = offset_file_name(&self.dir, base_offset, SNAPSHOT_SUFFIX);
-        write_file_atomic(&snapshot, &writer.producers.encode_snapshot(base_offset))?;
+        let snapshot_file = write_file_unsynced(&snapshot, &writer.producers.encode_snapshot(base_offset))?;
         writer.active.seal(Some(writer.last_batch_base))?;
+        // A segment rolled by size has less than a batch allocated past its end; one
+        // rolled early (by age, a full index) can have a few `writeback_bytes`, which it
+        // gives back.
+        let allocated_past_end = writer.allocated_to.saturating_sub(writer.active.size());
+        if allocated_past_end > self.config.writeback_bytes {
+            give_back_allocation(&writer.file, &writer.active);
+        }
         let (segment, file) = match Segment::create(&self.dir, base_offset, &self.config) {
             Ok(created) => created,
             Err(error) => {
@@ -415,9 +479,14 @@ impl LaneLog {
                 file: old_file,
             });
         }
+        // Bound the open files. Past the bound, an fsync round is due (`fsync_due`), which
+        // the fsync threads run. Only if they fall far behind does the roll fsync the
+        // oldest itself, which holds up every append to the log: a small fsync waits
+        // behind all the writeback queued on the disk.
         if writer.unsynced.len() > self.config.unsynced_segments_max {
-            // Bound the open files: fsync the oldest now; its dirty pages have long been
-            // written back, so this is cheap.
+            self.unsynced_over_bound.store(true, Ordering::Release);
+        }
+        if writer.unsynced.len() > 2 * self.config.unsynced_segments_max {
             let oldest = writer.unsynced.pop_front().expect("over the bound");
             if let Err(error) = faults::synced(oldest.segment.log_path(), || oldest.file.sync_data()) {
                 self.fail(format!("fsync failed: {error}"));
@@ -428,6 +497,8 @@ impl LaneLog {
         writer.last_batch_base = base_offset;
         // The sealed segment's unstarted tail is left to the kernel.
         writer.writeback_from = 0;
+        writer.allocated_to = 0;
+        writer.unsynced_snapshot = Some((snapshot, snapshot_file));
         self.segments
             .write()
             .expect("segments lock poisoned")
@@ -482,22 +553,24 @@ impl LaneLog {
     /// One fsync round: takes the files with unsynced data, fsyncs them outside the
     /// writer lock (appends go on), then publishes the durable offset.
     fn sync_round(&self) -> Result<(), StorageError> {
-        let (files, target, point) = {
+        let (files, target, snapshot, point) = {
             let mut writer = lock(&self.writer);
             let target = self.next_offset();
             if target <= self.durable_offset() {
                 return Ok(());
             }
             let mut files: Vec<Unsynced> = writer.unsynced.drain(..).collect();
+            self.unsynced_over_bound.store(false, Ordering::Release);
             files.push(Unsynced {
                 segment: Arc::clone(&writer.active),
                 file: Arc::clone(&writer.file),
             });
             writer.dirty_since = None;
+            let snapshot = writer.unsynced_snapshot.take();
             let point = clean_point_of(&writer.active, false);
             self.pending_checkpoint_segment
                 .store(point.segment_base.0, Ordering::Release);
-            (files, target, point)
+            (files, target, snapshot, point)
         };
         let started = Instant::now();
         let injected = self
@@ -521,7 +594,12 @@ impl LaneLog {
         metrics::histogram!(crate::metrics::FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         self.durable_offset.fetch_max(target.0, Ordering::AcqRel);
         self.sync_rounds.fetch_add(1, Ordering::Relaxed);
-        // Only a hint for recovery: if it is lost, recovery checks more.
+        // Only hints for recovery: if one is lost, recovery does more work.
+        if let Some((path, file)) = snapshot
+            && let Err(error) = faults::synced(&path, || file.sync_data())
+        {
+            tracing::warn!(snapshot = %path.display(), %error, "could not fsync the producer snapshot");
+        }
         if self.corruption().is_none() {
             match lock(&self.checkpoint).write(point, false) {
                 Ok(()) => self
@@ -540,6 +618,9 @@ impl LaneLog {
     pub fn fsync_due(&self, now: Instant) -> bool {
         if self.next_offset() <= self.durable_offset() || self.failed.load(Ordering::Acquire) {
             return false;
+        }
+        if self.unsynced_over_bound.load(Ordering::Acquire) {
+            return true;
         }
         match self.config.fsync {
             // `Always` logs are queued by each append, not by the clock.
@@ -943,6 +1024,32 @@ fn start_writeback(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// `fallocate(FALLOC_FL_KEEP_SIZE)`: allocates the range's blocks (unwritten: they read
+/// as zeros) without changing the file's size.
+#[allow(unsafe_code)]
+fn allocate_keeping_size(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: a plain system call on a file descriptor that `file` keeps open; no memory
+    // is passed.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Frees blocks allocated past a sealed segment's end: truncating a file to its own size
+/// drops them. Only disk space is at stake, so a failure is logged, not returned.
+fn give_back_allocation(file: &File, segment: &Segment) {
+    if let Err(error) = file.set_len(u64::from(segment.size())) {
+        tracing::warn!(segment = %segment.log_path().display(), %error, "could not free the blocks allocated past a sealed segment's end");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -984,14 +1091,18 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path(), FsyncPolicy::Never, 3 * batch_bytes);
-        // Due from the third batch on, until the writeback starts.
-        assert_eq!(append_due(&log, 4), [false, false, true, true]);
+        // Due at once, as nothing is allocated ahead yet, until the writeback starts.
+        assert_eq!(append_due(&log, 2), [true, true]);
         log.start_writeback().unwrap();
         assert_eq!(log.stats().writeback_starts, 1);
+        // Then from the third batch on, until the writeback starts.
+        assert_eq!(append_due(&log, 4), [false, false, true, true]);
+        log.start_writeback().unwrap();
+        assert_eq!(log.stats().writeback_starts, 2);
         log.start_writeback().unwrap();
         assert_eq!(
             log.stats().writeback_starts,
-            1,
+            2,
             "nothing new appended, nothing started"
         );
         assert_eq!(append_due(&log, 3), [false, false, true]);
@@ -1007,6 +1118,87 @@ mod tests {
             [false, false],
             "0 leaves writeback to the kernel"
         );
+    }
+
+    /// Bytes of disk the file system holds for `path`, written or only allocated.
+    fn allocated_bytes(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn writeback_allocates_ahead_of_the_appends_and_an_early_roll_gives_it_back() {
+        let writeback_bytes = 64 * 1024;
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            writeback_bytes,
+            // Every append after the first rolls: the early roll.
+            segment_ms_max: 0,
+            ..LogConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        let first = offset_file_name(dir.path(), Offset(0), LOG_SUFFIX);
+        assert!(log.append(&mut one_record_batch()).unwrap().writeback_due);
+        log.start_writeback().unwrap();
+        let batch_bytes = one_record_batch().len() as u64;
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().len(),
+            batch_bytes,
+            "allocating ahead leaves the size alone"
+        );
+        let ahead = u64::from(writeback_bytes * ALLOCATE_AHEAD_WRITEBACKS);
+        assert!(
+            allocated_bytes(&first) >= ahead,
+            "{} bytes allocated, {ahead} ahead asked for",
+            allocated_bytes(&first)
+        );
+
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(log.stats().segments, 2, "rolled");
+        assert!(
+            allocated_bytes(&first) < u64::from(writeback_bytes),
+            "the sealed segment holds {} bytes",
+            allocated_bytes(&first)
+        );
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), batch_bytes);
+        let read = log.read(Offset(0), 1 << 20, log.next_offset()).unwrap();
+        assert_eq!(
+            read.bytes.len() as u64,
+            batch_bytes,
+            "the sealed batch reads back"
+        );
+    }
+
+    #[test]
+    fn too_many_unsynced_segments_make_an_fsync_due_even_when_the_policy_never_syncs() {
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            unsynced_segments_max: 1,
+            // Every append after the first rolls.
+            segment_ms_max: 0,
+            ..LogConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        let append_then_due = |log: &LaneLog| {
+            log.append(&mut one_record_batch()).unwrap();
+            log.fsync_due(Instant::now())
+        };
+        assert!(!append_then_due(&log), "nothing rolled");
+        assert!(
+            !append_then_due(&log),
+            "one rolled segment unsynced: at the bound"
+        );
+        assert!(append_then_due(&log), "two: past it");
+        assert_eq!(
+            log.stats().sync_rounds,
+            0,
+            "the roll left the fsync to the syncer"
+        );
+        log.flush().unwrap();
+        assert!(!log.fsync_due(Instant::now()));
+        assert_eq!(log.durable_offset(), log.next_offset());
     }
 
     #[test]
