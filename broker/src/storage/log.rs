@@ -40,8 +40,7 @@ pub struct AppendOutcome {
     /// The batch was a producer's retry of one already in the log; nothing was written
     /// and the offsets are the original ones.
     pub duplicate: bool,
-    /// `writeback_bytes` have been appended since writeback last started, or the
-    /// appends are about to outrun the blocks allocated ahead of them: call
+    /// `writeback_bytes` have been appended since writeback last started: call
     /// [`LaneLog::start_writeback`] (off the request's thread).
     pub writeback_due: bool,
 }
@@ -316,14 +315,11 @@ impl LaneLog {
         writer.producers.record(&header);
         writer.dirty_since.get_or_insert_with(Instant::now);
         self.next_offset.store(header.next_offset().0, Ordering::Release);
-        let writeback_due = self.config.writeback_bytes > 0 && self.config.fsync != FsyncPolicy::Always && {
-            let size = writer.active.size();
-            let allocate_before = size
-                .saturating_add(self.config.writeback_bytes)
-                .min(self.config.segment_bytes_max);
-            size.saturating_sub(writer.writeback_from) >= self.config.writeback_bytes
-                || writer.allocated_to < allocate_before
-        };
+        // Also what keeps blocks allocated ahead (see `start_writeback`): from the first
+        // `writeback_bytes` of a segment on, so a lane log written little reserves nothing.
+        let writeback_due = self.config.writeback_bytes > 0
+            && self.config.fsync != FsyncPolicy::Always
+            && writer.active.size().saturating_sub(writer.writeback_from) >= self.config.writeback_bytes;
         Ok(AppendOutcome {
             base_offset,
             last_offset: header.last_offset(),
@@ -341,8 +337,9 @@ impl LaneLog {
     /// delayed-allocation file's blocks at writeback, holding the file's `i_data_sem`,
     /// and may read block bitmaps from a busy disk meanwhile (tens of ms); an append
     /// into unallocated blocks takes that lock too, so it waited. An append into
-    /// allocated blocks does not take it. Both calls can wait on the disk, so the syncer
-    /// calls this, never a request's thread.
+    /// allocated blocks does not take it. Called every `writeback_bytes`, this keeps at
+    /// least three of them allocated ahead. Both calls can wait on the disk, so the
+    /// syncer calls this, never a request's thread.
     pub fn start_writeback(&self) -> Result<(), StorageError> {
         let (file, segment, writeback, allocate) = {
             let mut writer = lock(&self.writer);
@@ -1091,18 +1088,14 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path(), FsyncPolicy::Never, 3 * batch_bytes);
-        // Due at once, as nothing is allocated ahead yet, until the writeback starts.
-        assert_eq!(append_due(&log, 2), [true, true]);
-        log.start_writeback().unwrap();
-        assert_eq!(log.stats().writeback_starts, 1);
-        // Then from the third batch on, until the writeback starts.
+        // Due from the third batch on, until the writeback starts.
         assert_eq!(append_due(&log, 4), [false, false, true, true]);
         log.start_writeback().unwrap();
-        assert_eq!(log.stats().writeback_starts, 2);
+        assert_eq!(log.stats().writeback_starts, 1);
         log.start_writeback().unwrap();
         assert_eq!(
             log.stats().writeback_starts,
-            2,
+            1,
             "nothing new appended, nothing started"
         );
         assert_eq!(append_due(&log, 3), [false, false, true]);
@@ -1128,7 +1121,7 @@ mod tests {
 
     #[test]
     fn writeback_allocates_ahead_of_the_appends_and_an_early_roll_gives_it_back() {
-        let writeback_bytes = 64 * 1024;
+        let writeback_bytes = 8 * 1024;
         let config = LogConfig {
             fsync: FsyncPolicy::Never,
             writeback_bytes,
@@ -1139,9 +1132,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LaneLog::open(dir.path(), config).unwrap();
         let first = offset_file_name(dir.path(), Offset(0), LOG_SUFFIX);
-        assert!(log.append(&mut one_record_batch()).unwrap().writeback_due);
+        let big_batch = || {
+            let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+            builder.push(0, None, &[7; 8 * 1024], &[]).unwrap();
+            builder.finish(ProducerStamp::NONE).to_vec()
+        };
+        let batch_bytes = big_batch().len() as u64;
+        assert!(
+            log.append(&mut big_batch()).unwrap().writeback_due,
+            "a batch past writeback_bytes"
+        );
         log.start_writeback().unwrap();
-        let batch_bytes = one_record_batch().len() as u64;
         assert_eq!(
             std::fs::metadata(&first).unwrap().len(),
             batch_bytes,
@@ -1149,16 +1150,16 @@ mod tests {
         );
         let ahead = u64::from(writeback_bytes * ALLOCATE_AHEAD_WRITEBACKS);
         assert!(
-            allocated_bytes(&first) >= ahead,
-            "{} bytes allocated, {ahead} ahead asked for",
+            allocated_bytes(&first) >= batch_bytes + ahead - 4096,
+            "{} bytes allocated for {batch_bytes} written and {ahead} ahead",
             allocated_bytes(&first)
         );
 
-        log.append(&mut one_record_batch()).unwrap();
+        log.append(&mut big_batch()).unwrap();
         assert_eq!(log.stats().segments, 2, "rolled");
         assert!(
-            allocated_bytes(&first) < u64::from(writeback_bytes),
-            "the sealed segment holds {} bytes",
+            allocated_bytes(&first) < batch_bytes + u64::from(writeback_bytes),
+            "the sealed segment of {batch_bytes} bytes holds {}",
             allocated_bytes(&first)
         );
         assert_eq!(std::fs::metadata(&first).unwrap().len(), batch_bytes);
