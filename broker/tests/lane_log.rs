@@ -661,6 +661,43 @@ fn retried_batches_get_their_original_offsets_also_after_restart() {
     ));
 }
 
+/// A roll writes the producer snapshot without an fsync (the next fsync round makes it
+/// durable), so a power loss can leave snapshots empty or torn. Recovery must then
+/// rebuild the table from the log itself: retries are still recognized.
+#[test]
+fn damaged_producer_snapshots_cost_only_a_longer_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LaneLog::open(dir.path(), small_config()).unwrap();
+    let mut sequence = 0;
+    for tag in 0..20 {
+        log.append(&mut batch(&values(tag, 2, 500), 0, idempotent(sequence)))
+            .unwrap();
+        sequence += 2;
+    }
+    let mut last = batch(&values(99, 2, 10), 0, idempotent(sequence));
+    let last_outcome = log.append(&mut last.clone()).unwrap();
+    let next = log.next_offset();
+    drop(log); // a crash
+
+    let snapshots = files_with_extension(dir.path(), "snapshot");
+    assert!(!snapshots.is_empty(), "the appends rolled segments");
+    for (index, path) in snapshots.iter().enumerate() {
+        let bytes = std::fs::read(path).unwrap();
+        let kept = if index == 0 { 0 } else { bytes.len() / 2 };
+        std::fs::write(path, &bytes[..kept]).unwrap();
+    }
+
+    let log = LaneLog::open(dir.path(), small_config()).unwrap();
+    let retried = log.append(&mut last).unwrap();
+    assert!(retried.duplicate, "the retry is recognized without a snapshot");
+    assert_eq!(retried.base_offset, last_outcome.base_offset);
+    assert_eq!(log.next_offset(), next);
+    assert!(matches!(
+        log.append(&mut batch(&values(1, 1, 1), 0, idempotent(sequence + 5))),
+        Err(StorageError::OutOfOrderSequence { expected, .. }) if expected == sequence + 2
+    ));
+}
+
 #[test]
 fn bad_configuration_is_refused() {
     let dir = tempfile::tempdir().unwrap();
