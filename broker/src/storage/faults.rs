@@ -6,8 +6,8 @@
 //! - `LANES_FSYNC_FAULT_FILE`: while the named file exists, every fsync of a lane log's
 //!   files fails without syncing, as a failing disk's would.
 //! - `LANES_POWER_LOSS_JOURNAL`: the storage engine notes in the named journal every
-//!   write to a lane log's files (segments, indexes, checkpoint), every fsync of them,
-//!   every file it creates and every fsync of a directory. After the process is
+//!   write to a lane log's files (segments, indexes, checkpoint, producer snapshots),
+//!   every fsync of them, every file it creates and every fsync of a directory. After the process is
 //!   SIGKILLed (which keeps the page cache, so only tests what the process had written),
 //!   [`simulate`] rewrites the data directory to what a power loss at that moment could
 //!   have left:
