@@ -8,7 +8,8 @@ use std::fs::{self, OpenOptions};
 use std::path::Path;
 use std::time::Duration;
 
-use lanes_broker::storage::{FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError};
+use bytes::BytesMut;
+use lanes_broker::storage::{AppendOutcome, FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError};
 use lanes_protocol::record_batch::ProducerStamp;
 use lanes_protocol::{BatchError, Offset};
 use support::*;
@@ -606,6 +607,20 @@ fn idempotent(base_sequence: i32) -> ProducerStamp {
     }
 }
 
+/// Appends 20 idempotent batches from `sequence` on (enough to roll segments of
+/// `small_config`), then a last one. Returns the last batch's base sequence, its bytes
+/// (for a retry) and where it landed.
+fn append_past_rolls(log: &LaneLog, mut sequence: i32) -> (i32, BytesMut, AppendOutcome) {
+    for tag in 0..20 {
+        log.append(&mut batch(&values(tag, 2, 500), 0, idempotent(sequence)))
+            .unwrap();
+        sequence += 2;
+    }
+    let last = batch(&values(99, 2, 10), 0, idempotent(sequence));
+    let outcome = log.append(&mut last.clone()).unwrap();
+    (sequence, last, outcome)
+}
+
 #[test]
 fn retried_batches_get_their_original_offsets_also_after_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -623,14 +638,7 @@ fn retried_batches_get_their_original_offsets_also_after_restart() {
         (Offset(2), Offset(4), true)
     );
     // Enough further batches to roll segments, so the state comes from a snapshot.
-    let mut sequence = 3;
-    for tag in 0..20 {
-        log.append(&mut batch(&values(tag, 2, 500), 0, idempotent(sequence)))
-            .unwrap();
-        sequence += 2;
-    }
-    let mut last = batch(&values(99, 2, 10), 0, idempotent(sequence));
-    let last_outcome = log.append(&mut last.clone()).unwrap();
+    let (sequence, mut last, last_outcome) = append_past_rolls(&log, 3);
     assert!(matches!(
         log.append(&mut batch(&values(1, 1, 1), 0, idempotent(sequence + 5))),
         Err(StorageError::OutOfOrderSequence { expected, received, .. }) if expected == sequence + 2 && received == sequence + 5
@@ -668,14 +676,7 @@ fn retried_batches_get_their_original_offsets_also_after_restart() {
 fn damaged_producer_snapshots_cost_only_a_longer_replay() {
     let dir = tempfile::tempdir().unwrap();
     let log = LaneLog::open(dir.path(), small_config()).unwrap();
-    let mut sequence = 0;
-    for tag in 0..20 {
-        log.append(&mut batch(&values(tag, 2, 500), 0, idempotent(sequence)))
-            .unwrap();
-        sequence += 2;
-    }
-    let mut last = batch(&values(99, 2, 10), 0, idempotent(sequence));
-    let last_outcome = log.append(&mut last.clone()).unwrap();
+    let (sequence, mut last, last_outcome) = append_past_rolls(&log, 0);
     let next = log.next_offset();
     drop(log); // a crash
 
