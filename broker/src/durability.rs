@@ -5,9 +5,9 @@
 //! takes it, runs [`LaneLog::flush`](crate::storage::LaneLog::flush) and tells waiters.
 //! Appends that arrive while that fsync runs queue the log again and are covered by the
 //! next round: group commit across every producer of the lane log. With
-//! `fsync = interval`, a ticker queues the logs whose oldest unsynced append is due, and
-//! any log with too many rolled segments unsynced (which bounds its open files, whatever
-//! the policy). Fsyncs of different lane logs run in parallel on `fsync_threads` threads.
+//! `fsync = interval`, a ticker queues the logs whose oldest unsynced append is due. Any
+//! log with too many rolled segments unsynced is queued by its appends, whatever the
+//! policy: that bounds its open files. Fsyncs of different lane logs run in parallel on `fsync_threads` threads.
 //! The same threads start the writeback of logs that do not fsync each append, every
 //! `writeback_bytes`, and allocate their blocks ahead of the appends (see
 //! [`LaneLog::start_writeback`](crate::storage::LaneLog::start_writeback)).

@@ -397,7 +397,9 @@ impl LogHandle {
             writeback_queued: AtomicBool::new(false),
             syncer,
         });
-        // Only the clock queues interval logs; appends queue `always` ones.
+        // The clock queues interval logs once their oldest append is old enough; appends
+        // queue the rest (every `always` append, and any log past its bound of unsynced
+        // rolled segments: `AppendOutcome::fsync_due`).
         if matches!(handle.log.config().fsync, FsyncPolicy::Interval(_)) {
             handle.syncer.register(&handle);
         }
@@ -428,7 +430,7 @@ impl LogHandle {
         if self.visibility == Durability::Written {
             self.publish_visible(self.log.next_offset());
         }
-        if self.log.config().fsync == FsyncPolicy::Always && !outcome.duplicate {
+        if outcome.fsync_due {
             self.syncer.request(self);
         }
         if outcome.writeback_due {
@@ -777,5 +779,55 @@ impl Topics {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use lanes_protocol::record_batch::ProducerStamp;
+    use lanes_protocol::{BatchLimits, RecordBatchBuilder};
+
+    use super::*;
+
+    #[test]
+    fn a_log_past_its_bound_of_unsynced_segments_gets_an_fsync_round_whatever_its_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            unsynced_segments_max: 1,
+            // Every append after the first rolls.
+            segment_ms_max: 0,
+            ..LogConfig::default()
+        };
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        let syncer = Syncer::start(1, Duration::from_millis(10));
+        let handle = LogHandle::new(
+            log,
+            LaneCounters::new("orders", "bulk"),
+            Durability::Written,
+            Arc::clone(&syncer),
+        );
+        let append = || {
+            let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+            builder.push(0, None, b"order", &[]).unwrap();
+            let mut batch = builder.finish(ProducerStamp::NONE).to_vec();
+            handle.append(&mut batch).unwrap()
+        };
+        assert!(!append().fsync_due, "nothing rolled");
+        assert!(!append().fsync_due, "one rolled segment unsynced: at the bound");
+        assert!(append().fsync_due, "two: past it");
+        // Nothing but that append asks for this round: a `never` log is not on the clock.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while handle.log.stats().sync_rounds == 0 {
+            assert!(Instant::now() < deadline, "no fsync round ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            handle.log.durable_offset() >= Offset(2),
+            "the rolled segments are durable"
+        );
+        syncer.stop();
     }
 }

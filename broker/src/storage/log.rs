@@ -43,6 +43,10 @@ pub struct AppendOutcome {
     /// `writeback_bytes` have been appended since writeback last started: call
     /// [`LaneLog::start_writeback`] (off the request's thread).
     pub writeback_due: bool,
+    /// An fsync round is due now: the policy fsyncs every append, or more than
+    /// `unsynced_segments_max` rolled segments wait for one (whatever the policy). Call
+    /// [`LaneLog::flush`] (off the request's thread).
+    pub fsync_due: bool,
 }
 
 /// Whole batches read from one segment, as a slice of its mapping.
@@ -292,6 +296,7 @@ impl LaneLog {
                 last_offset: meta.last_offset,
                 duplicate: true,
                 writeback_due: false,
+                fsync_due: false,
             });
         }
         if self.should_roll(&writer, &header) {
@@ -325,6 +330,8 @@ impl LaneLog {
             last_offset: header.last_offset(),
             duplicate: false,
             writeback_due,
+            fsync_due: self.config.fsync == FsyncPolicy::Always
+                || self.unsynced_over_bound.load(Ordering::Acquire),
         })
     }
 
@@ -476,10 +483,10 @@ impl LaneLog {
                 file: old_file,
             });
         }
-        // Bound the open files. Past the bound, an fsync round is due (`fsync_due`), which
-        // the fsync threads run. Only if they fall far behind does the roll fsync the
-        // oldest itself, which holds up every append to the log: a small fsync waits
-        // behind all the writeback queued on the disk.
+        // Bound the open files. Past the bound, an fsync round is due (the appends say so
+        // in `AppendOutcome::fsync_due`), which the fsync threads run. Only if they fall
+        // far behind does the roll fsync the oldest itself, which holds up every append to
+        // the log: a small fsync waits behind all the writeback queued on the disk.
         if writer.unsynced.len() > self.config.unsynced_segments_max {
             self.unsynced_over_bound.store(true, Ordering::Release);
         }
