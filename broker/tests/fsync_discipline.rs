@@ -17,7 +17,7 @@ use std::time::Duration;
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::Lane;
 use lanes_protocol::client::{Client, ClientConfig};
-use lanes_protocol::messages::CreateTopicRequest;
+use lanes_protocol::messages::{Acks, CreateTopicRequest, TopicConfig};
 use process_support::DEADLINE;
 
 /// One traced system call that matters here, in trace order.
@@ -194,6 +194,10 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
             "16384",
             "--index-bytes-max",
             "4096",
+            // For the `never` topic: writeback, and next segments made ahead and renamed
+            // into place at the roll.
+            "--writeback-bytes",
+            "8192",
         ])
         .arg("--data-dir")
         .arg(&data)
@@ -222,30 +226,42 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
     };
 
     // Topics (spec files, directories), rolls (segments, indexes, producer snapshots),
-    // producer ids.
+    // producer ids; `second` fsyncs never.
     let client = Client::connect(&address, ClientConfig::default()).await.unwrap();
-    for name in ["first", "second"] {
+    for (name, configs) in [
+        ("first", vec![]),
+        ("second", vec![("fsync", "never"), ("durability", "written")]),
+    ] {
         client
             .request(&CreateTopicRequest {
                 name: name.into(),
                 partitions: 2,
                 lanes: vec!["express".into(), "bulk".into()],
-                configs: Vec::new(),
+                configs: configs
+                    .into_iter()
+                    .map(|(key, value)| TopicConfig {
+                        key: key.into(),
+                        value: value.into(),
+                    })
+                    .collect(),
             })
             .await
             .unwrap();
     }
-    let mut config = ProducerConfig::new(&address);
-    config.batch_bytes_max = 8 * 1024;
-    let producer = Producer::connect(config).await.unwrap();
-    for i in 0..600u32 {
-        let record = ProducerRecord::new("first", vec![b'x'; 1000])
-            .key(format!("k{}", i % 7))
-            .lane(LaneSelector::Index(Lane((i % 2) as u8)));
-        producer.send(record).await.unwrap();
+    for (topic, acks) in [("first", Acks::Durable), ("second", Acks::Written)] {
+        let mut config = ProducerConfig::new(&address);
+        config.batch_bytes_max = 8 * 1024;
+        config.acks = acks;
+        let producer = Producer::connect(config).await.unwrap();
+        for i in 0..600u32 {
+            let record = ProducerRecord::new(topic, vec![b'x'; 1000])
+                .key(format!("k{}", i % 7))
+                .lane(LaneSelector::Index(Lane((i % 2) as u8)));
+            producer.send(record).await.unwrap();
+        }
+        producer.flush().await.unwrap();
+        producer.close().await.unwrap();
     }
-    producer.flush().await.unwrap();
-    producer.close().await.unwrap();
     drop(client);
     // A clean stop, so the trace holds the close of everything: SIGTERM to the broker,
     // strace's child (strace itself would only detach).
@@ -273,6 +289,7 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
 
     let mut created = 0;
     let mut renames = 0;
+    let mut segments_made_ahead = 0;
     let mut seen_created: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for (index, event) in events.iter().enumerate() {
         match event {
@@ -303,6 +320,9 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
             }
             Event::Rename { from, to } if under_data(to) => {
                 renames += 1;
+                if to.extension().is_some_and(|e| e == "log") {
+                    segments_made_ahead += 1;
+                }
                 assert!(
                     file_synced_before(index, from),
                     "{} was renamed to {} without an fsync of its own first",
@@ -332,7 +352,11 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
         renames >= 2,
         "the workload should write metadata atomically: {renames} renames"
     );
+    assert!(
+        segments_made_ahead >= 1,
+        "the never topic should roll into segments made ahead: {segments_made_ahead}"
+    );
     eprintln!(
-        "fsync discipline: {created} files created ({segments} segments), {renames} atomic renames: each followed by its directory's fsync"
+        "fsync discipline: {created} files created ({segments} segments), {renames} atomic renames ({segments_made_ahead} of segments made ahead): each followed by its directory's fsync"
     );
 }

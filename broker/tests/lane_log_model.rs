@@ -154,6 +154,8 @@ fn config(policy: u8) -> LogConfig {
             _ => FsyncPolicy::Never,
         },
         retention_bytes: Some(24 * 1024),
+        // Writeback, with its allocation and next segment made ahead, every few batches.
+        writeback_bytes: 1024,
         ..small_config()
     }
 }
@@ -231,6 +233,9 @@ fn run(policy: u8, ops: Vec<Op>) {
                 let outcome = log.append(&mut sent.clone()).unwrap();
                 assert_eq!(outcome.base_offset, Offset(model.next));
                 assert!(!outcome.duplicate);
+                if outcome.writeback_due {
+                    log.start_writeback().unwrap();
+                }
                 if let Some(sequence) = sequence {
                     model.next_sequence = sequence + records as i32;
                     model.sequences.push((model.next, model.next_sequence));

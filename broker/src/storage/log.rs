@@ -1,7 +1,7 @@
 //! [`LaneLog`]: one append-only log of record batches, with its own dense offsets.
 
 use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +29,12 @@ const CHECKPOINT_FILE: &str = "checkpoint";
 /// How far ahead of the active segment's end [`LaneLog::start_writeback`] allocates its
 /// blocks, in `writeback_bytes`. Kept ahead, an append never allocates: see there.
 const ALLOCATE_AHEAD_WRITEBACKS: u32 = 4;
+/// The file the next segment will be, made ahead by [`LaneLog::start_writeback`]. Its
+/// name ends in `.tmp`, so recovery removes one that a crash left.
+const NEXT_SEGMENT_FILE: &str = "next-segment.tmp";
+/// A lane log makes its next segment's file ahead only if its active segment, at its pace
+/// so far, will be full within this long: a slow log reserves nothing.
+const PREPARE_NEXT_WITHIN: Duration = Duration::from_secs(60);
 /// Corruption offset meaning "none".
 const NOT_CORRUPT: u64 = u64::MAX;
 
@@ -121,6 +127,24 @@ struct Writer {
     /// How much of the active segment has its blocks allocated (as far as this log
     /// asked for; 0 for a new or reopened one).
     allocated_to: u32,
+    next_segment: NextSegment,
+    /// Rolls that left the fsync of the directory, which makes the new segment's name
+    /// durable, to the fsync threads (see `roll`); compared with `dir_synced_rolls`.
+    rolls_deferred: u64,
+}
+
+/// The next segment's file, made ahead of the roll (see [`LaneLog::start_writeback`]).
+#[derive(Debug, Default)]
+enum NextSegment {
+    #[default]
+    None,
+    /// An fsync thread is making it.
+    Preparing,
+    /// Created, all its blocks allocated, fsynced: the roll renames it into place.
+    Ready(File),
+    /// Making it failed (a file system that cannot allocate, a disk nearly full): not
+    /// tried again before the next roll.
+    Unavailable,
 }
 
 /// One lane log: segments of checksummed batches in a directory, appended by one
@@ -152,6 +176,8 @@ pub struct LaneLog {
     writeback_starts: AtomicU64,
     /// More than `unsynced_segments_max` rolled segments wait for an fsync: one is due.
     unsynced_over_bound: AtomicBool,
+    /// How many of `Writer::rolls_deferred` a finished fsync of the directory covers.
+    dir_synced_rolls: AtomicU64,
     /// Set after a failed write or fsync: the log refuses writes from then on.
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -219,6 +245,8 @@ impl LaneLog {
             writeback_from: 0,
             unsynced_snapshot: None,
             allocated_to: 0,
+            next_segment: NextSegment::None,
+            rolls_deferred: 0,
         };
         tracing::debug!(dir = %dir.display(), %start_offset, %next_offset, report = ?recovered.report, "lane log opened");
         Ok(LaneLog {
@@ -239,6 +267,7 @@ impl LaneLog {
             sync_rounds: AtomicU64::new(0),
             writeback_starts: AtomicU64::new(0),
             unsynced_over_bound: AtomicBool::new(false),
+            dir_synced_rolls: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             recovery: recovered.report,
@@ -345,10 +374,21 @@ impl LaneLog {
     /// and may read block bitmaps from a busy disk meanwhile (tens of ms); an append
     /// into unallocated blocks takes that lock too, so it waited. An append into
     /// allocated blocks does not take it. Called every `writeback_bytes`, this keeps at
-    /// least three of them allocated ahead. Both calls can wait on the disk, so the
-    /// syncer calls this, never a request's thread.
+    /// least three of them allocated ahead.
+    ///
+    /// Allocating in the active segment still holds up appends now and then: `fallocate`
+    /// takes the file's `i_rwsem`, as every buffered write does, and waited up to 18 ms
+    /// on a block bitmap. So for a segment that fills fast (`PREPARE_NEXT_WITHIN`), this
+    /// also makes the next segment's file: created, allocated whole, fsynced, for the
+    /// roll to rename into place. Nobody writes that file meanwhile, so its allocation
+    /// holds up nobody, and the segment it becomes needs no allocation at all. A segment
+    /// allocated whole gets its successor made once half full; any other (the first of a
+    /// busy log, or one reopened) gets it at once and rolls as soon as it is ready.
+    ///
+    /// All of this can wait on the disk, so the syncer calls it, never a request's
+    /// thread.
     pub fn start_writeback(&self) -> Result<(), StorageError> {
-        let (file, segment, writeback, allocate) = {
+        let (file, segment, writeback, allocate, prepare, rolls_deferred) = {
             let mut writer = lock(&self.writer);
             if writer.closed {
                 return Ok(());
@@ -369,13 +409,20 @@ impl LaneLog {
                 // Even if it fails: it is asked for again only once the appends get there.
                 writer.allocated_to = allocate_to;
             }
+            let prepare = matches!(writer.next_segment, NextSegment::None) && self.fills_soon(&writer);
+            if prepare {
+                writer.next_segment = NextSegment::Preparing;
+            }
             (
                 Arc::clone(&writer.file),
                 Arc::clone(&writer.active),
                 writeback,
                 allocate,
+                prepare,
+                writer.rolls_deferred,
             )
         };
+        self.sync_dir_for(rolls_deferred)?;
         if let Some((from, to)) = allocate {
             // Only saves work at writeback: without it (a file system that cannot, a
             // full disk) appends allocate as before.
@@ -392,7 +439,76 @@ impl LaneLog {
                 .map_err(|error| StorageError::io(segment.log_path(), error))?;
             self.writeback_starts.fetch_add(1, Ordering::Relaxed);
         }
+        if prepare {
+            self.prepare_next_segment();
+        }
         Ok(())
+    }
+
+    /// Whether the next segment's file should be made now: the active segment fills fast
+    /// (at its pace so far, full within `PREPARE_NEXT_WITHIN`) and is either half full
+    /// or not allocated whole (see [`LaneLog::start_writeback`]).
+    fn fills_soon(&self, writer: &Writer) -> bool {
+        let size = u64::from(writer.active.size());
+        let max = u64::from(self.config.segment_bytes_max);
+        let elapsed_ms = u64::try_from(writer.active_since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let within_ms = PREPARE_NEXT_WITHIN.as_millis() as u64;
+        // elapsed / size × remaining ≤ within, without dividing.
+        let fast = elapsed_ms.saturating_mul(max.saturating_sub(size)) <= within_ms.saturating_mul(size);
+        fast && (2 * size >= max || writer.allocated_to < self.config.segment_bytes_max)
+    }
+
+    /// Makes the next segment's file (see [`LaneLog::start_writeback`]). A failure costs
+    /// nothing but the allocation: the roll then creates the file as it would without.
+    fn prepare_next_segment(&self) {
+        let path = self.dir.join(NEXT_SEGMENT_FILE);
+        let prepared = prepare_file(&path, u64::from(self.config.segment_bytes_max));
+        let mut writer = lock(&self.writer);
+        match prepared {
+            Ok(file) if !writer.closed => {
+                writer.next_segment = NextSegment::Ready(file);
+                return;
+            }
+            Ok(_) => writer.next_segment = NextSegment::None,
+            Err(error) => {
+                tracing::debug!(dir = %self.dir.display(), %error, "could not make the next segment's file ahead");
+                writer.next_segment = NextSegment::Unavailable;
+            }
+        }
+        drop(writer);
+        let _ = remove_if_exists(&path);
+    }
+
+    /// Renames the file made ahead for the next segment to `log_path`, if there is one,
+    /// and returns it open.
+    fn install_next_segment(&self, writer: &mut Writer, log_path: &Path) -> Option<File> {
+        let file = match std::mem::take(&mut writer.next_segment) {
+            NextSegment::Ready(file) => file,
+            NextSegment::Preparing => {
+                // For the roll after this one.
+                writer.next_segment = NextSegment::Preparing;
+                return None;
+            }
+            NextSegment::None | NextSegment::Unavailable => return None,
+        };
+        let next = self.dir.join(NEXT_SEGMENT_FILE);
+        faults::created(log_path);
+        match std::fs::rename(&next, log_path) {
+            Ok(()) => Some(file),
+            Err(error) => {
+                tracing::debug!(dir = %self.dir.display(), %error, "could not rename the next segment's file into place");
+                let _ = remove_if_exists(&next);
+                None
+            }
+        }
+    }
+
+    /// Removes the next segment's file made ahead, if any: its disk is reserved.
+    fn give_back_next_segment(&self, writer: &mut Writer) {
+        if let NextSegment::Ready(file) = std::mem::take(&mut writer.next_segment) {
+            drop(file);
+            let _ = remove_if_exists(&self.dir.join(NEXT_SEGMENT_FILE));
+        }
     }
 
     fn check_writable(&self) -> Result<(), StorageError> {
@@ -441,6 +557,10 @@ impl LaneLog {
             || writer.active_since.elapsed() >= Duration::from_millis(self.config.segment_ms_max)
             || active.indexes_full()
             || offsets_after > u64::from(u32::MAX)
+            // A busy log leaves a segment that allocates as it goes for one allocated
+            // whole as soon as it can (see `start_writeback`).
+            || (writer.allocated_to < self.config.segment_bytes_max
+                && matches!(writer.next_segment, NextSegment::Ready(_)))
     }
 
     /// Seals the active segment and starts a new one at the next offset. Every fallible
@@ -458,7 +578,14 @@ impl LaneLog {
         if allocated_past_end > self.config.writeback_bytes {
             give_back_allocation(&writer.file, &writer.active);
         }
-        let (segment, file) = match Segment::create(&self.dir, base_offset, &self.config) {
+        let installed =
+            self.install_next_segment(writer, &offset_file_name(&self.dir, base_offset, LOG_SUFFIX));
+        let allocated_to = if installed.is_some() {
+            self.config.segment_bytes_max
+        } else {
+            0
+        };
+        let (segment, file) = match Segment::create(&self.dir, base_offset, &self.config, installed) {
             Ok(created) => created,
             Err(error) => {
                 for suffix in [LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
@@ -467,11 +594,25 @@ impl LaneLog {
                 return Err(error);
             }
         };
-        // The new file's directory entry must survive a crash before any acknowledged
-        // record lives in it.
-        if let Err(error) = fsync_dir(&self.dir) {
-            self.fail(format!("fsync of the directory failed: {error}"));
-            return Err(error);
+        // The new files' names must be durable before any record in them counts as
+        // durable. Fsyncing the directory here would hold up every append to the log
+        // behind the disk (up to 28 ms seen under writeback), so it is left to the fsync
+        // threads: the fsync round that publishes these records fsyncs the directory
+        // first, and so does the next writeback job. Only the newest segment's name may
+        // wait: if an older roll's is not yet durable, this roll fsyncs here, so a crash
+        // can lose at most the active segment's name, a lost tail to recovery. Without an
+        // fsync thread coming (`never` with no writeback) it fsyncs here too.
+        let older_roll_unsynced = writer.rolls_deferred > self.dir_synced_rolls.load(Ordering::Acquire);
+        let fsync_threads_come = self.config.fsync != FsyncPolicy::Never || self.config.writeback_bytes > 0;
+        if older_roll_unsynced || !fsync_threads_come {
+            if let Err(error) = fsync_dir(&self.dir) {
+                self.fail(format!("fsync of the directory failed: {error}"));
+                return Err(error);
+            }
+            self.dir_synced_rolls
+                .fetch_max(writer.rolls_deferred, Ordering::AcqRel);
+        } else {
+            writer.rolls_deferred += 1;
         }
         tracing::info!(dir = %self.dir.display(), %base_offset, sealed_bytes = writer.active.size(), "segment rolled");
         let segment = Arc::new(segment);
@@ -501,7 +642,7 @@ impl LaneLog {
         writer.last_batch_base = base_offset;
         // The sealed segment's unstarted tail is left to the kernel.
         writer.writeback_from = 0;
-        writer.allocated_to = 0;
+        writer.allocated_to = allocated_to;
         writer.unsynced_snapshot = Some((snapshot, snapshot_file));
         self.segments
             .write()
@@ -557,7 +698,7 @@ impl LaneLog {
     /// One fsync round: takes the files with unsynced data, fsyncs them outside the
     /// writer lock (appends go on), then publishes the durable offset.
     fn sync_round(&self) -> Result<(), StorageError> {
-        let (files, target, snapshot, point) = {
+        let (files, target, snapshot, point, rolls_deferred) = {
             let mut writer = lock(&self.writer);
             let target = self.next_offset();
             if target <= self.durable_offset() {
@@ -574,7 +715,7 @@ impl LaneLog {
             let point = clean_point_of(&writer.active, false);
             self.pending_checkpoint_segment
                 .store(point.segment_base.0, Ordering::Release);
-            (files, target, snapshot, point)
+            (files, target, snapshot, point, writer.rolls_deferred)
         };
         let started = Instant::now();
         let injected = self
@@ -594,6 +735,8 @@ impl LaneLog {
                 return Err(error);
             }
         }
+        // The names of the segments these records are in (see `roll`).
+        self.sync_dir_for(rolls_deferred)?;
         metrics::counter!(crate::metrics::FSYNCS).increment(1);
         metrics::histogram!(crate::metrics::FSYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         self.durable_offset.fetch_max(target.0, Ordering::AcqRel);
@@ -615,6 +758,20 @@ impl LaneLog {
             }
         }
         self.pending_checkpoint_segment.store(u64::MAX, Ordering::Release);
+        Ok(())
+    }
+
+    /// Fsyncs the directory if any of the first `rolls_deferred` rolls (read under the
+    /// writer lock) left it for later. A failure stops the log, as a failed fsync does.
+    fn sync_dir_for(&self, rolls_deferred: u64) -> Result<(), StorageError> {
+        if rolls_deferred <= self.dir_synced_rolls.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Err(error) = fsync_dir(&self.dir) {
+            self.fail(format!("fsync of the directory failed: {error}"));
+            return Err(error);
+        }
+        self.dir_synced_rolls.fetch_max(rolls_deferred, Ordering::AcqRel);
         Ok(())
     }
 
@@ -970,12 +1127,17 @@ impl LaneLog {
             }
             // First stop appends, so the flush below covers every record there will be.
             writer.closed = true;
+            self.give_back_next_segment(&mut writer);
         }
         if self.failed.load(Ordering::Acquire) {
             // Leave the old checkpoint: the next open must look at everything again.
             return Ok(());
         }
         self.flush()?;
+        // A roll with no append after it (the write failed) left its names to a round
+        // that did not come.
+        let rolls_deferred = lock(&self.writer).rolls_deferred;
+        self.sync_dir_for(rolls_deferred)?;
         // Hold the sync token: no fsync round may write a checkpoint after ours.
         let mut syncing = lock(&self.syncing);
         while *syncing {
@@ -1044,6 +1206,43 @@ fn allocate_keeping_size(file: &File, offset: u64, len: u64) -> std::io::Result<
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Creates `path` (or empties it), allocates `bytes` of blocks for it and fsyncs it, so
+/// that the name it gets later never points at an inode that a crash could lose. Leaves
+/// at least as much disk free as it takes.
+fn prepare_file(path: &Path, bytes: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    if available_bytes(&file)? < bytes.saturating_mul(2) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "less than two segments of disk free",
+        ));
+    }
+    allocate_keeping_size(&file, 0, bytes)?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Bytes free for unprivileged use on `file`'s file system (`fstatvfs`).
+#[allow(unsafe_code)]
+fn available_bytes(file: &File) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `stats` is a valid place for one `statvfs`, which the call fills in when
+    // it returns 0; the descriptor is kept open by `file`.
+    let result = unsafe { libc::fstatvfs(file.as_raw_fd(), stats.as_mut_ptr()) };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: filled in by the successful call above.
+    let stats = unsafe { stats.assume_init() };
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 /// Frees blocks allocated past a sealed segment's end: truncating a file to its own size
@@ -1120,6 +1319,13 @@ mod tests {
         );
     }
 
+    /// A batch of one record of 8 KiB.
+    fn big_batch() -> Vec<u8> {
+        let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+        builder.push(0, None, &[7; 8 * 1024], &[]).unwrap();
+        builder.finish(ProducerStamp::NONE).to_vec()
+    }
+
     /// Bytes of disk the file system holds for `path`, written or only allocated.
     fn allocated_bytes(path: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -1139,11 +1345,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LaneLog::open(dir.path(), config).unwrap();
         let first = offset_file_name(dir.path(), Offset(0), LOG_SUFFIX);
-        let big_batch = || {
-            let mut builder = RecordBatchBuilder::new(BatchLimits::default());
-            builder.push(0, None, &[7; 8 * 1024], &[]).unwrap();
-            builder.finish(ProducerStamp::NONE).to_vec()
-        };
         let batch_bytes = big_batch().len() as u64;
         assert!(
             log.append(&mut big_batch()).unwrap().writeback_due,
@@ -1175,6 +1376,141 @@ mod tests {
             read.bytes.len() as u64,
             batch_bytes,
             "the sealed batch reads back"
+        );
+    }
+
+    #[test]
+    fn a_segment_filling_fast_gets_its_successor_made_ahead_in_another_file() {
+        let segment_bytes_max = 64 * 1024;
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            writeback_bytes: 8 * 1024,
+            segment_bytes_max,
+            batch: BatchLimits {
+                batch_bytes_max: 16 * 1024,
+                ..BatchLimits::default()
+            },
+            ..LogConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let next = dir.path().join(NEXT_SEGMENT_FILE);
+        let log = LaneLog::open(dir.path(), config.clone()).unwrap();
+        // Each batch is past `writeback_bytes`: run the writeback it makes due, as the
+        // syncer would.
+        let append = |log: &LaneLog| {
+            let outcome = log.append(&mut big_batch()).unwrap();
+            assert!(outcome.writeback_due);
+            log.start_writeback().unwrap();
+            outcome
+        };
+        let batch_bytes = big_batch().len() as u64;
+
+        // The first segment allocates as it goes: its successor is made at once...
+        append(&log);
+        assert_eq!(std::fs::metadata(&next).unwrap().len(), 0, "made empty");
+        assert!(
+            allocated_bytes(&next) >= u64::from(segment_bytes_max),
+            "with a whole segment allocated: {} bytes",
+            allocated_bytes(&next)
+        );
+        // ...and the next append rolls into it.
+        let second = append(&log).base_offset;
+        assert_eq!(log.stats().segments, 2);
+        assert!(!next.exists(), "renamed into place at the roll");
+        let second = offset_file_name(dir.path(), second, LOG_SUFFIX);
+        assert_eq!(std::fs::metadata(&second).unwrap().len(), batch_bytes);
+        assert!(
+            allocated_bytes(&second) >= u64::from(segment_bytes_max),
+            "the new segment keeps the allocation: {} bytes",
+            allocated_bytes(&second)
+        );
+
+        // A segment allocated whole gets its successor once half full.
+        append(&log);
+        append(&log);
+        assert!(3 * batch_bytes < u64::from(segment_bytes_max / 2));
+        assert!(!next.exists(), "not made before the segment is half full");
+        append(&log);
+        assert!(next.exists(), "made once half full");
+        assert_eq!(log.stats().segments, 2, "and used at the roll by size");
+
+        // A crash leaves it behind, and the next open removes it.
+        let written = log.next_offset();
+        drop(log);
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        assert!(!next.exists(), "recovery removes it");
+        assert_eq!(log.next_offset(), written);
+        let mut offset = Offset(0);
+        while offset < written {
+            let read = log.read(offset, 1 << 20, written).unwrap();
+            assert!(!read.bytes.is_empty(), "{offset} reads back");
+            offset = read.next_offset;
+        }
+
+        // The reopened segment is not known to be allocated, so its successor is made at
+        // once; a clean close gives it back.
+        append(&log);
+        assert!(next.exists());
+        log.close().unwrap();
+        assert!(!next.exists(), "a clean close gives it back");
+    }
+
+    #[test]
+    fn a_roll_leaves_the_directory_fsync_to_the_fsync_threads_but_never_two_in_a_row() {
+        let open = |dir: &Path, fsync, writeback_bytes| {
+            let config = LogConfig {
+                fsync,
+                writeback_bytes,
+                // Every append after the first rolls.
+                segment_ms_max: 0,
+                ..LogConfig::default()
+            };
+            LaneLog::open(dir, config).unwrap()
+        };
+        // (rolls that left the directory fsync for later, how many of them are fsynced)
+        let dir_state = |log: &LaneLog| {
+            (
+                lock(&log.writer).rolls_deferred,
+                log.dir_synced_rolls.load(Ordering::Acquire),
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), FsyncPolicy::Interval(Duration::from_secs(3600)), 0);
+        log.append(&mut one_record_batch()).unwrap();
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(dir_state(&log), (1, 0), "the first roll leaves it");
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(dir_state(&log), (1, 1), "the second fsyncs it, covering both");
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(dir_state(&log), (2, 1));
+        assert_eq!(log.durable_offset(), Offset(0));
+        log.flush().unwrap();
+        assert_eq!(
+            dir_state(&log),
+            (2, 2),
+            "the round that makes its records durable fsyncs it"
+        );
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(dir_state(&log), (3, 2));
+        log.close().unwrap();
+        assert_eq!(dir_state(&log), (3, 3), "so does a clean close");
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), FsyncPolicy::Never, 1);
+        log.append(&mut one_record_batch()).unwrap();
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(dir_state(&log), (1, 0));
+        log.start_writeback().unwrap();
+        assert_eq!(dir_state(&log), (1, 1), "and the next writeback job");
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), FsyncPolicy::Never, 0);
+        log.append(&mut one_record_batch()).unwrap();
+        log.append(&mut one_record_batch()).unwrap();
+        assert_eq!(
+            dir_state(&log),
+            (0, 0),
+            "with no fsync thread coming, the roll fsyncs it"
         );
     }
 

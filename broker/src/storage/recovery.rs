@@ -173,7 +173,7 @@ pub(crate) fn recover(
                 ),
             });
         }
-        let (segment, file) = Segment::create(dir, Offset::ZERO, config)?;
+        let (segment, file) = Segment::create(dir, Offset::ZERO, config, None)?;
         fsync_dir(dir)?;
         report.segments = 1;
         return Ok(Recovered {

@@ -71,19 +71,27 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Creates a new, empty active segment and returns it with its file for appending.
+    /// `installed`: an empty file the caller has already put at the segment's path (made
+    /// ahead of the roll), used instead of creating one.
     pub(crate) fn create(
         dir: &Path,
         base_offset: Offset,
         config: &LogConfig,
+        installed: Option<File>,
     ) -> Result<(Segment, File), StorageError> {
         let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
-        faults::created(&log_path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&log_path)
-            .at(&log_path)?;
+        let file = match installed {
+            Some(file) => file,
+            None => {
+                faults::created(&log_path);
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&log_path)
+                    .at(&log_path)?
+            }
+        };
         let index = OffsetIndex::open_writable(
             &offset_file_name(dir, base_offset, INDEX_SUFFIX),
             config.index_bytes_max,
