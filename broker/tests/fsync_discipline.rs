@@ -71,6 +71,14 @@ fn parse(trace: &str) -> Vec<Event> {
         }
         let call = call.trim_start();
         if let Some(start) = call.strip_suffix(" <unfinished ...>") {
+            // Except a close: it frees the descriptor before it returns, and another
+            // thread's open may get the same number before the close's resumption line.
+            if let Some(args) = start.strip_prefix("close(") {
+                if let Ok(fd) = args.trim_end_matches(')').parse() {
+                    events.push(Event::Close { fd });
+                }
+                continue;
+            }
             unfinished.insert(pid, start);
             continue;
         }
