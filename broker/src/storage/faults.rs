@@ -5,7 +5,8 @@
 //!
 //! - `LANES_FSYNC_FAULT_FILE`: while the named file exists, every fsync of a lane log's
 //!   files fails without syncing, as a failing disk's would.
-//! - `LANES_POWER_LOSS_JOURNAL`: the storage engine notes in the named journal every
+//! - `LANES_POWER_LOSS_JOURNAL` (or [`journal_to`], for a test that runs the storage
+//!   engine in its own process): the storage engine notes in the named journal every
 //!   write to a lane log's files (segments, indexes, checkpoint, producer snapshots),
 //!   every fsync of them, every file it creates and every fsync of a directory. After the process is
 //!   SIGKILLed (which keeps the page cache, so only tests what the process had written),
@@ -25,7 +26,7 @@
 //! Without the feature every hook is an empty inline function.
 
 #[cfg(feature = "faults")]
-pub use journal::{PowerLossReport, simulate};
+pub use journal::{PowerLossReport, journal_to, simulate};
 #[cfg(feature = "faults")]
 pub(crate) use journal::{created, dir_synced, sized, synced, wrote};
 
@@ -100,19 +101,31 @@ mod journal {
         lines: u64,
     }
 
+    static JOURNAL: OnceLock<Option<Mutex<Journal>>> = OnceLock::new();
+
+    fn open_journal(path: &Path) -> Mutex<Journal> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|error| panic!("{JOURNAL_ENV}: cannot open the journal: {error}"));
+        // A journal kept across a crash and restart goes on numbering its lines, so that
+        // a power loss later covers both lives.
+        let lines = std::fs::read(path).map_or(0, |text| text.iter().filter(|&&b| b == b'\n').count() as u64);
+        Mutex::new(Journal { file, lines })
+    }
+
     fn journal() -> Option<&'static Mutex<Journal>> {
-        static JOURNAL: OnceLock<Option<Mutex<Journal>>> = OnceLock::new();
         JOURNAL
-            .get_or_init(|| {
-                let path = std::env::var_os(JOURNAL_ENV)?;
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .unwrap_or_else(|error| panic!("{JOURNAL_ENV}: cannot open the journal: {error}"));
-                Some(Mutex::new(Journal { file, lines: 0 }))
-            })
+            .get_or_init(|| std::env::var_os(JOURNAL_ENV).map(|path| open_journal(Path::new(&path))))
             .as_ref()
+    }
+
+    /// Journals this process's storage to `path`, as `LANES_POWER_LOSS_JOURNAL` does, for
+    /// a test that runs the storage engine in its own process. Only before any journaled
+    /// call; false if too late.
+    pub fn journal_to(path: &Path) -> bool {
+        JOURNAL.set(Some(open_journal(path))).is_ok()
     }
 
     /// Appends one line; `format_args!` formats nothing while no journal is set.

@@ -166,6 +166,8 @@ pub struct LaneLog {
     /// Whether an fsync round is running; followers wait on `sync_done`.
     syncing: Mutex<bool>,
     sync_done: Condvar,
+    /// Signalled when an fsync thread has finished making the next segment's file.
+    next_segment_made: Condvar,
     checkpoint: Mutex<CheckpointFile>,
     /// Base of the segment the newest written checkpoint names, and of the one a
     /// checkpoint captured but not yet written will name (`u64::MAX` if none).
@@ -219,6 +221,10 @@ impl LaneLog {
         let next_offset = active.next_offset();
         let start_offset = recovered.segments[0].base_offset();
         let corruption = recovered.report.corruption.clone();
+        // The active segment's name may not be durable: a crash can come between a roll
+        // and the fsync round that makes its directory entry durable (see `roll`). Its
+        // records count as durable from here on, so the name must be first.
+        fsync_dir(&dir)?;
         let checkpoint_segment = match &corruption {
             None => {
                 // Everything kept is fsynced: it is all clean now.
@@ -233,6 +239,14 @@ impl LaneLog {
         // Only used for the final time-index entry when the segment rolls, which a
         // corrupt log never does: do not fail the open over it.
         let last_batch_base = active.last_batch_base().unwrap_or(active.base_offset());
+        // A segment allocated whole before a restart keeps blocks past its end; `allocated_to`
+        // starts at 0, so they are given back now rather than forgotten. Truncating the
+        // file to its own length frees them and cuts nothing (a corrupt log keeps every
+        // byte).
+        let active_len = recovered.active_file.metadata().map(|m| m.len());
+        if let Err(error) = active_len.and_then(|len| recovered.active_file.set_len(len)) {
+            tracing::warn!(segment = %active.log_path().display(), %error, "could not free the blocks allocated past the active segment's end");
+        }
         let writer = Writer {
             active,
             file: Arc::new(recovered.active_file),
@@ -261,6 +275,7 @@ impl LaneLog {
             durable_offset: AtomicU64::new(next_offset.0),
             syncing: Mutex::new(false),
             sync_done: Condvar::new(),
+            next_segment_made: Condvar::new(),
             checkpoint: Mutex::new(checkpoint),
             checkpoint_segment: AtomicU64::new(checkpoint_segment.0),
             pending_checkpoint_segment: AtomicU64::new(u64::MAX),
@@ -422,7 +437,8 @@ impl LaneLog {
                 writer.rolls_deferred,
             )
         };
-        self.sync_dir_for(rolls_deferred)?;
+        // Every step runs, so that a `Preparing` state always ends (`close` waits for it).
+        let dir_synced = self.sync_dir_for(rolls_deferred);
         if let Some((from, to)) = allocate {
             // Only saves work at writeback: without it (a file system that cannot, a
             // full disk) appends allocate as before.
@@ -434,15 +450,18 @@ impl LaneLog {
                 give_back_allocation(&file, &segment);
             }
         }
-        if let Some((from, to)) = writeback {
-            start_writeback(&file, u64::from(from), u64::from(to - from))
-                .map_err(|error| StorageError::io(segment.log_path(), error))?;
-            self.writeback_starts.fetch_add(1, Ordering::Relaxed);
-        }
+        let started = match writeback {
+            Some((from, to)) => start_writeback(&file, u64::from(from), u64::from(to - from))
+                .map(|()| {
+                    self.writeback_starts.fetch_add(1, Ordering::Relaxed);
+                })
+                .map_err(|error| StorageError::io(segment.log_path(), error)),
+            None => Ok(()),
+        };
         if prepare {
             self.prepare_next_segment();
         }
-        Ok(())
+        dir_synced.and(started)
     }
 
     /// Whether the next segment's file should be made now: the active segment fills fast
@@ -464,19 +483,38 @@ impl LaneLog {
         let path = self.dir.join(NEXT_SEGMENT_FILE);
         let prepared = prepare_file(&path, u64::from(self.config.segment_bytes_max));
         let mut writer = lock(&self.writer);
-        match prepared {
+        let keep = match prepared {
             Ok(file) if !writer.closed => {
                 writer.next_segment = NextSegment::Ready(file);
-                return;
+                true
             }
-            Ok(_) => writer.next_segment = NextSegment::None,
+            Ok(_) => {
+                writer.next_segment = NextSegment::None;
+                false
+            }
             Err(error) => {
                 tracing::debug!(dir = %self.dir.display(), %error, "could not make the next segment's file ahead");
                 writer.next_segment = NextSegment::Unavailable;
+                false
             }
+        };
+        if !keep {
+            // Under the lock: a close waiting for this (`wait_for_next_segment`) must not
+            // find the file still there.
+            let _ = remove_if_exists(&path);
         }
         drop(writer);
-        let _ = remove_if_exists(&path);
+        self.next_segment_made.notify_all();
+    }
+
+    /// Waits until no fsync thread is making the next segment's file, so that a close or
+    /// a removal does not race with its creation.
+    fn wait_for_next_segment<'a>(&self, writer: MutexGuard<'a, Writer>) -> MutexGuard<'a, Writer> {
+        self.next_segment_made
+            .wait_while(writer, |writer| {
+                matches!(writer.next_segment, NextSegment::Preparing)
+            })
+            .expect("lane log lock poisoned")
     }
 
     /// Renames the file made ahead for the next segment to `log_path`, if there is one,
@@ -498,6 +536,7 @@ impl LaneLog {
             Err(error) => {
                 tracing::debug!(dir = %self.dir.display(), %error, "could not rename the next segment's file into place");
                 let _ = remove_if_exists(&next);
+                writer.next_segment = NextSegment::Unavailable;
                 None
             }
         }
@@ -1100,7 +1139,13 @@ impl LaneLog {
     /// segments' `.log` files, open, for the reaper to free once they are unlinked
     /// (none without a reaper).
     pub fn close_for_removal(&self) -> Vec<Doomed> {
-        lock(&self.writer).closed = true;
+        {
+            let mut writer = lock(&self.writer);
+            writer.closed = true;
+            // The directory is removed next: nothing may be created in it meanwhile.
+            let mut writer = self.wait_for_next_segment(writer);
+            self.give_back_next_segment(&mut writer);
+        }
         let mut syncing = lock(&self.syncing);
         while *syncing {
             syncing = self.sync_done.wait(syncing).expect("sync lock poisoned");
@@ -1127,6 +1172,7 @@ impl LaneLog {
             }
             // First stop appends, so the flush below covers every record there will be.
             writer.closed = true;
+            let mut writer = self.wait_for_next_segment(writer);
             self.give_back_next_segment(&mut writer);
         }
         if self.failed.load(Ordering::Acquire) {
@@ -1439,6 +1485,11 @@ mod tests {
         drop(log);
         let log = LaneLog::open(dir.path(), config).unwrap();
         assert!(!next.exists(), "recovery removes it");
+        assert!(
+            allocated_bytes(&second) < u64::from(segment_bytes_max),
+            "the reopened segment gives back what it holds past its end: {} bytes",
+            allocated_bytes(&second)
+        );
         assert_eq!(log.next_offset(), written);
         let mut offset = Offset(0);
         while offset < written {
