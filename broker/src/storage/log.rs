@@ -1508,15 +1508,19 @@ mod tests {
 
     #[test]
     fn a_roll_leaves_the_directory_fsync_to_the_fsync_threads_but_never_two_in_a_row() {
-        let open = |dir: &Path, fsync, writeback_bytes| {
+        // A log that has rolled once: two appends, and every append after the first rolls.
+        let rolled_once = |fsync, writeback_bytes| {
+            let dir = tempfile::tempdir().unwrap();
             let config = LogConfig {
                 fsync,
                 writeback_bytes,
-                // Every append after the first rolls.
                 segment_ms_max: 0,
                 ..LogConfig::default()
             };
-            LaneLog::open(dir, config).unwrap()
+            let log = LaneLog::open(dir.path(), config).unwrap();
+            log.append(&mut one_record_batch()).unwrap();
+            log.append(&mut one_record_batch()).unwrap();
+            (dir, log)
         };
         // (rolls that left the directory fsync for later, how many of them are fsynced)
         let dir_state = |log: &LaneLog| {
@@ -1525,10 +1529,7 @@ mod tests {
                 log.dir_synced_rolls.load(Ordering::Acquire),
             )
         };
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path(), FsyncPolicy::Interval(Duration::from_secs(3600)), 0);
-        log.append(&mut one_record_batch()).unwrap();
-        log.append(&mut one_record_batch()).unwrap();
+        let (_dir, log) = rolled_once(FsyncPolicy::Interval(Duration::from_secs(3600)), 0);
         assert_eq!(dir_state(&log), (1, 0), "the first roll leaves it");
         log.append(&mut one_record_batch()).unwrap();
         assert_eq!(dir_state(&log), (1, 1), "the second fsyncs it, covering both");
@@ -1546,18 +1547,12 @@ mod tests {
         log.close().unwrap();
         assert_eq!(dir_state(&log), (3, 3), "so does a clean close");
 
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path(), FsyncPolicy::Never, 1);
-        log.append(&mut one_record_batch()).unwrap();
-        log.append(&mut one_record_batch()).unwrap();
+        let (_dir, log) = rolled_once(FsyncPolicy::Never, 1);
         assert_eq!(dir_state(&log), (1, 0));
         log.start_writeback().unwrap();
         assert_eq!(dir_state(&log), (1, 1), "and the next writeback job");
 
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path(), FsyncPolicy::Never, 0);
-        log.append(&mut one_record_batch()).unwrap();
-        log.append(&mut one_record_batch()).unwrap();
+        let (_dir, log) = rolled_once(FsyncPolicy::Never, 0);
         assert_eq!(
             dir_state(&log),
             (0, 0),
