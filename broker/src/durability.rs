@@ -7,9 +7,10 @@
 //! next round: group commit across every producer of the lane log. With
 //! `fsync = interval`, a ticker queues the logs whose oldest unsynced append is due. Any
 //! log with too many rolled segments unsynced is queued by its appends, whatever the
-//! policy: that bounds its open files. Fsyncs of different lane logs run in parallel on `fsync_threads` threads.
-//! The same threads start the writeback of logs that do not fsync each append, every
-//! `writeback_bytes`, and allocate their blocks ahead of the appends (see
+//! policy: that bounds its open files. Fsyncs of different lane logs run in parallel on
+//! `fsync_threads` threads. The same threads start the writeback of logs that do not
+//! fsync each append, every `writeback_bytes`, allocate their blocks ahead of the appends
+//! and make their next segment's file ahead (see
 //! [`LaneLog::start_writeback`](crate::storage::LaneLog::start_writeback)).
 
 use std::collections::VecDeque;
