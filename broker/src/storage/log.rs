@@ -5,12 +5,13 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lanes_protocol::record_batch::stamp_base_offset;
 use lanes_protocol::{BatchHeader, Offset, validate_batch};
+use memmap2::Mmap;
 
 use super::checkpoint::{CheckpointFile, CleanPoint};
 use super::config::{FsyncPolicy, LogConfig};
@@ -127,19 +128,32 @@ struct Writer {
     /// How much of the active segment has its blocks allocated (as far as this log
     /// asked for; 0 for a new or reopened one).
     allocated_to: u32,
+    /// How far the active segment's file holds a recycled file's old bytes (0 if it is
+    /// not one): the roll cuts what is left of them off the sealed segment.
+    recycled_len: u32,
     next_segment: NextSegment,
     /// Rolls that left the fsync of the directory, which makes the new segment's name
     /// durable, to the fsync threads (see `roll`); compared with `dir_synced_rolls`.
     rolls_deferred: u64,
 }
 
-/// The next segment's file, made ahead of the roll (see [`LaneLog::start_writeback`]).
+/// The next segment's file, made ahead of the roll (see [`LaneLog::start_writeback`])
+/// or kept from a segment retention deleted (see [`LaneLog::enforce_retention`]).
 #[derive(Debug, Default)]
 enum NextSegment {
     #[default]
     None,
-    /// An fsync thread is making it.
+    /// An fsync thread is making it, or retention is renaming a deleted segment's file
+    /// to it.
     Preparing,
+    /// A deleted segment's file, renamed to `NEXT_SEGMENT_FILE` and still holding its
+    /// old bytes: the roll takes it once nothing maps the old segment any more (readers
+    /// may still be sending slices of it).
+    Recycled {
+        file: File,
+        len: u32,
+        mapping: Weak<Mmap>,
+    },
     /// Created, all its blocks allocated, fsynced: the roll renames it into place.
     Ready(File),
     /// Making it failed (a file system that cannot allocate, a disk nearly full): not
@@ -259,6 +273,7 @@ impl LaneLog {
             writeback_from: 0,
             unsynced_snapshot: None,
             allocated_to: 0,
+            recycled_len: 0,
             next_segment: NextSegment::None,
             rolls_deferred: 0,
         };
@@ -468,13 +483,19 @@ impl LaneLog {
     /// (at its pace so far, full within `PREPARE_NEXT_WITHIN`) and is either half full
     /// or not allocated whole (see [`LaneLog::start_writeback`]).
     fn fills_soon(&self, writer: &Writer) -> bool {
+        let half_full = 2 * u64::from(writer.active.size()) >= u64::from(self.config.segment_bytes_max);
+        self.fills_fast(writer) && (half_full || writer.allocated_to < self.config.segment_bytes_max)
+    }
+
+    /// Whether the active segment, at its pace so far, will be full within
+    /// `PREPARE_NEXT_WITHIN`.
+    fn fills_fast(&self, writer: &Writer) -> bool {
         let size = u64::from(writer.active.size());
         let max = u64::from(self.config.segment_bytes_max);
         let elapsed_ms = u64::try_from(writer.active_since.elapsed().as_millis()).unwrap_or(u64::MAX);
         let within_ms = PREPARE_NEXT_WITHIN.as_millis() as u64;
         // elapsed / size × remaining ≤ within, without dividing.
-        let fast = elapsed_ms.saturating_mul(max.saturating_sub(size)) <= within_ms.saturating_mul(size);
-        fast && (2 * size >= max || writer.allocated_to < self.config.segment_bytes_max)
+        elapsed_ms.saturating_mul(max.saturating_sub(size)) <= within_ms.saturating_mul(size)
     }
 
     /// Makes the next segment's file (see [`LaneLog::start_writeback`]). A failure costs
@@ -517,11 +538,20 @@ impl LaneLog {
             .expect("lane log lock poisoned")
     }
 
-    /// Renames the file made ahead for the next segment to `log_path`, if there is one,
-    /// and returns it open.
-    fn install_next_segment(&self, writer: &mut Writer, log_path: &Path) -> Option<File> {
-        let file = match std::mem::take(&mut writer.next_segment) {
-            NextSegment::Ready(file) => file,
+    /// Renames the file made ahead for the next segment to `log_path`, if there is one
+    /// that nothing else maps, and returns it open, with how many old bytes it holds (a
+    /// recycled file's; 0 for one made empty).
+    fn install_next_segment(&self, writer: &mut Writer, log_path: &Path) -> Option<(File, u32)> {
+        let (file, old_len) = match std::mem::take(&mut writer.next_segment) {
+            NextSegment::Ready(file) => (file, 0),
+            NextSegment::Recycled { file, len, mapping } => {
+                if mapping.strong_count() > 0 {
+                    // A reader still maps the old segment: its bytes must stay as they are.
+                    writer.next_segment = NextSegment::Recycled { file, len, mapping };
+                    return None;
+                }
+                (file, len)
+            }
             NextSegment::Preparing => {
                 // For the roll after this one.
                 writer.next_segment = NextSegment::Preparing;
@@ -532,7 +562,7 @@ impl LaneLog {
         let next = self.dir.join(NEXT_SEGMENT_FILE);
         faults::created(log_path);
         match std::fs::rename(&next, log_path) {
-            Ok(()) => Some(file),
+            Ok(()) => Some((file, old_len)),
             Err(error) => {
                 tracing::debug!(dir = %self.dir.display(), %error, "could not rename the next segment's file into place");
                 let _ = remove_if_exists(&next);
@@ -542,9 +572,12 @@ impl LaneLog {
         }
     }
 
-    /// Removes the next segment's file made ahead, if any: its disk is reserved.
+    /// Removes the next segment's file made ahead or recycled, if any: its disk is
+    /// reserved.
     fn give_back_next_segment(&self, writer: &mut Writer) {
-        if let NextSegment::Ready(file) = std::mem::take(&mut writer.next_segment) {
+        if let NextSegment::Ready(file) | NextSegment::Recycled { file, .. } =
+            std::mem::take(&mut writer.next_segment)
+        {
             drop(file);
             let _ = remove_if_exists(&self.dir.join(NEXT_SEGMENT_FILE));
         }
@@ -612,18 +645,21 @@ impl LaneLog {
         writer.active.seal(Some(writer.last_batch_base))?;
         // A segment rolled by size has less than a batch allocated past its end; one
         // rolled early (by age, a full index) can have a few `writeback_bytes`, which it
-        // gives back.
+        // gives back. A recycled file's old bytes past the end are cut off, so that the
+        // file ends where its batches do (recovery copes if a crash keeps them).
         let allocated_past_end = writer.allocated_to.saturating_sub(writer.active.size());
-        if allocated_past_end > self.config.writeback_bytes {
+        if allocated_past_end > self.config.writeback_bytes || writer.recycled_len > writer.active.size() {
             give_back_allocation(&writer.file, &writer.active);
         }
         let installed =
             self.install_next_segment(writer, &offset_file_name(&self.dir, base_offset, LOG_SUFFIX));
-        let allocated_to = if installed.is_some() {
-            self.config.segment_bytes_max
-        } else {
-            0
+        // A recycled file counts as allocated whole: one rolled by size leaves less than
+        // a batch of the new segment to allocate as it goes.
+        let (allocated_to, recycled_len) = match &installed {
+            Some((_, old_len)) => (self.config.segment_bytes_max, *old_len),
+            None => (0, 0),
         };
+        let installed = installed.map(|(file, _)| file);
         let (segment, file) = match Segment::create(&self.dir, base_offset, &self.config, installed) {
             Ok(created) => created,
             Err(error) => {
@@ -682,6 +718,7 @@ impl LaneLog {
         // The sealed segment's unstarted tail is left to the kernel.
         writer.writeback_from = 0;
         writer.allocated_to = allocated_to;
+        writer.recycled_len = recycled_len;
         writer.unsynced_snapshot = Some((snapshot, snapshot_file));
         self.segments
             .write()
@@ -1017,7 +1054,10 @@ impl LaneLog {
             self.flush()?;
             self.sync_checkpoint()?;
         }
-        let writer = lock(&self.writer);
+        // Looked at before taking the writer lock: mincore(2) over a whole segment takes
+        // a while.
+        let oldest_cached = planned[0].pages_cached();
+        let mut writer = lock(&self.writer);
         if writer.closed {
             // Closed for good, or for removal, whose files are the caller's to free.
             return Ok(RetentionOutcome::default());
@@ -1036,16 +1076,61 @@ impl LaneLog {
                 .store(segments[0].base_offset().0, Ordering::Release);
             deleted
         };
+        let recycled = deleted
+            .first()
+            .filter(|oldest| {
+                Arc::ptr_eq(oldest, &planned[0]) && oldest_cached && self.recycles(&writer, oldest)
+            })
+            .cloned();
+        if recycled.is_some() {
+            // A close waits while this is so (`wait_for_next_segment`).
+            writer.next_segment = NextSegment::Preparing;
+        }
         drop(writer);
         let mut outcome = RetentionOutcome::default();
+        let mut recycled_file = None;
+        let deleting = self.delete_files(&deleted, recycled.as_deref(), &mut recycled_file, &mut outcome);
+        if let Some(segment) = &recycled {
+            self.keep_recycled(segment, recycled_file.filter(|_| deleting.is_ok()));
+        }
+        deleting?;
+        Ok(outcome)
+    }
+
+    /// Removes the names of `deleted`, except that `recycled`'s `.log` file is renamed to
+    /// the next segment's and returned open in `recycled_file`, then makes the removals
+    /// durable and hands the files to the reaper.
+    fn delete_files(
+        &self,
+        deleted: &[Arc<Segment>],
+        recycled: Option<&Segment>,
+        recycled_file: &mut Option<File>,
+        outcome: &mut RetentionOutcome,
+    ) -> Result<(), StorageError> {
         let mut doomed = Vec::new();
-        for segment in &deleted {
-            doomed.extend(
-                self.config
-                    .reaper
-                    .as_ref()
-                    .and_then(|reaper| reaper.doom(segment)),
-            );
+        for segment in deleted {
+            let recycling = recycled.is_some_and(|r| std::ptr::eq(r, &**segment));
+            if recycling {
+                let next = self.dir.join(NEXT_SEGMENT_FILE);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(segment.log_path())
+                    .and_then(|file| std::fs::rename(segment.log_path(), &next).map(|()| file));
+                match file {
+                    Ok(file) => *recycled_file = Some(file),
+                    Err(error) => {
+                        tracing::debug!(segment = %segment.log_path().display(), %error, "could not recycle a deleted segment's file");
+                    }
+                }
+            } else {
+                doomed.extend(
+                    self.config
+                        .reaper
+                        .as_ref()
+                        .and_then(|reaper| reaper.doom(segment)),
+                );
+            }
             // Readers holding the segment keep its mapping; the names can go now.
             for path in segment.paths() {
                 remove_if_exists(path)?;
@@ -1057,7 +1142,7 @@ impl LaneLog {
             ))?;
             outcome.segments_deleted += 1;
             outcome.bytes_deleted += u64::from(segment.size());
-            tracing::info!(segment = %segment.log_path().display(), "deleted by retention");
+            tracing::info!(segment = %segment.log_path().display(), recycling, "deleted by retention");
         }
         if !deleted.is_empty() {
             fsync_dir(&self.dir)?;
@@ -1065,7 +1150,45 @@ impl LaneLog {
         if let Some(reaper) = &self.config.reaper {
             reaper.reap(doomed);
         }
-        Ok(outcome)
+        Ok(())
+    }
+
+    /// Whether retention should keep the file of `oldest`, which it deletes, for the
+    /// next segment rather than free it. Overwriting it costs less than writing a new
+    /// file: its blocks are allocated and written already, so the fsyncs of a durable
+    /// log write no metadata (fio on this project's test machine: fdatasync after each
+    /// 256 KiB twice as fast, docs/BENCHMARKS.md), and its pages are cached already, so
+    /// nothing is freed and allocated again. Only where that holds: the log fills
+    /// segments fast, has no next segment yet, the file is at least half a segment, and
+    /// its pages are cached (checked by the caller).
+    fn recycles(&self, writer: &Writer, oldest: &Segment) -> bool {
+        matches!(writer.next_segment, NextSegment::None)
+            && self.fills_fast(writer)
+            && 2 * u64::from(oldest.size()) >= u64::from(self.config.segment_bytes_max)
+    }
+
+    /// Makes `file`, the deleted `segment`'s renamed and now durably so, the next
+    /// segment's; or, without it (renaming failed) or if the log closed meanwhile,
+    /// leaves none.
+    fn keep_recycled(&self, segment: &Segment, file: Option<File>) {
+        let mut writer = lock(&self.writer);
+        match file {
+            Some(file) if !writer.closed => {
+                writer.next_segment = NextSegment::Recycled {
+                    file,
+                    len: segment.size(),
+                    mapping: segment.mapping(),
+                };
+            }
+            _ => {
+                writer.next_segment = NextSegment::None;
+                // Under the lock, as in `prepare_next_segment`. Nothing else makes the
+                // file while this was `Preparing`.
+                let _ = remove_if_exists(&self.dir.join(NEXT_SEGMENT_FILE));
+            }
+        }
+        drop(writer);
+        self.next_segment_made.notify_all();
     }
 
     /// The oldest segments retention would delete, or that hold only records below
@@ -1199,6 +1322,10 @@ impl LaneLog {
             "a clean shutdown covers only durable records"
         );
         writer.active.seal(None)?;
+        if writer.recycled_len > writer.active.size() {
+            // Otherwise the next open would take the old bytes for a torn tail.
+            give_back_allocation(&writer.file, &writer.active);
+        }
         let point = clean_point_of(&writer.active, true);
         lock(&self.checkpoint).write(point, true)?;
         self.checkpoint_segment
@@ -1504,6 +1631,193 @@ mod tests {
         assert!(next.exists());
         log.close().unwrap();
         assert!(!next.exists(), "a clean close gives it back");
+    }
+
+    /// A batch of one record of `bytes`.
+    fn batch_of(bytes: usize) -> Vec<u8> {
+        let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+        builder.push(0, None, &vec![7; bytes], &[]).unwrap();
+        builder.finish(ProducerStamp::NONE).to_vec()
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    fn active_log_path(log: &LaneLog) -> PathBuf {
+        lock(&log.writer).active.log_path().to_owned()
+    }
+
+    /// Appends `batch_bytes` records until the log rolls; returns the new segment's path.
+    fn append_until_roll(log: &LaneLog, record_bytes: usize) -> PathBuf {
+        let segments = log.stats().segments;
+        while log.stats().segments == segments {
+            log.append(&mut batch_of(record_bytes)).unwrap();
+        }
+        active_log_path(log)
+    }
+
+    /// Reads every record from the log's start, checking that the offsets run on.
+    fn read_all(log: &LaneLog) -> u64 {
+        let (mut offset, end) = (log.start_offset(), log.next_offset());
+        let mut batches = 0;
+        while offset < end {
+            let read = log.read(offset, 1 << 20, end).unwrap();
+            let mut rest = &read.bytes[..];
+            while !rest.is_empty() {
+                let length = BatchHeader::parse(rest).unwrap().batch_length as usize;
+                let header = validate_batch(&rest[..length], BatchLimits::default()).unwrap();
+                assert_eq!(header.base_offset, offset);
+                offset = header.next_offset();
+                rest = &rest[length..];
+                batches += 1;
+            }
+            assert_eq!(offset, read.next_offset);
+        }
+        batches
+    }
+
+    #[test]
+    fn a_segment_deleted_by_retention_is_overwritten_as_a_later_one_once_nothing_reads_it() {
+        let segment_bytes_max = 64 * 1024;
+        let config = LogConfig {
+            // No writeback and no fsync threads needed: this is what a durable log does.
+            fsync: FsyncPolicy::Always,
+            segment_bytes_max,
+            batch: BatchLimits {
+                batch_bytes_max: 16 * 1024,
+                ..BatchLimits::default()
+            },
+            // Keeps two segments: each pass below deletes the oldest of three.
+            retention_bytes: Some(u64::from(segment_bytes_max)),
+            retention_ms: None,
+            ..LogConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let next = dir.path().join(NEXT_SEGMENT_FILE);
+        let log = LaneLog::open(dir.path(), config.clone()).unwrap();
+        // Small batches fill the first segments nearly whole; 8 KiB ones leave room, so
+        // a recycled file has old bytes past the end of what overwrites it.
+        let first = active_log_path(&log);
+        append_until_roll(&log, 1000);
+        append_until_roll(&log, 1000);
+        log.append(&mut batch_of(1000)).unwrap();
+        let (first_inode, first_len) = (inode(&first), std::fs::metadata(&first).unwrap().len());
+        let reader = log.read(Offset(0), 1 << 20, log.next_offset()).unwrap();
+        let read_before = reader.bytes.to_vec();
+
+        assert_eq!(log.enforce_retention_now().unwrap().segments_deleted, 1);
+        assert!(!first.exists());
+        assert_eq!(inode(&next), first_inode, "the deleted file is kept for later");
+
+        // A reader still holds a slice of it: the roll makes a new file instead.
+        let second_new = append_until_roll(&log, 8 * 1024);
+        assert_ne!(inode(&second_new), first_inode);
+        assert!(next.exists());
+        assert_eq!(reader.bytes, read_before, "the reader's bytes stay as they were");
+        drop(reader);
+
+        // Nothing maps it now: the next roll overwrites it.
+        let recycled = append_until_roll(&log, 8 * 1024);
+        assert_eq!(inode(&recycled), first_inode);
+        assert!(!next.exists());
+        assert_eq!(
+            std::fs::metadata(&recycled).unwrap().len(),
+            first_len,
+            "old bytes past the new ones, until the roll"
+        );
+        append_until_roll(&log, 8 * 1024);
+        let sealed_size = log.segments.read().unwrap().iter().rev().nth(1).unwrap().size();
+        assert!(u64::from(sealed_size) < first_len);
+        assert_eq!(
+            std::fs::metadata(&recycled).unwrap().len(),
+            u64::from(sealed_size),
+            "the roll cuts the old bytes off"
+        );
+        read_all(&log);
+
+        // A crash with old bytes past the active segment's end: recovery stops at them.
+        assert!(log.enforce_retention_now().unwrap().segments_deleted > 0);
+        assert!(next.exists());
+        let recycled = append_until_roll(&log, 8 * 1024);
+        assert!(!next.exists(), "recycled: {}", recycled.display());
+        log.append(&mut batch_of(8 * 1024)).unwrap();
+        let (written, batches) = (log.next_offset(), read_all(&log));
+        drop(log);
+        let log = LaneLog::open(dir.path(), config.clone()).unwrap();
+        assert!(log.corruption().is_none());
+        assert!(log.recovery_report().truncated_bytes > 0, "the old bytes are cut");
+        assert_eq!(log.next_offset(), written);
+        assert_eq!(read_all(&log), batches);
+
+        // A clean close cuts them instead, and the next open finds nothing to cut.
+        append_until_roll(&log, 8 * 1024);
+        log.append(&mut batch_of(8 * 1024)).unwrap();
+        assert!(log.enforce_retention_now().unwrap().segments_deleted > 0);
+        let recycled = append_until_roll(&log, 8 * 1024);
+        assert!(!next.exists(), "recycled: {}", recycled.display());
+        log.append(&mut batch_of(8 * 1024)).unwrap();
+        let written = log.next_offset();
+        log.close().unwrap();
+        drop(log);
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        let report = log.recovery_report();
+        assert!(report.clean_shutdown);
+        assert_eq!(report.truncated_bytes, 0);
+        assert_eq!(log.next_offset(), written);
+        read_all(&log);
+    }
+
+    #[test]
+    fn old_bytes_a_crash_keeps_past_a_sealed_segment_are_not_the_end_of_the_log() {
+        let config = LogConfig {
+            fsync: FsyncPolicy::Always,
+            segment_bytes_max: 64 * 1024,
+            batch: BatchLimits {
+                batch_bytes_max: 16 * 1024,
+                ..BatchLimits::default()
+            },
+            retention_bytes: Some(64 * 1024),
+            retention_ms: None,
+            ..LogConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = LaneLog::open(dir.path(), config.clone()).unwrap();
+        let first = active_log_path(&log);
+        append_until_roll(&log, 1000);
+        append_until_roll(&log, 1000);
+        log.append(&mut batch_of(1000)).unwrap();
+        let old_bytes = std::fs::read(&first).unwrap();
+        // Moves the clean point to the third segment: recovery checks what follows.
+        assert_eq!(log.enforce_retention_now().unwrap().segments_deleted, 1);
+        let recycled = append_until_roll(&log, 8 * 1024);
+        assert_eq!(
+            std::fs::metadata(&recycled).unwrap().len(),
+            old_bytes.len() as u64
+        );
+        append_until_roll(&log, 8 * 1024);
+        log.append(&mut batch_of(8 * 1024)).unwrap();
+        let written = log.next_offset();
+        // The roll cut the old bytes off the now sealed segment; as if a crash undid the
+        // cut, put them back.
+        let sealed_size = std::fs::metadata(&recycled).unwrap().len() as usize;
+        assert!(sealed_size < old_bytes.len());
+        let file = OpenOptions::new().write(true).open(&recycled).unwrap();
+        file.write_all_at(&old_bytes[sealed_size..], sealed_size as u64)
+            .unwrap();
+        drop(log);
+
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        assert!(log.corruption().is_none());
+        assert_eq!(log.next_offset(), written, "nothing after the old bytes is lost");
+        assert_eq!(log.recovery_report().deleted_segments, 0);
+        assert_eq!(
+            std::fs::metadata(&recycled).unwrap().len() as usize,
+            sealed_size,
+            "the old bytes are cut off"
+        );
+        read_all(&log);
     }
 
     #[test]

@@ -205,7 +205,8 @@ pub(crate) fn recover(
     let mut last: Option<(Segment, File)> = None;
     let mut expected = bases[first_scanned];
     let mut cut = false;
-    for &base in &bases[first_scanned..] {
+    let scanned = &bases[first_scanned..];
+    for (i, &base) in scanned.iter().enumerate() {
         if cut || base != expected {
             if !cut {
                 tracing::warn!(dir = %dir.display(), %base, %expected, "segment does not follow the log; deleting it and all after it");
@@ -220,7 +221,8 @@ pub(crate) fn recover(
             segments.push(Arc::new(seal_scanned(previous, &file)?));
         }
         let point = clean.filter(|p| p.segment_base == base);
-        let (segment, file, outcome) = scan_segment(dir, base, point, config, &mut report)?;
+        let next_base = scanned.get(i + 1).copied();
+        let (segment, file, outcome) = scan_segment(dir, base, next_base, point, config, &mut report)?;
         expected = segment.next_offset();
         last = Some((segment, file));
         match outcome {
@@ -370,10 +372,13 @@ enum ScanOutcome {
 
 /// Opens a segment at or after the clean point with writable indexes, trusts it up to
 /// the clean point (if it holds it) and checks every batch after, cutting the file at
-/// the first bad one.
+/// the first bad one. Bad bytes that begin exactly where the next segment (`next_base`)
+/// does are not a cut in the log: they are a recycled file's old bytes that a crash kept
+/// past the segment's end, and go alone.
 fn scan_segment(
     dir: &Path,
     base: Offset,
+    next_base: Option<Offset>,
     point: Option<CleanPoint>,
     config: &LogConfig,
     report: &mut RecoveryReport,
@@ -425,6 +430,13 @@ fn scan_segment(
     let Some(stop) = stop else {
         return Ok((segment, file, ScanOutcome::Complete));
     };
+    if Some(stop.offset) == next_base {
+        tracing::info!(segment = %segment.log_path().display(), position = stop.position,
+            "cutting old bytes after the segment's last batch");
+        file.set_len(u64::from(position)).at(segment.log_path())?;
+        faults::sized(segment.log_path(), u64::from(position));
+        return Ok((segment, file, ScanOutcome::Complete));
+    }
     tracing::warn!(segment = %segment.log_path().display(), position = stop.position, offset = %stop.offset,
         reason = %stop.reason, "log ends at a torn or invalid batch; cutting it there");
     report.truncated_bytes += u64::from(file_len - position);

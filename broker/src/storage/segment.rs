@@ -30,6 +30,43 @@ pub(crate) const STORED_BATCH_LIMITS: BatchLimits = BatchLimits {
     batch_records_max: u32::MAX,
 };
 
+/// [`Segment::pages_cached`] accepts one page in this many missing from the page cache.
+const CACHED_MISSING_MAX: usize = 100;
+
+/// The size of a memory page.
+fn page_bytes() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(bytes).ok().filter(|&b| b > 0).unwrap_or(4096)
+}
+
+/// Whether the pages of `mapped`, the start of a mapping, are in the page cache, all but
+/// one in [`CACHED_MISSING_MAX`]. Overwriting a file whose pages are cached only copies;
+/// one whose pages are not reads each page a write ends in from the disk first, while
+/// the writer waits.
+fn pages_cached(mapped: &[u8]) -> bool {
+    let page_bytes = page_bytes();
+    if mapped.is_empty() || !(mapped.as_ptr() as usize).is_multiple_of(page_bytes) {
+        return false;
+    }
+    let pages = mapped.len().div_ceil(page_bytes);
+    let mut resident = vec![0u8; pages];
+    // SAFETY: `mapped` is mapped memory starting at a page boundary, and `resident` has a
+    // byte for each page it spans, as mincore(2) requires.
+    let result = unsafe {
+        libc::mincore(
+            mapped.as_ptr() as *mut libc::c_void,
+            mapped.len(),
+            resident.as_mut_ptr(),
+        )
+    };
+    if result != 0 {
+        return false;
+    }
+    let missing = resident.iter().filter(|&&page| page & 1 == 0).count();
+    missing * CACHED_MISSING_MAX <= pages
+}
+
 /// Where and why a scan of the log stopped before its end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ScanStop {
@@ -233,6 +270,13 @@ impl Segment {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.size() == 0
+    }
+
+    /// Whether the pages holding the segment's batches are in the page cache (see
+    /// [`pages_cached`]).
+    pub(crate) fn pages_cached(&self) -> bool {
+        let len = (self.size() as usize).min(self.data.len());
+        pages_cached(&self.data[..len])
     }
 
     /// Capacity of the mapping: how large the segment can grow without remapping.
@@ -582,4 +626,31 @@ pub(crate) struct IndexHealth {
     pub(crate) present: bool,
     /// Both files hold whole entries only.
     pub(crate) whole_entries: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_count_as_cached_once_written_and_not_while_never_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let len = 64 * page_bytes();
+        // A hole: no page of it has ever been in the page cache.
+        file.set_len(len as u64).unwrap();
+        // SAFETY: the file is private to this test and not changed while mapped.
+        let map = unsafe { MmapOptions::new().len(len).map(&file).unwrap() };
+        assert!(!pages_cached(&map));
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![1; len], 0).unwrap();
+        assert!(pages_cached(&map));
+        assert!(!pages_cached(&map[1..]), "not at a page boundary");
+    }
 }
