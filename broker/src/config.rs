@@ -127,8 +127,10 @@ settings! {
     /// Default for topics: per lane log, delete the oldest segments above this size
     /// (bytes); -1 for no size limit.
     retention_bytes: i64 = -1, "LANES_RETENTION_BYTES";
-    /// How often retention runs (ms).
-    retention_check_ms: u64 = 300_000, "LANES_RETENTION_CHECK_MS";
+    /// How often retention runs (ms). Each pass recycles at most one deleted segment
+    /// file per lane log as its next segment, so a pass per segment a busy log fills
+    /// keeps its appends overwriting; a pass that finds nothing to delete costs little.
+    retention_check_ms: u64 = 10_000, "LANES_RETENTION_CHECK_MS";
     /// Deleted segment files are freed a chunk at a time at this rate (faster when the
     /// backlog would take over 10 s), so that a large delete does not stall fsyncs and
     /// the machine; 0 frees them at once.

@@ -103,6 +103,9 @@ pub struct RetentionOutcome {
 struct Unsynced {
     segment: Arc<Segment>,
     file: Arc<File>,
+    /// The file holds blocks or a recycled file's old bytes past the segment's end,
+    /// which the fsync round cuts off before its fsync (see `roll`).
+    cut_past_end: bool,
 }
 
 /// State only the appender touches, under one lock.
@@ -646,11 +649,12 @@ impl LaneLog {
         // A segment rolled by size has less than a batch allocated past its end; one
         // rolled early (by age, a full index) can have a few `writeback_bytes`, which it
         // gives back. A recycled file's old bytes past the end are cut off, so that the
-        // file ends where its batches do (recovery copes if a crash keeps them).
+        // file ends where its batches do (recovery copes if a crash keeps them). Either
+        // frees blocks, which can wait for a discard on the disk (up to 8 ms seen), so
+        // the fsync round does it, off the append path.
         let allocated_past_end = writer.allocated_to.saturating_sub(writer.active.size());
-        if allocated_past_end > self.config.writeback_bytes || writer.recycled_len > writer.active.size() {
-            give_back_allocation(&writer.file, &writer.active);
-        }
+        let cut_past_end =
+            allocated_past_end > self.config.writeback_bytes || writer.recycled_len > writer.active.size();
         let installed =
             self.install_next_segment(writer, &offset_file_name(&self.dir, base_offset, LOG_SUFFIX));
         // A recycled file counts as allocated whole: one rolled by size leaves less than
@@ -697,7 +701,10 @@ impl LaneLog {
             writer.unsynced.push_back(Unsynced {
                 segment: old_segment,
                 file: old_file,
+                cut_past_end,
             });
+        } else if cut_past_end {
+            give_back_allocation(&old_file, &old_segment);
         }
         // Bound the open files. Past the bound, an fsync round is due (the appends say so
         // in `AppendOutcome::fsync_due`), which the fsync threads run. Only if they fall
@@ -708,6 +715,9 @@ impl LaneLog {
         }
         if writer.unsynced.len() > 2 * self.config.unsynced_segments_max {
             let oldest = writer.unsynced.pop_front().expect("over the bound");
+            if oldest.cut_past_end {
+                give_back_allocation(&oldest.file, &oldest.segment);
+            }
             if let Err(error) = faults::synced(oldest.segment.log_path(), || oldest.file.sync_data()) {
                 self.fail(format!("fsync failed: {error}"));
                 return Err(StorageError::io(oldest.segment.log_path(), error));
@@ -785,6 +795,7 @@ impl LaneLog {
             files.push(Unsynced {
                 segment: Arc::clone(&writer.active),
                 file: Arc::clone(&writer.file),
+                cut_past_end: false,
             });
             writer.dirty_since = None;
             let snapshot = writer.unsynced_snapshot.take();
@@ -800,6 +811,9 @@ impl LaneLog {
             .as_ref()
             .is_some_and(|fault| fault.load(Ordering::Acquire));
         for unsynced in &files {
+            if unsynced.cut_past_end {
+                give_back_allocation(&unsynced.file, &unsynced.segment);
+            }
             let synced = if injected {
                 Err(std::io::Error::other("injected fsync failure"))
             } else {
@@ -1539,6 +1553,11 @@ mod tests {
         log.append(&mut big_batch()).unwrap();
         assert_eq!(log.stats().segments, 2, "rolled");
         assert!(
+            allocated_bytes(&first) >= batch_bytes + ahead - 4096,
+            "given back by the fsync round, not by the roll"
+        );
+        log.flush().unwrap();
+        assert!(
             allocated_bytes(&first) < batch_bytes + u64::from(writeback_bytes),
             "the sealed segment of {batch_bytes} bytes holds {}",
             allocated_bytes(&first)
@@ -1730,10 +1749,12 @@ mod tests {
         append_until_roll(&log, 8 * 1024);
         let sealed_size = log.segments.read().unwrap().iter().rev().nth(1).unwrap().size();
         assert!(u64::from(sealed_size) < first_len);
+        assert_eq!(std::fs::metadata(&recycled).unwrap().len(), first_len);
+        log.flush().unwrap();
         assert_eq!(
             std::fs::metadata(&recycled).unwrap().len(),
             u64::from(sealed_size),
-            "the roll cuts the old bytes off"
+            "the fsync round after the roll cuts the old bytes off"
         );
         read_all(&log);
 
@@ -1747,6 +1768,7 @@ mod tests {
         drop(log);
         let log = LaneLog::open(dir.path(), config.clone()).unwrap();
         assert!(log.corruption().is_none());
+        // They are cut as a tail would be: where a crash left off cannot be told.
         assert!(log.recovery_report().truncated_bytes > 0, "the old bytes are cut");
         assert_eq!(log.next_offset(), written);
         assert_eq!(read_all(&log), batches);
@@ -1764,7 +1786,7 @@ mod tests {
         let log = LaneLog::open(dir.path(), config).unwrap();
         let report = log.recovery_report();
         assert!(report.clean_shutdown);
-        assert_eq!(report.truncated_bytes, 0);
+        assert_eq!((report.truncated_bytes, report.recycled_bytes), (0, 0));
         assert_eq!(log.next_offset(), written);
         read_all(&log);
     }
@@ -1788,30 +1810,26 @@ mod tests {
         append_until_roll(&log, 1000);
         append_until_roll(&log, 1000);
         log.append(&mut batch_of(1000)).unwrap();
-        let old_bytes = std::fs::read(&first).unwrap();
+        let old_len = std::fs::metadata(&first).unwrap().len() as usize;
         // Moves the clean point to the third segment: recovery checks what follows.
         assert_eq!(log.enforce_retention_now().unwrap().segments_deleted, 1);
         let recycled = append_until_roll(&log, 8 * 1024);
-        assert_eq!(
-            std::fs::metadata(&recycled).unwrap().len(),
-            old_bytes.len() as u64
-        );
+        assert_eq!(std::fs::metadata(&recycled).unwrap().len() as usize, old_len);
         append_until_roll(&log, 8 * 1024);
         log.append(&mut batch_of(8 * 1024)).unwrap();
         let written = log.next_offset();
-        // The roll cut the old bytes off the now sealed segment; as if a crash undid the
-        // cut, put them back.
-        let sealed_size = std::fs::metadata(&recycled).unwrap().len() as usize;
-        assert!(sealed_size < old_bytes.len());
-        let file = OpenOptions::new().write(true).open(&recycled).unwrap();
-        file.write_all_at(&old_bytes[sealed_size..], sealed_size as u64)
-            .unwrap();
+        // A crash before the fsync round that would cut them off the now sealed segment.
+        let sealed_size = log.segments.read().unwrap().iter().rev().nth(1).unwrap().size() as usize;
+        assert!(sealed_size < old_len);
+        assert_eq!(std::fs::metadata(&recycled).unwrap().len() as usize, old_len);
         drop(log);
 
         let log = LaneLog::open(dir.path(), config).unwrap();
         assert!(log.corruption().is_none());
         assert_eq!(log.next_offset(), written, "nothing after the old bytes is lost");
-        assert_eq!(log.recovery_report().deleted_segments, 0);
+        let report = log.recovery_report();
+        assert_eq!((report.deleted_segments, report.truncated_bytes), (0, 0));
+        assert_eq!(report.recycled_bytes as usize, old_len - sealed_size);
         assert_eq!(
             std::fs::metadata(&recycled).unwrap().len() as usize,
             sealed_size,

@@ -97,8 +97,12 @@ pub struct RecoveryReport {
     pub clean_shutdown: bool,
     /// Bytes whose checksums were checked during recovery.
     pub checked_bytes: u64,
-    /// Bytes cut from the end of the log (a torn or unsynced tail).
+    /// Bytes cut from the end of the log: a torn or unsynced tail, and, where the active
+    /// segment is a recycled file, the old bytes past what was written over them (the
+    /// two cannot be told apart).
     pub truncated_bytes: u64,
+    /// A recycled file's old bytes cut from past a sealed segment's end: never records.
+    pub recycled_bytes: u64,
     /// Segments deleted because they followed the cut.
     pub deleted_segments: usize,
     pub rebuilt_indexes: usize,
@@ -239,7 +243,7 @@ pub(crate) fn recover(
     }
     if report.truncated_bytes > 0 || report.deleted_segments > 0 {
         tracing::warn!(dir = %dir.display(), bytes = report.truncated_bytes, segments = report.deleted_segments,
-            "cut a torn or unsynced tail from the log");
+            "cut a torn or unsynced tail from the log (in a recycled segment file, with its old bytes)");
     }
     // Make what was kept durable: from here on all of it counts as acknowledged.
     let (last, active_file) = last.expect("at least the clean segment is scanned");
@@ -362,7 +366,8 @@ fn open_sealed(
 /// How the scan of one segment ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ScanOutcome {
-    /// Every batch checked out to the end of the file.
+    /// Every batch checked out, to the end of the file or to where the next segment
+    /// begins.
     Complete,
     /// The file was cut at the first bad batch after the clean point.
     Cut,
@@ -374,7 +379,7 @@ enum ScanOutcome {
 /// the clean point (if it holds it) and checks every batch after, cutting the file at
 /// the first bad one. Bad bytes that begin exactly where the next segment (`next_base`)
 /// does are not a cut in the log: they are a recycled file's old bytes that a crash kept
-/// past the segment's end, and go alone.
+/// past a sealed segment's end, and go alone.
 fn scan_segment(
     dir: &Path,
     base: Offset,
@@ -431,8 +436,9 @@ fn scan_segment(
         return Ok((segment, file, ScanOutcome::Complete));
     };
     if Some(stop.offset) == next_base {
-        tracing::info!(segment = %segment.log_path().display(), position = stop.position,
-            "cutting old bytes after the segment's last batch");
+        tracing::info!(segment = %segment.log_path().display(), position, bytes = file_len - position,
+            "cutting a recycled file's old bytes after the segment's last batch");
+        report.recycled_bytes += u64::from(file_len - position);
         file.set_len(u64::from(position)).at(segment.log_path())?;
         faults::sized(segment.log_path(), u64::from(position));
         return Ok((segment, file, ScanOutcome::Complete));

@@ -212,10 +212,11 @@ impl Segment {
             (Bytes::new(), Weak::new())
         } else {
             // SAFETY: the log file is written only by this process, by appends beyond
-            // `size`, which readers never cross; it is truncated only during recovery
-            // before any reader exists, beyond `size` after a failed write, or by the
-            // reaper once deleted and this mapping is gone (`mapping` below). Pages
-            // past the end of the file are never touched. Changing data files from
+            // `size`, which readers never cross, or as a recycled file once this mapping
+            // is gone (`mapping` below); it is truncated only during recovery before any
+            // reader exists, beyond `size` (after a failed write, or once sealed), or by
+            // the reaper once deleted and this mapping is gone. Pages past the end of
+            // the file are never touched. Changing data files from
             // outside while the broker runs is unsupported, as for any broker that maps
             // its files.
             let map = Arc::new(unsafe { MmapOptions::new().len(map_len).map(file).at(&log_path)? });
