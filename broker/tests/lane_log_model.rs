@@ -153,9 +153,10 @@ fn config(policy: u8) -> LogConfig {
             1 => FsyncPolicy::Interval(Duration::from_secs(3600)),
             _ => FsyncPolicy::Never,
         },
-        // Small enough that retention deletes segments, and some deleted files are
-        // recycled as later segments (about one case in twenty).
-        retention_bytes: Some(2 * 1024),
+        // For `always` logs (which make no next segment ahead), small enough that
+        // deleted files are recycled as later segments (about one case in twenty); for
+        // the others, large enough to keep logs of many segments.
+        retention_bytes: Some(if policy == 0 { 2 * 1024 } else { 24 * 1024 }),
         // Writeback, with its allocation and next segment made ahead, every few batches.
         writeback_bytes: 1024,
         ..small_config()

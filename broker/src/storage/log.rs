@@ -576,13 +576,33 @@ impl LaneLog {
     }
 
     /// Removes the next segment's file made ahead or recycled, if any: its disk is
-    /// reserved.
+    /// reserved. It can hold a whole segment of blocks, so the reaper frees it, as it
+    /// does a deleted segment's (its name coming back after a crash does no harm:
+    /// recovery removes `.tmp` files).
     fn give_back_next_segment(&self, writer: &mut Writer) {
-        if let NextSegment::Ready(file) | NextSegment::Recycled { file, .. } =
-            std::mem::take(&mut writer.next_segment)
-        {
-            drop(file);
-            let _ = remove_if_exists(&self.dir.join(NEXT_SEGMENT_FILE));
+        let (file, mapping) = match std::mem::take(&mut writer.next_segment) {
+            NextSegment::Ready(file) => (file, Weak::new()),
+            NextSegment::Recycled { file, mapping, .. } => (file, mapping),
+            _ => return,
+        };
+        let path = self.dir.join(NEXT_SEGMENT_FILE);
+        let reaper = self.config.reaper.as_ref();
+        // The reaper frees a file from its end down; blocks allocated past the end
+        // (`KEEP_SIZE`) would go all at once with the first cut. Growing the size over
+        // them (no write) lets them go a chunk at a time too.
+        if reaper.is_some() {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(metadata) = file.metadata()
+                && metadata.blocks() * 512 > metadata.len()
+            {
+                let _ = file.set_len(metadata.blocks() * 512);
+            }
+        }
+        let doomed = reaper.and_then(|reaper| reaper.doom_file(&path, mapping));
+        drop(file);
+        let _ = remove_if_exists(&path);
+        if let (Some(reaper), Some(doomed)) = (reaper, doomed) {
+            reaper.reap(vec![doomed]);
         }
     }
 
@@ -697,14 +717,14 @@ impl LaneLog {
         let segment = Arc::new(segment);
         let old_segment = std::mem::replace(&mut writer.active, Arc::clone(&segment));
         let old_file = std::mem::replace(&mut writer.file, Arc::new(file));
-        if self.durable_offset() < base_offset {
+        // A sealed segment with nothing to fsync still waits for the round if it has
+        // something to cut (that round's fsync of it is cheap).
+        if self.durable_offset() < base_offset || cut_past_end {
             writer.unsynced.push_back(Unsynced {
                 segment: old_segment,
                 file: old_file,
                 cut_past_end,
             });
-        } else if cut_past_end {
-            give_back_allocation(&old_file, &old_segment);
         }
         // Bound the open files. Past the bound, an fsync round is due (the appends say so
         // in `AppendOutcome::fsync_due`), which the fsync threads run. Only if they fall
@@ -1173,24 +1193,41 @@ impl LaneLog {
     /// log write no metadata (fio on this project's test machine: fdatasync after each
     /// 256 KiB twice as fast, docs/BENCHMARKS.md), and its pages are cached already, so
     /// nothing is freed and allocated again. Only where that holds: the log fills
-    /// segments fast, has no next segment yet, the file is at least half a segment, and
-    /// its pages are cached (checked by the caller).
+    /// segments fast, has no next segment yet, the file is at least half a segment, its
+    /// pages are cached (checked by the caller), and at least two segments of disk are
+    /// free, as for a file made ahead: a nearly full disk gets the file back.
     fn recycles(&self, writer: &Writer, oldest: &Segment) -> bool {
+        let segment_bytes_max = u64::from(self.config.segment_bytes_max);
         matches!(writer.next_segment, NextSegment::None)
             && self.fills_fast(writer)
-            && 2 * u64::from(oldest.size()) >= u64::from(self.config.segment_bytes_max)
+            && 2 * u64::from(oldest.size()) >= segment_bytes_max
+            && available_bytes(&writer.file).is_ok_and(|free| free >= 2 * segment_bytes_max)
     }
 
     /// Makes `file`, the deleted `segment`'s renamed and now durably so, the next
     /// segment's; or, without it (renaming failed) or if the log closed meanwhile,
-    /// leaves none.
+    /// leaves none. First, off the writer lock: allocates the rest of a whole segment
+    /// (`KEEP_SIZE`), so that no append into it allocates, and asks the kernel to read
+    /// in the few pages not cached, so that no append into it waits for a read.
     fn keep_recycled(&self, segment: &Segment, file: Option<File>) {
+        let file = file.and_then(|file| {
+            // Its length, not the segment's size: a file can hold old bytes past that.
+            let len = file.metadata().ok()?.len();
+            let max = u64::from(self.config.segment_bytes_max);
+            if len < max
+                && let Err(error) = allocate_keeping_size(&file, len, max - len)
+            {
+                tracing::debug!(segment = %segment.log_path().display(), %error, "could not allocate the rest of a recycled file");
+            }
+            read_ahead(&file, len);
+            Some((file, u32::try_from(len).unwrap_or(u32::MAX)))
+        });
         let mut writer = lock(&self.writer);
         match file {
-            Some(file) if !writer.closed => {
+            Some((file, len)) if !writer.closed => {
                 writer.next_segment = NextSegment::Recycled {
                     file,
-                    len: segment.size(),
+                    len,
                     mapping: segment.mapping(),
                 };
             }
@@ -1337,8 +1374,12 @@ impl LaneLog {
         );
         writer.active.seal(None)?;
         if writer.recycled_len > writer.active.size() {
-            // Otherwise the next open would take the old bytes for a torn tail.
+            // Otherwise the next open would take the old bytes for a torn tail. Fsynced
+            // before the checkpoint that says the close was clean.
             give_back_allocation(&writer.file, &writer.active);
+            if let Err(error) = faults::synced(writer.active.log_path(), || writer.file.sync_data()) {
+                tracing::warn!(segment = %writer.active.log_path().display(), %error, "could not fsync the active segment's cut");
+            }
         }
         let point = clean_point_of(&writer.active, true);
         lock(&self.checkpoint).write(point, true)?;
@@ -1414,6 +1455,16 @@ fn prepare_file(path: &Path, bytes: u64) -> std::io::Result<File> {
     allocate_keeping_size(&file, 0, bytes)?;
     file.sync_all()?;
     Ok(file)
+}
+
+/// Asks the kernel to read `len` bytes of `file` into the page cache, in the background
+/// (`POSIX_FADV_WILLNEED`); cached pages cost nothing. Only a hint: failures are ignored.
+#[allow(unsafe_code)]
+fn read_ahead(file: &File, len: u64) {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(len).unwrap_or(libc::off_t::MAX);
+    // SAFETY: posix_fadvise only reads its arguments; the descriptor is open.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED) };
 }
 
 /// Bytes free for unprivileged use on `file`'s file system (`fstatvfs`).
@@ -1513,6 +1564,19 @@ mod tests {
         builder.finish(ProducerStamp::NONE).to_vec()
     }
 
+    /// 64 KiB segments (batches up to 16 KiB) with `fsync`.
+    fn small_segments(fsync: FsyncPolicy) -> LogConfig {
+        LogConfig {
+            fsync,
+            segment_bytes_max: 64 * 1024,
+            batch: BatchLimits {
+                batch_bytes_max: 16 * 1024,
+                ..BatchLimits::default()
+            },
+            ..LogConfig::default()
+        }
+    }
+
     /// Bytes of disk the file system holds for `path`, written or only allocated.
     fn allocated_bytes(path: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -1573,17 +1637,11 @@ mod tests {
 
     #[test]
     fn a_segment_filling_fast_gets_its_successor_made_ahead_in_another_file() {
-        let segment_bytes_max = 64 * 1024;
         let config = LogConfig {
-            fsync: FsyncPolicy::Never,
             writeback_bytes: 8 * 1024,
-            segment_bytes_max,
-            batch: BatchLimits {
-                batch_bytes_max: 16 * 1024,
-                ..BatchLimits::default()
-            },
-            ..LogConfig::default()
+            ..small_segments(FsyncPolicy::Never)
         };
+        let segment_bytes_max = config.segment_bytes_max;
         let dir = tempfile::tempdir().unwrap();
         let next = dir.path().join(NEXT_SEGMENT_FILE);
         let log = LaneLog::open(dir.path(), config.clone()).unwrap();
@@ -1699,19 +1757,12 @@ mod tests {
 
     #[test]
     fn a_segment_deleted_by_retention_is_overwritten_as_a_later_one_once_nothing_reads_it() {
-        let segment_bytes_max = 64 * 1024;
+        // No writeback and no fsync threads needed: this is what a durable log does.
         let config = LogConfig {
-            // No writeback and no fsync threads needed: this is what a durable log does.
-            fsync: FsyncPolicy::Always,
-            segment_bytes_max,
-            batch: BatchLimits {
-                batch_bytes_max: 16 * 1024,
-                ..BatchLimits::default()
-            },
             // Keeps two segments: each pass below deletes the oldest of three.
-            retention_bytes: Some(u64::from(segment_bytes_max)),
+            retention_bytes: Some(64 * 1024),
             retention_ms: None,
-            ..LogConfig::default()
+            ..small_segments(FsyncPolicy::Always)
         };
         let dir = tempfile::tempdir().unwrap();
         let next = dir.path().join(NEXT_SEGMENT_FILE);
@@ -1746,7 +1797,13 @@ mod tests {
             first_len,
             "old bytes past the new ones, until the roll"
         );
-        append_until_roll(&log, 8 * 1024);
+        // Every append made durable before the next, as a durable producer with one
+        // batch in flight does: the roll still leaves the cut to the fsync round.
+        let segments = log.stats().segments;
+        while log.stats().segments == segments {
+            log.flush().unwrap();
+            log.append(&mut batch_of(8 * 1024)).unwrap();
+        }
         let sealed_size = log.segments.read().unwrap().iter().rev().nth(1).unwrap().size();
         assert!(u64::from(sealed_size) < first_len);
         assert_eq!(std::fs::metadata(&recycled).unwrap().len(), first_len);
@@ -1758,19 +1815,36 @@ mod tests {
         );
         read_all(&log);
 
-        // A crash with old bytes past the active segment's end: recovery stops at them.
+        // A power loss that loses the last appends to a recycled file can leave its old
+        // batches there, whole and with good checksums. The file recycled now held
+        // batches of the size appended next, so they line up exactly.
         assert!(log.enforce_retention_now().unwrap().segments_deleted > 0);
-        assert!(next.exists());
-        let recycled = append_until_roll(&log, 8 * 1024);
+        let old_bytes = std::fs::read(&next).unwrap();
+        let recycled = append_until_roll(&log, 1000);
         assert!(!next.exists(), "recycled: {}", recycled.display());
-        log.append(&mut batch_of(8 * 1024)).unwrap();
-        let (written, batches) = (log.next_offset(), read_all(&log));
+        log.append(&mut batch_of(1000)).unwrap();
+        log.flush().unwrap();
+        let (durable, batches) = (log.next_offset(), read_all(&log));
+        let lost_from = u64::from(lock(&log.writer).active.size());
+        log.append(&mut batch_of(1000)).unwrap();
+        log.append(&mut batch_of(1000)).unwrap();
+        let lost_to = u64::from(lock(&log.writer).active.size());
         drop(log);
+        let (from, to) = (lost_from as usize, lost_to as usize);
+        let old_length = BatchHeader::parse(&old_bytes[from..]).unwrap().batch_length as usize;
+        let old_header = validate_batch(&old_bytes[from..from + old_length], BatchLimits::default());
+        assert!(
+            old_header.is_ok_and(|h| h.base_offset < durable),
+            "an old batch begins where the lost ones did"
+        );
+        let file = OpenOptions::new().write(true).open(&recycled).unwrap();
+        file.write_all_at(&old_bytes[from..to], lost_from).unwrap();
+        drop(file);
         let log = LaneLog::open(dir.path(), config.clone()).unwrap();
         assert!(log.corruption().is_none());
-        // They are cut as a tail would be: where a crash left off cannot be told.
+        // Cut as a tail would be: where the writes stopped cannot be told.
         assert!(log.recovery_report().truncated_bytes > 0, "the old bytes are cut");
-        assert_eq!(log.next_offset(), written);
+        assert_eq!(log.next_offset(), durable, "no old batch is taken for a record");
         assert_eq!(read_all(&log), batches);
 
         // A clean close cuts them instead, and the next open finds nothing to cut.
@@ -1794,15 +1868,9 @@ mod tests {
     #[test]
     fn old_bytes_a_crash_keeps_past_a_sealed_segment_are_not_the_end_of_the_log() {
         let config = LogConfig {
-            fsync: FsyncPolicy::Always,
-            segment_bytes_max: 64 * 1024,
-            batch: BatchLimits {
-                batch_bytes_max: 16 * 1024,
-                ..BatchLimits::default()
-            },
             retention_bytes: Some(64 * 1024),
             retention_ms: None,
-            ..LogConfig::default()
+            ..small_segments(FsyncPolicy::Always)
         };
         let dir = tempfile::tempdir().unwrap();
         let log = LaneLog::open(dir.path(), config.clone()).unwrap();
@@ -1836,6 +1904,34 @@ mod tests {
             "the old bytes are cut off"
         );
         read_all(&log);
+    }
+
+    #[test]
+    fn a_next_segment_given_back_goes_to_the_reaper_blocks_and_all() {
+        let reaper = crate::storage::Reaper::start(1 << 30);
+        let config = LogConfig {
+            writeback_bytes: 8 * 1024,
+            reaper: Some(Arc::clone(&reaper)),
+            ..small_segments(FsyncPolicy::Never)
+        };
+        let segment_bytes_max = config.segment_bytes_max;
+        let dir = tempfile::tempdir().unwrap();
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        log.append(&mut big_batch()).unwrap();
+        log.start_writeback().unwrap();
+        let next = dir.path().join(NEXT_SEGMENT_FILE);
+        assert!(
+            allocated_bytes(&next) >= u64::from(segment_bytes_max),
+            "made ahead"
+        );
+        log.close().unwrap();
+        assert!(!next.exists());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while reaper.stats().freed_bytes < u64::from(segment_bytes_max) {
+            assert!(Instant::now() < deadline, "the reaper freed {:?}", reaper.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        reaper.stop();
     }
 
     #[test]

@@ -136,7 +136,10 @@ impl Reaper {
         self.doom_file(segment.log_path(), segment.mapping())
     }
 
-    fn doom_file(&self, path: &Path, mapping: Weak<Mmap>) -> Option<Doomed> {
+    /// Takes the file at `path`, whose name is about to go, once nothing maps it
+    /// (`mapping`); `None` if the reaper takes no more files (the caller's unlink then
+    /// frees it at once).
+    pub(crate) fn doom_file(&self, path: &Path, mapping: Weak<Mmap>) -> Option<Doomed> {
         if self.shared.bytes_per_s == 0 {
             return None;
         }

@@ -108,8 +108,9 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Creates a new, empty active segment and returns it with its file for appending.
-    /// `installed`: an empty file the caller has already put at the segment's path (made
-    /// ahead of the roll), used instead of creating one.
+    /// `installed`: a file the caller has already put at the segment's path (made ahead
+    /// of the roll, or recycled with old bytes that appends overwrite), used instead of
+    /// creating one.
     pub(crate) fn create(
         dir: &Path,
         base_offset: Offset,
