@@ -132,7 +132,7 @@ struct Writer {
     /// asked for; 0 for a new or reopened one).
     allocated_to: u32,
     /// How far the active segment's file holds a recycled file's old bytes (0 if it is
-    /// not one): the roll cuts what is left of them off the sealed segment.
+    /// not one): after the roll, the fsync round cuts what is left of them off.
     recycled_len: u32,
     next_segment: NextSegment,
     /// Rolls that left the fsync of the directory, which makes the new segment's name
@@ -677,8 +677,7 @@ impl LaneLog {
             allocated_past_end > self.config.writeback_bytes || writer.recycled_len > writer.active.size();
         let installed =
             self.install_next_segment(writer, &offset_file_name(&self.dir, base_offset, LOG_SUFFIX));
-        // A recycled file counts as allocated whole: one rolled by size leaves less than
-        // a batch of the new segment to allocate as it goes.
+        // A recycled file comes allocated whole (`keep_recycled`).
         let (allocated_to, recycled_len) = match &installed {
             Some((_, old_len)) => (self.config.segment_bytes_max, *old_len),
             None => (0, 0),
