@@ -27,6 +27,9 @@ pub const REJECTED: &str = "lanes_rejected_total";
 pub const PRODUCE_DURABILITY_WAIT_SECONDS: &str = "lanes_produce_durability_wait_seconds";
 /// fsync rounds of lane logs (each covers every append before it).
 pub const FSYNCS: &str = "lanes_fsync_total";
+/// Segments that began as the file of a segment retention deleted (overwritten rather
+/// than new; see docs/STORAGE.md).
+pub const SEGMENTS_RECYCLED: &str = "lanes_segments_recycled_total";
 /// How long each fsync round took.
 pub const FSYNC_DURATION_SECONDS: &str = "lanes_fsync_duration_seconds";
 /// Per lane log (summed over partitions): records appended but not yet fsynced, the
@@ -70,6 +73,11 @@ pub fn describe() {
         "Requests, or lane logs within requests, answered with an error, by API and error code."
     );
     describe_counter!(FSYNCS, Unit::Count, "fsync rounds of lane logs.");
+    describe_counter!(
+        SEGMENTS_RECYCLED,
+        Unit::Count,
+        "Segments that overwrote the file of a segment retention deleted."
+    );
     describe_histogram!(
         PRODUCE_DURABILITY_WAIT_SECONDS,
         Unit::Seconds,

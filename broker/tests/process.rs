@@ -760,3 +760,80 @@ fn configuration_sources_take_precedence_and_bad_values_are_named() {
     let invalid = print_config(&["--fsync", "interval", "--fsync-interval-ms", "0"], &[]).unwrap_err();
     assert!(invalid.contains("fsync_interval_ms"), "{invalid}");
 }
+
+/// A busy lane log past its retention overwrites the files of the segments retention
+/// deletes: the broker counts them, and what a consumer reads back is the newest records,
+/// in order, with no old batch among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_lane_log_past_its_retention_recycles_segment_files() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_address = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(
+        dir.path(),
+        &[
+            "--metrics-listen",
+            &metrics_address,
+            "--segment-bytes-max",
+            "131072",
+            "--batch-bytes-max",
+            "65536",
+            "--retention-bytes",
+            "262144",
+            "--retention-check-ms",
+            "50",
+        ],
+    );
+    let mut config = producer_config(&broker.address);
+    config.batch_bytes_max = 16 * 1024;
+    let producer = Producer::connect(config).await.unwrap();
+    let value = |i: usize| format!("r{i:08}{}", "x".repeat(990)).into_bytes();
+    let recycled = || {
+        series_value(
+            &http_get(&metrics_address, "/metrics"),
+            "lanes_segments_recycled_total",
+            &[],
+        )
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut sent = 0;
+    // Rounds of about 200 KB, with a retention pass or two between them, until a roll
+    // has taken a recycled file.
+    while recycled().is_none_or(|count| count < 1.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no segment file recycled after {sent} records"
+        );
+        let mut deliveries = Vec::new();
+        for i in sent..sent + 200 {
+            let record = ProducerRecord::new("orders", value(i))
+                .partition(PartitionId(0))
+                .lane(lanes_producer::LaneSelector::Index(Lane(0)));
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+        for delivery in deliveries {
+            delivery_ok(delivery).await;
+        }
+        sent += 200;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    producer.close().await.unwrap();
+
+    let records = read_back(&broker.address, "orders", 1).await;
+    let mut kept: Vec<(Offset, Vec<u8>)> = records
+        .into_iter()
+        .filter(|((partition, lane, _), _)| (*partition, *lane) == (0, 0))
+        .map(|((_, _, offset), value)| (offset, value))
+        .collect();
+    kept.sort();
+    assert!(kept.len() < sent, "retention deleted some");
+    let first = sent - kept.len();
+    for (i, (offset, got)) in kept.iter().enumerate() {
+        assert_eq!(offset.0 as usize, first + i);
+        assert!(*got == value(first + i), "offset {offset} holds another record");
+    }
+}

@@ -565,7 +565,12 @@ impl LaneLog {
         let next = self.dir.join(NEXT_SEGMENT_FILE);
         faults::created(log_path);
         match std::fs::rename(&next, log_path) {
-            Ok(()) => Some((file, old_len)),
+            Ok(()) => {
+                if old_len > 0 {
+                    metrics::counter!(crate::metrics::SEGMENTS_RECYCLED).increment(1);
+                }
+                Some((file, old_len))
+            }
             Err(error) => {
                 tracing::debug!(dir = %self.dir.display(), %error, "could not rename the next segment's file into place");
                 let _ = remove_if_exists(&next);
