@@ -10,8 +10,8 @@ mod process_support;
 
 use std::time::Duration;
 
-use crash_support::{Lcg, Workload, env_u64, fixed_listen_address, seed};
-use process_support::BrokerProcess;
+use crash_support::{Lcg, Workload, env_u64, seed};
+use process_support::{BrokerProcess, fixed_listen_address};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_repeated_sigkill_exactly_once() {

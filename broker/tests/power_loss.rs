@@ -10,9 +10,9 @@ mod process_support;
 
 use std::time::Duration;
 
-use crash_support::{Lcg, Workload, env_u64, fixed_listen_address, seed};
+use crash_support::{Lcg, Workload, env_u64, seed};
 use lanes_broker::storage::faults::{JOURNAL_ENV, PowerLossReport, simulate};
-use process_support::BrokerProcess;
+use process_support::{BrokerProcess, fixed_listen_address};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_repeated_power_loss_exactly_once() {

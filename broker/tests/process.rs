@@ -19,7 +19,7 @@ use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
 
 mod process_support;
 
-use process_support::{BrokerProcess, DEADLINE};
+use process_support::{BrokerProcess, DEADLINE, fixed_listen_address};
 
 fn producer_config(address: &str) -> ProducerConfig {
     let mut config = ProducerConfig::new(address);
@@ -572,13 +572,7 @@ fn series_value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_lane_metrics_are_exported() {
-    // A port for the metrics listener: taken from the OS, then handed to the broker.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_address = format!("127.0.0.1:{port}");
+    let metrics_address = fixed_listen_address();
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start_with(
         dir.path(),
@@ -766,12 +760,7 @@ fn configuration_sources_take_precedence_and_bad_values_are_named() {
 /// in order, with no old batch among them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_lane_log_past_its_retention_recycles_segment_files() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_address = format!("127.0.0.1:{port}");
+    let metrics_address = fixed_listen_address();
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start_with(
         dir.path(),

@@ -1759,15 +1759,19 @@ mod tests {
         batches
     }
 
-    #[test]
-    fn a_segment_deleted_by_retention_is_overwritten_as_a_later_one_once_nothing_reads_it() {
-        // No writeback and no fsync threads needed: this is what a durable log does.
-        let config = LogConfig {
-            // Keeps two segments: each pass below deletes the oldest of three.
+    /// A durable log of 64 KiB segments whose retention keeps two of them: each pass
+    /// deletes the oldest of three. No writeback and no fsync threads are needed.
+    fn durable_log_keeping_two_segments() -> LogConfig {
+        LogConfig {
             retention_bytes: Some(64 * 1024),
             retention_ms: None,
             ..small_segments(FsyncPolicy::Always)
-        };
+        }
+    }
+
+    #[test]
+    fn a_segment_deleted_by_retention_is_overwritten_as_a_later_one_once_nothing_reads_it() {
+        let config = durable_log_keeping_two_segments();
         let dir = tempfile::tempdir().unwrap();
         let next = dir.path().join(NEXT_SEGMENT_FILE);
         let log = LaneLog::open(dir.path(), config.clone()).unwrap();
@@ -1871,11 +1875,7 @@ mod tests {
 
     #[test]
     fn old_bytes_a_crash_keeps_past_a_sealed_segment_are_not_the_end_of_the_log() {
-        let config = LogConfig {
-            retention_bytes: Some(64 * 1024),
-            retention_ms: None,
-            ..small_segments(FsyncPolicy::Always)
-        };
+        let config = durable_log_keeping_two_segments();
         let dir = tempfile::tempdir().unwrap();
         let log = LaneLog::open(dir.path(), config.clone()).unwrap();
         let first = active_log_path(&log);

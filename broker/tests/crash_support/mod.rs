@@ -126,17 +126,6 @@ pub fn seed(name: &str) -> u64 {
     )
 }
 
-/// A free port on 127.0.0.1, so that a restarted broker listens where producers
-/// reconnect.
-pub fn fixed_listen_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 /// The producers, running until [`Workload::finish`].
 pub struct Workload {
     stop: Arc<AtomicBool>,

@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 /// Generous: the machine may be busy. Tests wait for conditions, not for time.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A free port on 127.0.0.1 (taken from the OS, then let go), for a listener whose
+/// address must be known before the broker starts: a restarted broker's, so that
+/// producers reconnect to it, or the metrics listener.
+pub fn fixed_listen_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// A broker process; killed when dropped.
 pub struct BrokerProcess {
     pub child: Child,
