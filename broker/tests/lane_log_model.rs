@@ -154,7 +154,7 @@ fn config(policy: u8) -> LogConfig {
             _ => FsyncPolicy::Never,
         },
         // For `always` logs (which make no next segment ahead), small enough that
-        // deleted files are recycled as later segments (about one case in twenty); for
+        // deleted files are recycled as later segments (35 in 1,000 cases); for
         // the others, large enough to keep logs of many segments.
         retention_bytes: Some(if policy == 0 { 2 * 1024 } else { 24 * 1024 }),
         // Writeback, with its allocation and next segment made ahead, every few batches.
