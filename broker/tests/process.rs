@@ -19,7 +19,7 @@ use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
 
 mod process_support;
 
-use process_support::{BrokerProcess, DEADLINE, fixed_listen_address};
+use process_support::{BrokerProcess, DEADLINE, fixed_listen_address, http_get, series_value};
 
 fn producer_config(address: &str) -> ProducerConfig {
     let mut config = ProducerConfig::new(address);
@@ -546,28 +546,6 @@ async fn group_consumers_split_a_topic_and_a_survivor_takes_over() {
         assert!(tokio::time::Instant::now() < deadline, "committed {total} of 800");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// GET `path` over plain HTTP/1.0; the body.
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
-/// The value of the first series named `name` whose labels include all of `labels`.
-fn series_value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
-        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

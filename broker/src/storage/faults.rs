@@ -16,6 +16,12 @@
 //!   - every byte written after the file's last fsync began is dropped (cut off the
 //!     end, or zeroed where it overwrote older bytes, which is harsher than the old
 //!     contents);
+//!   - except in a recycled segment file (a deleted segment's, overwritten as a new
+//!     one): it keeps its old length, and what it loses there comes back as old batches
+//!     with good checksums: an older segment's of its lane log, from that segment's
+//!     start (its own old bytes are gone by then; an older segment's are of the same
+//!     kind, and begin with a whole batch where the lost bytes began), and it loses its
+//!     last write whole one time in two, so that old batches begin at a batch boundary;
 //!   - except for a random prefix of the file's last write: that write is torn.
 //!
 //! Renames and removals count as done when they return: suite 6 (`fsync_discipline`)
@@ -28,7 +34,7 @@
 #[cfg(feature = "faults")]
 pub use journal::{PowerLossReport, journal_to, simulate};
 #[cfg(feature = "faults")]
-pub(crate) use journal::{created, dir_synced, sized, synced, wrote};
+pub(crate) use journal::{created, dir_synced, recycled, sized, synced, wrote};
 
 /// The hooks do nothing without the feature.
 #[cfg(not(feature = "faults"))]
@@ -45,6 +51,9 @@ mod hooks {
     pub(crate) fn created(_path: &Path) {}
 
     #[inline(always)]
+    pub(crate) fn recycled(_path: &Path, _old_len: u64) {}
+
+    #[inline(always)]
     pub(crate) fn synced<T>(_path: &Path, sync: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
         sync()
     }
@@ -58,7 +67,7 @@ mod hooks {
     }
 }
 #[cfg(not(feature = "faults"))]
-pub(crate) use hooks::{created, dir_synced, sized, synced, wrote};
+pub(crate) use hooks::{created, dir_synced, recycled, sized, synced, wrote};
 
 /// The environment variable naming the power-loss journal.
 pub const JOURNAL_ENV: &str = "LANES_POWER_LOSS_JOURNAL";
@@ -73,6 +82,8 @@ mod journal {
     //!
     //! - `O <len> <path>`: the file is opened or cut at `len` bytes (its baseline);
     //! - `C <path>`: the file is about to be created;
+    //! - `R <len> <path>`: the file just created is a recycled segment file holding
+    //!   `len` old bytes (durable: the segment they were was fsynced);
     //! - `W <offset> <len> <path>`: bytes were written (after the write returned);
     //! - `S <line> <path>`: an fsync that began when the journal had `<line>` lines
     //!   returned: it covers every write noted before that line;
@@ -156,6 +167,10 @@ mod journal {
         note(format_args!("C {}", path.display()));
     }
 
+    pub(crate) fn recycled(path: &Path, old_len: u64) {
+        note(format_args!("R {old_len} {}", path.display()));
+    }
+
     pub(crate) fn synced<T>(path: &Path, sync: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         if fsync_fails() {
             return Err(io::Error::other(format!(
@@ -186,6 +201,9 @@ mod journal {
         pub bytes_dropped: u64,
         /// Last writes kept in part.
         pub writes_torn: usize,
+        /// Bytes of recycled segment files that lost their new contents and got old
+        /// batches back.
+        pub old_bytes_restored: u64,
     }
 
     #[derive(Default)]
@@ -196,6 +214,8 @@ mod journal {
         writes: Vec<(u64, u64, u64)>,
         /// The line its newest fsync began at: writes before it are durable.
         synced_before: u64,
+        /// A recycled segment file's old length (0 for any other file).
+        recycled_len: u64,
     }
 
     /// Rewrites the files named in `journal` to what a power loss at the journal's end
@@ -217,12 +237,16 @@ mod journal {
                     .ok_or_else(|| malformed(line))
             };
             match kind {
-                "O" => {
+                "O" | "R" => {
                     let len = number_field()?;
                     let path = PathBuf::from(rest.split_once(' ').ok_or_else(|| malformed(line))?.1);
                     let events = files.entry(path).or_default();
-                    events.baseline_len = len;
-                    events.writes.clear();
+                    if kind == "O" {
+                        events.baseline_len = len;
+                        events.writes.clear();
+                    } else {
+                        events.recycled_len = len;
+                    }
                 }
                 "C" => {
                     let events = files.entry(PathBuf::from(rest)).or_default();
@@ -297,8 +321,14 @@ mod journal {
             let durable_end = synced
                 .iter()
                 .map(|(_, offset, len)| offset + len)
-                .fold(events.baseline_len, u64::max);
-            let torn_kept = next_random(torn_len + 1);
+                .fold(events.baseline_len.max(events.recycled_len), u64::max);
+            // A recycled file loses its last write whole one time in two: then the old
+            // batches begin where a new one should (see `old_bytes` below).
+            let torn_kept = if events.recycled_len > 0 && next_random(2) == 0 {
+                0
+            } else {
+                next_random(torn_len + 1)
+            };
             let kept_end = if torn_kept > 0 { torn_offset + torn_kept } else { 0 };
             let new_len = durable_end.max(kept_end).min(current_len);
             let mut dropped = current_len - new_len;
@@ -309,14 +339,29 @@ mod journal {
                 .map(|&&(_, offset, len)| (offset, offset + len))
                 .collect::<Vec<_>>();
             lost.push((torn_offset + torn_kept, torn_offset + torn_len));
-            let zeros = vec![0u8; 64 * 1024];
+            let old_bytes = match events.recycled_len {
+                0 => None,
+                _ => older_segment(path)?,
+            };
+            let mut buffer = vec![0u8; 64 * 1024];
             for (start, end) in lost {
                 let (start, end) = (start.min(new_len), end.min(new_len));
                 let mut at = start;
                 while at < end {
-                    let chunk = (end - at).min(zeros.len() as u64);
-                    file.write_all_at(&zeros[..chunk as usize], at)?;
-                    at += chunk;
+                    let chunk = &mut buffer[..(end - at).min(64 * 1024) as usize];
+                    chunk.fill(0);
+                    if let Some(old) = &old_bytes
+                        && at < events.recycled_len
+                    {
+                        // From the older segment's start, so that whole batches begin
+                        // where the lost bytes did: where recovery looks for the next
+                        // batch. On a disk, old and new batches line up whenever their
+                        // sizes do (fixed-size records filling whole batches).
+                        let restored = read_up_to(old, chunk, at - start)?;
+                        report.old_bytes_restored += restored as u64;
+                    }
+                    file.write_all_at(chunk, at)?;
+                    at += chunk.len() as u64;
                 }
                 dropped += end - start;
             }
@@ -330,5 +375,38 @@ mod journal {
             file.sync_all()?;
         }
         Ok(report)
+    }
+
+    /// The newest segment of the lane log that `segment` (a `<base>.log` path) is in
+    /// whose base is below `segment`'s: its bytes stand in for a recycled file's old ones.
+    /// Never a newer one: old bytes carry older offsets.
+    fn older_segment(segment: &Path) -> io::Result<Option<File>> {
+        use crate::storage::files::{LOG_SUFFIX, offset_file_name, parse_offset_file_name};
+        let base = |path: &Path| match parse_offset_file_name(path.file_name()?.to_str()?) {
+            Some((base, LOG_SUFFIX)) => Some(base),
+            _ => None,
+        };
+        let (Some(dir), Some(own)) = (segment.parent(), base(segment)) else {
+            return Ok(None);
+        };
+        let older = std::fs::read_dir(dir)?
+            .filter_map(|entry| base(&entry.ok()?.path()))
+            .filter(|&other| other < own)
+            .max();
+        older
+            .map(|other| File::open(offset_file_name(dir, other, LOG_SUFFIX)))
+            .transpose()
+    }
+
+    /// Fills `buffer` from `file` at `at` as far as the file goes; how many bytes.
+    fn read_up_to(file: &File, buffer: &mut [u8], at: u64) -> io::Result<usize> {
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match file.read_at(&mut buffer[filled..], at + filled as u64)? {
+                0 => break,
+                read => filled += read,
+            }
+        }
+        Ok(filled)
     }
 }

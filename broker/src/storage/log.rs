@@ -567,6 +567,7 @@ impl LaneLog {
         match std::fs::rename(&next, log_path) {
             Ok(()) => {
                 if old_len > 0 {
+                    faults::recycled(log_path, u64::from(old_len));
                     metrics::counter!(crate::metrics::SEGMENTS_RECYCLED).increment(1);
                 }
                 Some((file, old_len))

@@ -462,9 +462,12 @@ impl Segment {
         if header.record_count == 0 || header.last_offset_delta != header.record_count - 1 {
             return Err(stop("batch record count and last offset delta disagree"));
         }
-        // Offsets in a segment are u32 apart from its base; nothing may overflow u64.
+        // Offsets in a segment are u32 apart from its base; nothing may overflow u64 (nor
+        // go below the base: the check above already refuses any other offset, this one
+        // must not panic without it).
         let next = header.base_offset.0.checked_add(u64::from(header.record_count));
-        if next.is_none_or(|next| next - self.base_offset.0 > u64::from(u32::MAX)) {
+        let span = next.and_then(|next| next.checked_sub(self.base_offset.0));
+        if span.is_none_or(|span| span > u64::from(u32::MAX)) {
             return Err(stop("batch runs past the offsets a segment can hold"));
         }
         Ok(header)

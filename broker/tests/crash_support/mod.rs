@@ -1,10 +1,14 @@
 //! The workload and checker shared by reliability suites 1 (`crash.rs`, SIGKILL) and 2
 //! (`power_loss.rs`, SIGKILL plus simulated power loss): idempotent producers with
 //! `acks = durable` log every acknowledgement while the test crashes the broker; at the
-//! end, as Jepsen's Kafka checker does, every acknowledged record is read exactly once,
-//! at the offset it was acknowledged with; each lane log's offsets run 0, 1, 2… with no
-//! gap or repeat (one value per offset); and no record, acknowledged or not, is stored
-//! twice. `read_all` also serves suite 8 (`fsync_failure.rs`).
+//! end, as Jepsen's Kafka checker does, no two records were acknowledged at one offset;
+//! every acknowledged record is read exactly once, at the offset it was acknowledged
+//! with; each lane log's offsets run on from its
+//! earliest offset with no gap or repeat (one value per offset); and no record,
+//! acknowledged or not, is stored twice. Retention may have deleted the start of a lane
+//! log: an acknowledged record below the lane log's earliest offset counts as deleted,
+//! not lost ([`Checked::deleted_by_retention`]). `read_all` also serves suite 8
+//! (`fsync_failure.rs`).
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,8 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lanes_consumer::{Consumer, ConsumerConfig, StartFrom};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig};
-use lanes_protocol::messages::CreateTopicRequest;
-use lanes_protocol::{Lane, Offset};
+use lanes_protocol::messages::{
+    CreateTopicRequest, ListOffsetsLane, ListOffsetsRequest, OffsetSpec, PartitionItems, TopicItems,
+};
+use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -137,6 +143,9 @@ pub struct Checked {
     pub acknowledged: usize,
     pub stored: usize,
     pub lane_logs: usize,
+    /// Acknowledged records below their lane log's earliest offset: deleted by
+    /// retention. A suite without retention expects none.
+    pub deleted_by_retention: usize,
 }
 
 impl Workload {
@@ -172,23 +181,87 @@ impl Workload {
             "too little was acknowledged to check: {}",
             acked.len()
         );
+        let starts = settled_earliest_offsets(address).await;
         let logs = read_all(address, TOPIC).await;
-        check(&acked, &logs)
+        assert_eq!(
+            earliest_offsets(address).await,
+            starts,
+            "retention moved a lane log's start while the checker read"
+        );
+        check(&acked, &logs, &starts)
+    }
+}
+
+/// Every lane log's earliest offset.
+async fn earliest_offsets(address: &str) -> BTreeMap<(u32, u8), Offset> {
+    let client = Client::connect(address, ClientConfig::default()).await.unwrap();
+    let lanes = (0..3)
+        .map(|lane| ListOffsetsLane {
+            lane: Lane(lane),
+            spec: OffsetSpec::Earliest,
+        })
+        .collect::<Vec<_>>();
+    let response = client
+        .request(&ListOffsetsRequest {
+            topics: vec![TopicItems {
+                name: TOPIC.into(),
+                partitions: (0..PARTITIONS)
+                    .map(|partition| PartitionItems {
+                        partition: PartitionId(partition),
+                        lanes: lanes.clone(),
+                    })
+                    .collect(),
+            }],
+        })
+        .await
+        .unwrap();
+    let mut starts = BTreeMap::new();
+    for partition in &response.topics[0].partitions {
+        for lane in &partition.lanes {
+            assert_eq!(lane.error_code, ErrorCode::None, "{}", lane.error_message);
+            starts.insert((partition.partition.0, lane.lane.0), lane.offset);
+        }
+    }
+    starts
+}
+
+/// Every lane log's earliest offset, once retention has stopped moving it: with the
+/// producers stopped, one more retention pass is the last to delete anything. Two reads
+/// a second apart must agree.
+async fn settled_earliest_offsets(address: &str) -> BTreeMap<(u32, u8), Offset> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut starts = earliest_offsets(address).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = earliest_offsets(address).await;
+        if now == starts {
+            return starts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lane logs' earliest offsets still moving: {now:?}"
+        );
+        starts = now;
     }
 }
 
 /// The checks, over every acknowledgement and every stored record.
-fn check(acked: &[(String, Position)], logs: &BTreeMap<(u32, u8), Vec<(Offset, String)>>) -> Checked {
-    // One value per offset, and offsets 0, 1, 2… in each lane log (nothing lost from
-    // the middle of a log, nothing written twice at one offset).
+fn check(
+    acked: &[(String, Position)],
+    logs: &BTreeMap<(u32, u8), Vec<(Offset, String)>>,
+    starts: &BTreeMap<(u32, u8), Offset>,
+) -> Checked {
+    // One value per offset, and offsets start, start + 1… in each lane log (nothing lost
+    // from the middle of a log, nothing written twice at one offset).
     let mut stored: HashMap<&str, Position> = HashMap::new();
     let mut stored_count = 0;
     for (&(partition, lane), records) in logs {
+        let start = starts[&(partition, lane)];
         for (index, (offset, value)) in records.iter().enumerate() {
             assert_eq!(
                 *offset,
-                Offset(index as u64),
-                "lane log {partition}/{lane}: offsets not dense and increasing"
+                Offset(start.0 + index as u64),
+                "lane log {partition}/{lane}: offsets not dense and increasing from {start}"
             );
             stored_count += 1;
             let previous = stored.insert(value, (partition, lane, *offset));
@@ -198,14 +271,26 @@ fn check(acked: &[(String, Position)], logs: &BTreeMap<(u32, u8), Vec<(Offset, S
             );
         }
     }
+    // No two records acknowledged at one offset: a log that lost acknowledged records
+    // and gave their offsets out again. Checked over every acknowledgement, so that
+    // records retention deleted since are checked too.
+    let mut acked_at: HashMap<&Position, &str> = HashMap::with_capacity(acked.len());
+    for (value, position) in acked {
+        if let Some(other) = acked_at.insert(position, value) {
+            panic!("{other} and {value} were both acknowledged at {position:?}");
+        }
+    }
     // Every acknowledged record exactly once, where its acknowledgement said.
     let mut lost = Vec::new();
+    let mut deleted_by_retention = 0;
     for (value, position) in acked {
+        let &(partition, lane, offset) = position;
         match stored.get(value.as_str()) {
             Some(found) => assert_eq!(
                 found, position,
                 "{value} acknowledged at {position:?}, stored at {found:?}"
             ),
+            None if offset < starts[&(partition, lane)] => deleted_by_retention += 1,
             None => lost.push(value),
         }
     }
@@ -219,5 +304,6 @@ fn check(acked: &[(String, Position)], logs: &BTreeMap<(u32, u8), Vec<(Offset, S
         acknowledged: acked.len(),
         stored: stored_count,
         lane_logs: logs.len(),
+        deleted_by_retention,
     }
 }
