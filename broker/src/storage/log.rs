@@ -135,6 +135,9 @@ struct Writer {
     /// not one): after the roll, the fsync round cuts what is left of them off.
     recycled_len: u32,
     next_segment: NextSegment,
+    /// While there is a next segment: the log's next offset when a retention pass last
+    /// saw it move, and when (see [`LaneLog::give_back_unused_next_segment`]).
+    appended_up_to: Option<(Offset, Instant)>,
     /// Rolls that left the fsync of the directory, which makes the new segment's name
     /// durable, to the fsync threads (see `roll`); compared with `dir_synced_rolls`.
     rolls_deferred: u64,
@@ -278,6 +281,7 @@ impl LaneLog {
             allocated_to: 0,
             recycled_len: 0,
             next_segment: NextSegment::None,
+            appended_up_to: None,
             rolls_deferred: 0,
         };
         tracing::debug!(dir = %dir.display(), %start_offset, %next_offset, report = ?recovered.report, "lane log opened");
@@ -1070,8 +1074,39 @@ impl LaneLog {
     /// Recovery needs the segment its clean point names, so before deleting it the clean
     /// point is moved past it (an fsync round) and its checkpoint fsynced; the deletions
     /// themselves are made durable with an fsync of the directory.
+    ///
+    /// Also gives back a next segment's file the log has stopped needing (see
+    /// [`LaneLog::give_back_unused_next_segment`]).
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome, StorageError> {
+        self.give_back_unused_next_segment(Instant::now());
         self.delete_old_segments(now_ms, Offset::ZERO)
+    }
+
+    /// Gives back the next segment's file, made ahead or recycled, once the log has not
+    /// appended for `PREPARE_NEXT_WITHIN`, as seen by retention passes (`now` is one): it
+    /// holds a whole segment of disk, and a log that idle is not about to roll. Without
+    /// this, a lane log busy once would hold it until a restart. If the log gets busy
+    /// again, the fsync threads make it a new one (`start_writeback`).
+    pub(crate) fn give_back_unused_next_segment(&self, now: Instant) {
+        let mut writer = lock(&self.writer);
+        if !matches!(
+            writer.next_segment,
+            NextSegment::Ready(_) | NextSegment::Recycled { .. }
+        ) {
+            writer.appended_up_to = None;
+            return;
+        }
+        let next_offset = self.next_offset();
+        match writer.appended_up_to {
+            Some((seen, since)) if seen == next_offset => {
+                if now.saturating_duration_since(since) >= PREPARE_NEXT_WITHIN {
+                    tracing::debug!(dir = %self.dir.display(), "giving back the next segment's file of an idle log");
+                    self.give_back_next_segment(&mut writer);
+                    writer.appended_up_to = None;
+                }
+            }
+            _ => writer.appended_up_to = Some((next_offset, now)),
+        }
     }
 
     /// Deletes the sealed segments that hold only records below `offset` (as well as
@@ -1713,6 +1748,49 @@ mod tests {
         assert!(next.exists());
         log.close().unwrap();
         assert!(!next.exists(), "a clean close gives it back");
+    }
+
+    #[test]
+    fn a_log_that_stops_appending_gives_back_its_next_segment_after_a_minute() {
+        let config = LogConfig {
+            writeback_bytes: 8 * 1024,
+            ..small_segments(FsyncPolicy::Never)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let next = dir.path().join(NEXT_SEGMENT_FILE);
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        let append = |log: &LaneLog| {
+            log.append(&mut big_batch()).unwrap();
+            log.start_writeback().unwrap();
+        };
+        // Into the second segment (allocated whole), until its successor is made.
+        append(&log);
+        append(&log);
+        while !next.exists() {
+            append(&log);
+        }
+        let segments = log.stats().segments;
+
+        let t0 = Instant::now();
+        let minute = PREPARE_NEXT_WITHIN;
+        log.give_back_unused_next_segment(t0);
+        append(&log);
+        log.give_back_unused_next_segment(t0 + minute);
+        assert!(next.exists(), "appended within the minute: kept");
+        log.give_back_unused_next_segment(t0 + minute + minute - Duration::from_millis(1));
+        assert!(next.exists(), "idle for less than a minute: kept");
+        log.give_back_unused_next_segment(t0 + minute + minute);
+        assert!(!next.exists(), "idle for a minute: given back");
+        assert_eq!(log.stats().segments, segments, "no roll meanwhile");
+
+        // Busy again: made again, and the log rolls into it.
+        append(&log);
+        assert!(next.exists(), "made again");
+        while log.stats().segments == segments {
+            append(&log);
+        }
+        assert!(!next.exists(), "renamed into place at the roll");
+        assert_eq!(read_all(&log), log.next_offset().0, "every record reads back");
     }
 
     /// A batch of one record of `bytes`.
