@@ -1,7 +1,7 @@
 //! Broker settings: every one is a flag (`--segment-bytes-max`), an environment variable
 //! (`LANES_SEGMENT_BYTES_MAX`) and a key in the optional TOML file
 //! (`segment_bytes_max = …`), with the same name. Precedence: flag, then environment,
-//! then file, then the default. Each setting is listed once, in [`settings!`].
+//! then file, then the default. Each setting is listed once, in `settings!`.
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -5,12 +5,12 @@
 //!
 //! - `LANES_FSYNC_FAULT_FILE`: while the named file exists, every fsync of a lane log's
 //!   files fails without syncing, as a failing disk's would.
-//! - `LANES_POWER_LOSS_JOURNAL` (or [`journal_to`], for a test that runs the storage
+//! - `LANES_POWER_LOSS_JOURNAL` (or `journal_to`, for a test that runs the storage
 //!   engine in its own process): the storage engine notes in the named journal every
 //!   write to a lane log's files (segments, indexes, checkpoint, producer snapshots),
 //!   every fsync of them, every file it creates and every fsync of a directory. After the process is
 //!   SIGKILLed (which keeps the page cache, so only tests what the process had written),
-//!   [`simulate`] rewrites the data directory to what a power loss at that moment could
+//!   `simulate` rewrites the data directory to what a power loss at that moment could
 //!   have left:
 //!   - a file created after its directory's last fsync disappears;
 //!   - every byte written after the file's last fsync began is dropped (cut off the
@@ -26,7 +26,7 @@
 //!
 //! Renames and removals count as done when they return: suite 6 (`fsync_discipline`)
 //! checks that each is followed by its directory's fsync. Files outside lane logs
-//! (topic specs, producer ids) are written with [`super::files::write_file_atomic`]
+//! (topic specs, producer ids) are written with `files::write_file_atomic`
 //! and so are either old or new.
 //!
 //! Without the feature every hook is an empty inline function.

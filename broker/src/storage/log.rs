@@ -1076,7 +1076,7 @@ impl LaneLog {
     /// themselves are made durable with an fsync of the directory.
     ///
     /// Also gives back a next segment's file the log has stopped needing (see
-    /// [`LaneLog::give_back_unused_next_segment`]).
+    /// `give_back_unused_next_segment`).
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome, StorageError> {
         self.give_back_unused_next_segment(Instant::now());
         self.delete_old_segments(now_ms, Offset::ZERO)

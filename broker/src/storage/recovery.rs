@@ -1,7 +1,7 @@
 //! Opening a lane log, after a clean close or a crash.
 //!
 //! 1. Leftovers go: temp files of interrupted atomic writes, index files without a log.
-//! 2. Segments before the clean point (see [`super::checkpoint`]) hold durable data
+//! 2. Segments before the clean point (see `checkpoint`) hold durable data
 //!    that was checked when it was written. They are trusted without reading them:
 //!    their indexes are checked for sanity and the batch headers after the last index
 //!    entry must end exactly where the next segment begins. A damaged index is rebuilt

@@ -6,7 +6,7 @@
 //! |--------------|---------------|------------------------------------------------------------|
 //! | `name`       | string        | the topic's name                                           |
 //! | `partitions` | u32           | 1 or more; 0 takes the broker's default                    |
-//! | `lanes`      | array<string> | lane names, most urgent first, at most 8; empty takes the broker's default |
+//! | `lanes`      | `array<string>` | lane names, most urgent first, at most 8; empty takes the broker's default |
 //! | `configs`    | array         | of `key string, value string`: topic settings (docs/PROTOCOL.md) |
 //!
 //! Response body: empty. Errors: `INVALID_TOPIC_NAME`, `TOPIC_ALREADY_EXISTS`,

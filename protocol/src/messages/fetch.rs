@@ -7,7 +7,7 @@
 //! | `wait_ms_max` | u32   | wait up to this long for `bytes_min` bytes (capped by the broker) |
 //! | `bytes_min`   | u32   | answer as soon as this many bytes are available (0 or 1: at once if any) |
 //! | `bytes_max`   | u32   | soft cap on the response's record bytes (capped by the broker) |
-//! | `lane_bytes_max` | array<u32> | per lane number (0 first, ≤ 8): soft cap on that lane's bytes over the whole response; lanes past the end are capped by `bytes_max` only |
+//! | `lane_bytes_max` | `array<u32>` | per lane number (0 first, ≤ 8): soft cap on that lane's bytes over the whole response; lanes past the end are capped by `bytes_max` only |
 //! | `topics`      | array | of `name string, partitions array<{partition u32, lanes array<lane>}>` |
 //!
 //! Lane: `lane u8, offset u64, bytes_max u32` (soft cap for this lane log).

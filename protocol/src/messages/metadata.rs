@@ -8,7 +8,7 @@
 //! |--------------|---------------|------------------------------------------------------|
 //! | `name`       | string        |                                                      |
 //! | `error_code` | u16           | `UNKNOWN_TOPIC` if it does not exist (the rest is then empty) |
-//! | `lanes`      | array<string> | lane names, lane 0 first                             |
+//! | `lanes`      | `array<string>` | lane names, lane 0 first                             |
 //! | `configs`    | array         | of `key string, value string`: the topic's settings  |
 //! | `partitions` | array         | of `partition u32, lanes array<lane state>`          |
 //!
