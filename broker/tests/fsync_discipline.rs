@@ -3,6 +3,11 @@
 //! the trace: every file created in the data directory (segments, indexes, metadata)
 //! and every directory made there is followed by an fsync of its parent directory, and
 //! every atomic metadata write is temp file, fsync of it, rename, fsync of the directory.
+//! A segment file that retention deleted and a roll will overwrite (recycled, renamed to
+//! `next-segment.tmp`) needs no fsync of its own, whose bytes are to be overwritten; its
+//! rename must be made durable by a directory fsync before the roll renames it into
+//! place, or a power loss could leave a deleted segment's name on a later segment's
+//! bytes.
 //! Skipped, with a message, where `strace` is missing or may not trace (`.ci/run`
 //! installs it).
 
@@ -206,6 +211,9 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
             // into place at the roll.
             "--writeback-bytes",
             "8192",
+            // For the topic with retention: deleted segments' files recycled.
+            "--retention-check-ms",
+            "50",
         ])
         .arg("--data-dir")
         .arg(&data)
@@ -234,16 +242,18 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
     };
 
     // Topics (spec files, directories), rolls (segments, indexes, producer snapshots),
-    // producer ids; `second` fsyncs never.
+    // producer ids; `second` fsyncs never; `third` keeps two segments, so that its one
+    // lane log recycles deleted segments' files.
     let client = Client::connect(&address, ClientConfig::default()).await.unwrap();
-    for (name, configs) in [
-        ("first", vec![]),
-        ("second", vec![("fsync", "never"), ("durability", "written")]),
+    for (name, partitions, configs) in [
+        ("first", 2, vec![]),
+        ("second", 2, vec![("fsync", "never"), ("durability", "written")]),
+        ("third", 1, vec![("retention_bytes", "131072")]),
     ] {
         client
             .request(&CreateTopicRequest {
                 name: name.into(),
-                partitions: 2,
+                partitions,
                 lanes: vec!["express".into(), "bulk".into()],
                 configs: configs
                     .into_iter()
@@ -270,6 +280,21 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
         producer.flush().await.unwrap();
         producer.close().await.unwrap();
     }
+    // Into one lane log, 1.2 MB in rounds with retention passes between them.
+    let mut config = ProducerConfig::new(&address);
+    config.batch_bytes_max = 8 * 1024;
+    let producer = Producer::connect(config).await.unwrap();
+    for round in 0..12u32 {
+        for i in 0..100u32 {
+            let record = ProducerRecord::new("third", vec![b'x'; 1000])
+                .key(format!("k{round}-{i}"))
+                .lane(LaneSelector::Index(Lane(0)));
+            producer.send(record).await.unwrap();
+        }
+        producer.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    producer.close().await.unwrap();
     drop(client);
     // A clean stop, so the trace holds the close of everything: SIGTERM to the broker,
     // strace's child (strace itself would only detach).
@@ -294,10 +319,30 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
         |index: usize, dir: &Path| synced.iter().any(|(at, path)| *at > index && path == dir);
     let file_synced_before =
         |index: usize, file: &Path| synced.iter().any(|(at, path)| *at < index && path == file);
+    // Whether the file at `path` just before `index` got there by a rename from a
+    // segment (`.log`): recycled, rather than created there.
+    let recycled_file_at = |index: usize, path: &Path| {
+        events[..index]
+            .iter()
+            .rev()
+            .find_map(|event| match event {
+                Event::Open {
+                    path: opened,
+                    created: true,
+                    ..
+                } if opened == path => Some(false),
+                Event::Rename { from, to } if to == path => {
+                    Some(from.extension().is_some_and(|e| e == "log"))
+                }
+                _ => None,
+            })
+            .unwrap_or(false)
+    };
 
     let mut created = 0;
     let mut renames = 0;
     let mut segments_made_ahead = 0;
+    let mut segments_recycled = 0;
     let mut seen_created: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for (index, event) in events.iter().enumerate() {
         match event {
@@ -326,13 +371,33 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
                     parent.display()
                 );
             }
+            Event::Rename { from, to } if under_data(to) && from.extension().is_some_and(|e| e == "log") => {
+                // A deleted segment's file kept as the next segment's: durably renamed
+                // before the roll renames it again (and writes it).
+                segments_recycled += 1;
+                let parent = to.parent().unwrap();
+                let installed = events[index + 1..]
+                    .iter()
+                    .position(|event| matches!(event, Event::Rename { from, .. } if from == to))
+                    .map_or(events.len(), |at| index + 1 + at);
+                assert!(
+                    synced
+                        .iter()
+                        .any(|(at, path)| *at > index && *at < installed && path == parent),
+                    "{} was recycled as {}, but {} was not fsynced before its next rename",
+                    from.display(),
+                    to.display(),
+                    parent.display()
+                );
+            }
             Event::Rename { from, to } if under_data(to) => {
                 renames += 1;
-                if to.extension().is_some_and(|e| e == "log") {
+                let recycled = recycled_file_at(index, from);
+                if to.extension().is_some_and(|e| e == "log") && !recycled {
                     segments_made_ahead += 1;
                 }
                 assert!(
-                    file_synced_before(index, from),
+                    recycled || file_synced_before(index, from),
                     "{} was renamed to {} without an fsync of its own first",
                     from.display(),
                     to.display()
@@ -364,7 +429,11 @@ async fn every_creation_and_metadata_write_is_fsynced_in_order() {
         segments_made_ahead >= 1,
         "the never topic should roll into segments made ahead: {segments_made_ahead}"
     );
+    assert!(
+        segments_recycled >= 1,
+        "the topic with retention should recycle segment files: {segments_recycled}"
+    );
     eprintln!(
-        "fsync discipline: {created} files created ({segments} segments), {renames} atomic renames ({segments_made_ahead} of segments made ahead): each followed by its directory's fsync"
+        "fsync discipline: {created} files created ({segments} segments), {renames} renames into place ({segments_made_ahead} of segments made ahead), each followed by its directory's fsync; {segments_recycled} segment files recycled, each rename made durable before the next"
     );
 }
