@@ -3,7 +3,7 @@
 //! power loss at that moment could have left (`lanes_broker::storage::power_loss`): every
 //! byte not yet fsynced is dropped, the last write to each file is torn at a random
 //! byte, and files whose directory was not fsynced since their creation vanish.
-//! Needs the test-only `power-loss` feature (`cargo test --workspace --all-features`).
+//! Needs the test-only `faults` feature (`cargo test --workspace --all-features`).
 //!
 //! A second run keeps little (retention of two segments, checked every 50 ms), so that
 //! rolls overwrite deleted segments' files: a power loss there leaves old batches with
