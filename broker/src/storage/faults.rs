@@ -357,7 +357,8 @@ mod journal {
                         // where the lost bytes did: where recovery looks for the next
                         // batch. On a disk, old and new batches line up whenever their
                         // sizes do (fixed-size records filling whole batches).
-                        let restored = read_up_to(old, chunk, at - start)?;
+                        let below_old_len = chunk.len().min((events.recycled_len - at) as usize);
+                        let restored = read_up_to(old, &mut chunk[..below_old_len], at - start)?;
                         report.old_bytes_restored += restored as u64;
                     }
                     file.write_all_at(chunk, at)?;
