@@ -203,6 +203,31 @@ async fn a_small_prefetch_budget_still_gets_every_record() {
     broker.stop().await;
 }
 
+/// A producer set up for larger batches than the broker takes (its default is 256 KiB)
+/// keeps to the broker's limit, which the broker tells in the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_keeps_its_batches_within_the_brokers_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |settings| settings.batch_bytes_max = 16 * 1024).await;
+    create_topic(&broker.address(), "t", 1).await;
+    let config = ProducerConfig::new(broker.address());
+    assert!(config.batch_bytes_max > 16 * 1024);
+    let producer = Producer::connect(config).await.unwrap();
+    let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..200 {
+        let value = format!("{i:05}{}", "x".repeat(995));
+        deliveries.push(producer.send(record("t", 0, 0, value.clone())).await.unwrap());
+        sent.entry((0, 0)).or_default().push(value);
+    }
+    for delivery in deliveries {
+        delivery.wait().await.unwrap();
+    }
+    producer.close().await.unwrap();
+    assert_stored_as_sent(&read_all(&broker.address(), "t", None).await, &sent);
+    broker.stop().await;
+}
+
 /// A lane log that answers with an error is reported once, not fetched in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_lane_log_is_reported_without_spinning() {

@@ -62,7 +62,8 @@ pub struct ProducerConfig {
     /// Produce requests in flight on the connection; requests with lane 0 batches may
     /// go beyond it, so express never queues behind bulk.
     pub requests_in_flight_max: usize,
-    /// Largest batch; at most the broker's `batch_bytes_max`.
+    /// Largest batch. The producer lowers it to the broker's `batch_bytes_max` (which the
+    /// broker tells in the handshake) if that is smaller.
     pub batch_bytes_max: u32,
     /// Bytes of records held (buffered or in flight); `send` waits beyond it.
     pub buffer_bytes_max: usize,
@@ -244,6 +245,10 @@ impl Producer {
                 .clamp(1, lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX);
         }
         let admin = Arc::new(Client::connect(&config.broker, client_config(&config)).await?);
+        // A batch larger than the broker takes would be refused whole, every time.
+        config.batch_bytes_max = config
+            .batch_bytes_max
+            .min(admin.broker_versions().batch_bytes_max);
         // The id before the first batch: every lane log is idempotent from its first batch.
         let producer = if config.idempotent {
             let id = admin.request(&InitProducerIdRequest).await?;

@@ -160,9 +160,11 @@ impl Client {
             outgoing,
             next_correlation_id: AtomicU32::new(1),
             closed,
+            // Replaced by the handshake's answer before `connect` returns.
             versions: ApiVersionsResponse {
                 apis: Vec::new(),
                 broker_version: String::new(),
+                batch_bytes_max: 0,
             },
             task,
         };

@@ -71,7 +71,10 @@ pub(super) fn dispatch(
     }
     let started = Instant::now();
     let frame = match request {
-        Request::ApiVersions(_) => ready(encode_response(id, &ApiVersionsResponse::supported(VERSION))),
+        Request::ApiVersions(_) => ready(encode_response(
+            id,
+            &ApiVersionsResponse::supported(VERSION, broker.settings.batch_bytes_max),
+        )),
         Request::CreateTopic(request) => ready(admin::create_topic(broker, id, &request)),
         Request::DeleteTopic(request) => ready(admin::delete_topic(broker, id, &request)),
         Request::Metadata(request) => ready(admin::metadata(broker, id, &request)),

@@ -9,6 +9,7 @@
 //! |------------------|--------|----------------------------------------------|
 //! | `apis`           | array  | of `api_key u16, min_version u16, max_version u16` |
 //! | `broker_version` | string | the broker's software version                |
+//! | `batch_bytes_max` | u32   | the largest record batch the broker takes    |
 
 use crate::api::{ApiKey, RequestBody, ResponseBody};
 use crate::wire::{DecodeError, Reader, Writer};
@@ -41,11 +42,14 @@ pub struct ApiVersion {
 pub struct ApiVersionsResponse {
     pub apis: Vec<ApiVersion>,
     pub broker_version: String,
+    /// The largest record batch the broker takes (its `batch_bytes_max`): a producer
+    /// makes none larger.
+    pub batch_bytes_max: u32,
 }
 
 impl ApiVersionsResponse {
-    /// What this crate speaks.
-    pub fn supported(broker_version: &str) -> ApiVersionsResponse {
+    /// What this crate speaks, from a broker taking batches of up to `batch_bytes_max`.
+    pub fn supported(broker_version: &str, batch_bytes_max: u32) -> ApiVersionsResponse {
         let apis = ApiKey::ALL
             .iter()
             .map(|key| {
@@ -60,6 +64,7 @@ impl ApiVersionsResponse {
         ApiVersionsResponse {
             apis,
             broker_version: broker_version.to_owned(),
+            batch_bytes_max,
         }
     }
 
@@ -80,6 +85,7 @@ impl ResponseBody for ApiVersionsResponse {
             writer.u16(api.max_version);
         });
         writer.string(&self.broker_version);
+        writer.u32(self.batch_bytes_max);
     }
 
     fn decode(reader: &mut Reader) -> Result<ApiVersionsResponse, DecodeError> {
@@ -91,7 +97,12 @@ impl ResponseBody for ApiVersionsResponse {
             })
         })?;
         let broker_version = reader.string("broker_version", 255)?;
-        Ok(ApiVersionsResponse { apis, broker_version })
+        let batch_bytes_max = reader.u32("batch_bytes_max")?;
+        Ok(ApiVersionsResponse {
+            apis,
+            broker_version,
+            batch_bytes_max,
+        })
     }
 }
 
@@ -102,16 +113,17 @@ mod tests {
 
     #[test]
     fn roundtrip_and_truncation() {
-        response_roundtrip(&ApiVersionsResponse::supported("0.1.0"));
+        response_roundtrip(&ApiVersionsResponse::supported("0.1.0", 1 << 20));
     }
 
     #[test]
     fn common_version() {
-        let response = ApiVersionsResponse::supported("x");
+        let response = ApiVersionsResponse::supported("x", 1 << 20);
         assert_eq!(response.common_version(ApiKey::Produce), Some(0));
         let none = ApiVersionsResponse {
             apis: vec![],
             broker_version: "x".into(),
+            batch_bytes_max: 1 << 20,
         };
         assert_eq!(none.common_version(ApiKey::Produce), None);
     }
