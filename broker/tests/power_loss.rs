@@ -1,6 +1,6 @@
 //! Reliability suite 2, simulated power loss: the workload and checks of suite 1
 //! (`crash_support`), but after each SIGKILL the data directory is rewritten to what a
-//! power loss at that moment could have left (`lanes_broker::storage::power_loss`): every
+//! power loss at that moment could have left (`lanes_broker::storage::faults`): every
 //! byte not yet fsynced is dropped, the last write to each file is torn at a random
 //! byte, and files whose directory was not fsynced since their creation vanish.
 //! Needs the test-only `faults` feature (`cargo test --workspace --all-features`).

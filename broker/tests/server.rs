@@ -280,3 +280,76 @@ async fn a_written_topic_shows_records_without_waiting_for_fsync() {
     assert_eq!(log[&(0, 0)][0].2, Bytes::from("hello"));
     broker.stop().await;
 }
+
+/// ApiVersions version 1 tells the broker's `batch_bytes_max`; version 0, which clients
+/// from before it send, gets the answer they can read, without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_tells_the_batch_limit_at_version_1_only() {
+    use lanes_protocol::api::{decode_response_body, decode_response_header};
+    use lanes_protocol::messages::ApiVersionsResponseV0;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |settings| settings.batch_bytes_max = 65_536).await;
+    let client = Client::connect(&broker.address(), ClientConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(client.broker_versions().batch_bytes_max, Some(65_536));
+
+    let mut stream = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    // api_key 0, api_version 0, correlation_id 7, client_id "old"; empty body.
+    let mut frame = vec![0, 0, 0, 13, 0, 0, 0, 0, 0, 0, 0, 7, 0, 3];
+    frame.extend_from_slice(b"old");
+    stream.write_all(&frame).await.unwrap();
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).await.unwrap();
+    let mut payload = vec![0u8; u32::from_be_bytes(length) as usize];
+    stream.read_exact(&mut payload).await.unwrap();
+    let (header, body) = decode_response_header(bytes::BytesMut::from(&payload[..])).unwrap();
+    assert_eq!((header.correlation_id, header.error_code), (7, ErrorCode::None));
+    // Decoded as version 0, which checks that nothing follows the software version.
+    let answer: ApiVersionsResponseV0 = decode_response_body(body).unwrap();
+    assert_eq!(answer.0.broker_version, client.broker_versions().broker_version);
+    broker.stop().await;
+}
+
+/// A client still talks to a broker from before ApiVersions version 1, which refuses it
+/// with `UNSUPPORTED_VERSION`: it asks again at version 0. That broker cannot run here,
+/// so a listener answers as it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_falls_back_to_version_0_with_an_older_broker() {
+    use lanes_protocol::api::{encode_error_response, encode_response};
+    use lanes_protocol::messages::{ApiVersionsResponse, ApiVersionsResponseV0};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let old_broker = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut versions_asked = Vec::new();
+        while versions_asked.len() < 2 {
+            let mut length = [0u8; 4];
+            stream.read_exact(&mut length).await.unwrap();
+            let mut payload = vec![0u8; u32::from_be_bytes(length) as usize];
+            stream.read_exact(&mut payload).await.unwrap();
+            let version = u16::from_be_bytes([payload[2], payload[3]]);
+            let correlation_id = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+            versions_asked.push(version);
+            let frame = match version {
+                0 => encode_response(
+                    correlation_id,
+                    &ApiVersionsResponseV0(ApiVersionsResponse::supported("old", None)),
+                ),
+                _ => encode_error_response(correlation_id, ErrorCode::UnsupportedVersion, "version 0 only"),
+            };
+            for chunk in frame {
+                stream.write_all(&chunk).await.unwrap();
+            }
+        }
+        versions_asked
+    });
+    let client = Client::connect(&address, ClientConfig::default()).await.unwrap();
+    assert_eq!(client.broker_versions().broker_version, "old");
+    assert_eq!(client.broker_versions().batch_bytes_max, None);
+    assert_eq!(old_broker.await.unwrap(), vec![1, 0]);
+}

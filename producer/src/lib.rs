@@ -245,10 +245,11 @@ impl Producer {
                 .clamp(1, lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX);
         }
         let admin = Arc::new(Client::connect(&config.broker, client_config(&config)).await?);
-        // A batch larger than the broker takes would be refused whole, every time.
-        config.batch_bytes_max = config
-            .batch_bytes_max
-            .min(admin.broker_versions().batch_bytes_max);
+        // A batch larger than the broker takes would be refused whole, every time. (A
+        // broker that does not say is older, and its limit is the producer's lookout.)
+        if let Some(broker_max) = admin.broker_versions().batch_bytes_max {
+            config.batch_bytes_max = config.batch_bytes_max.min(broker_max);
+        }
         // The id before the first batch: every lane log is idempotent from its first batch.
         let producer = if config.idempotent {
             let id = admin.request(&InitProducerIdRequest).await?;

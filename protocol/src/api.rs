@@ -81,7 +81,11 @@ impl ApiKey {
 
     /// The versions of this API this crate speaks.
     pub fn versions(self) -> (u16, u16) {
-        (0, 0)
+        match self {
+            // Version 1 adds the broker's `batch_bytes_max` to the answer.
+            ApiKey::ApiVersions => (0, 1),
+            _ => (0, 0),
+        }
     }
 }
 

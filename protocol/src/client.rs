@@ -32,7 +32,7 @@ use crate::api::{
     ApiKey, RequestBody, ResponseHeader, decode_response_body, decode_response_header, encode_request,
 };
 use crate::codec::{FrameCodec, write_frames};
-use crate::messages::{ApiVersionsRequest, ApiVersionsResponse};
+use crate::messages::{ApiVersionsRequest, ApiVersionsRequestV0, ApiVersionsResponse};
 use crate::wire::{DecodeError, Reader};
 
 #[derive(Clone, Debug)]
@@ -164,11 +164,17 @@ impl Client {
             versions: ApiVersionsResponse {
                 apis: Vec::new(),
                 broker_version: String::new(),
-                batch_bytes_max: 0,
+                batch_bytes_max: None,
             },
             task,
         };
-        client.versions = client.request_unchecked(&ApiVersionsRequest).await?;
+        client.versions = match client.request_unchecked(&ApiVersionsRequest).await {
+            // A broker from before version 1: the handshake is not done yet.
+            Err(error) if error.code() == Some(ErrorCode::UnsupportedVersion) => {
+                client.request_unchecked(&ApiVersionsRequestV0).await?.0
+            }
+            answer => answer?,
+        };
         Ok(client)
     }
 

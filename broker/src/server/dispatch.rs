@@ -73,7 +73,11 @@ pub(super) fn dispatch(
     let frame = match request {
         Request::ApiVersions(_) => ready(encode_response(
             id,
-            &ApiVersionsResponse::supported(VERSION, broker.settings.batch_bytes_max),
+            // Version 0's answer ends at the software version.
+            &ApiVersionsResponse::supported(
+                VERSION,
+                (header.api_version >= 1).then_some(broker.settings.batch_bytes_max),
+            ),
         )),
         Request::CreateTopic(request) => ready(admin::create_topic(broker, id, &request)),
         Request::DeleteTopic(request) => ready(admin::delete_topic(broker, id, &request)),

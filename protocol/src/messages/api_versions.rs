@@ -1,5 +1,7 @@
 //! ApiVersions (key 0): the handshake. It must be the first request on a connection;
-//! the broker answers any other first request with `HANDSHAKE_REQUIRED`.
+//! the broker answers any other first request with `HANDSHAKE_REQUIRED`. Versions 0 and
+//! 1; a client asks for 1 and falls back to 0 if the broker refuses it (an older
+//! broker).
 //!
 //! Request body: empty.
 //!
@@ -9,7 +11,7 @@
 //! |------------------|--------|----------------------------------------------|
 //! | `apis`           | array  | of `api_key u16, min_version u16, max_version u16` |
 //! | `broker_version` | string | the broker's software version                |
-//! | `batch_bytes_max` | u32   | the largest record batch the broker takes    |
+//! | `batch_bytes_max` | u32   | version 1 only: the largest record batch the broker takes |
 
 use crate::api::{ApiKey, RequestBody, ResponseBody};
 use crate::wire::{DecodeError, Reader, Writer};
@@ -25,7 +27,20 @@ impl ApiVersionsRequest {
 
 impl RequestBody for ApiVersionsRequest {
     const API_KEY: ApiKey = ApiKey::ApiVersions;
+    const API_VERSION: u16 = 1;
     type Response = ApiVersionsResponse;
+
+    fn encode(&self, _writer: &mut Writer) {}
+}
+
+/// ApiVersions at version 0, for a broker that refuses version 1: its answer has no
+/// `batch_bytes_max`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiVersionsRequestV0;
+
+impl RequestBody for ApiVersionsRequestV0 {
+    const API_KEY: ApiKey = ApiKey::ApiVersions;
+    type Response = ApiVersionsResponseV0;
 
     fn encode(&self, _writer: &mut Writer) {}
 }
@@ -43,13 +58,14 @@ pub struct ApiVersionsResponse {
     pub apis: Vec<ApiVersion>,
     pub broker_version: String,
     /// The largest record batch the broker takes (its `batch_bytes_max`): a producer
-    /// makes none larger.
-    pub batch_bytes_max: u32,
+    /// makes none larger. Only in version 1.
+    pub batch_bytes_max: Option<u32>,
 }
 
 impl ApiVersionsResponse {
-    /// What this crate speaks, from a broker taking batches of up to `batch_bytes_max`.
-    pub fn supported(broker_version: &str, batch_bytes_max: u32) -> ApiVersionsResponse {
+    /// What this crate speaks, from a broker taking batches of up to `batch_bytes_max`
+    /// (`None` for an answer at version 0).
+    pub fn supported(broker_version: &str, batch_bytes_max: Option<u32>) -> ApiVersionsResponse {
         let apis = ApiKey::ALL
             .iter()
             .map(|key| {
@@ -85,24 +101,48 @@ impl ResponseBody for ApiVersionsResponse {
             writer.u16(api.max_version);
         });
         writer.string(&self.broker_version);
-        writer.u32(self.batch_bytes_max);
+        if let Some(batch_bytes_max) = self.batch_bytes_max {
+            writer.u32(batch_bytes_max);
+        }
     }
 
+    /// Version 1's answer.
     fn decode(reader: &mut Reader) -> Result<ApiVersionsResponse, DecodeError> {
-        let apis = reader.array("apis", 1024, 6, |reader| {
-            Ok(ApiVersion {
-                api_key: reader.u16("api_key")?,
-                min_version: reader.u16("min_version")?,
-                max_version: reader.u16("max_version")?,
-            })
-        })?;
-        let broker_version = reader.string("broker_version", 255)?;
-        let batch_bytes_max = reader.u32("batch_bytes_max")?;
-        Ok(ApiVersionsResponse {
-            apis,
-            broker_version,
-            batch_bytes_max,
+        let mut response = decode_version_0(reader)?;
+        response.batch_bytes_max = Some(reader.u32("batch_bytes_max")?);
+        Ok(response)
+    }
+}
+
+/// The fields both versions have.
+fn decode_version_0(reader: &mut Reader) -> Result<ApiVersionsResponse, DecodeError> {
+    let apis = reader.array("apis", 1024, 6, |reader| {
+        Ok(ApiVersion {
+            api_key: reader.u16("api_key")?,
+            min_version: reader.u16("min_version")?,
+            max_version: reader.u16("max_version")?,
         })
+    })?;
+    let broker_version = reader.string("broker_version", 255)?;
+    Ok(ApiVersionsResponse {
+        apis,
+        broker_version,
+        batch_bytes_max: None,
+    })
+}
+
+/// The answer to [`ApiVersionsRequestV0`]: no `batch_bytes_max`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiVersionsResponseV0(pub ApiVersionsResponse);
+
+impl ResponseBody for ApiVersionsResponseV0 {
+    fn encode(&self, writer: &mut Writer) {
+        debug_assert!(self.0.batch_bytes_max.is_none(), "not in version 0");
+        self.0.encode(writer);
+    }
+
+    fn decode(reader: &mut Reader) -> Result<ApiVersionsResponseV0, DecodeError> {
+        decode_version_0(reader).map(ApiVersionsResponseV0)
     }
 }
 
@@ -113,17 +153,20 @@ mod tests {
 
     #[test]
     fn roundtrip_and_truncation() {
-        response_roundtrip(&ApiVersionsResponse::supported("0.1.0", 1 << 20));
+        response_roundtrip(&ApiVersionsResponse::supported("0.1.0", Some(1 << 20)));
+        response_roundtrip(&ApiVersionsResponseV0(ApiVersionsResponse::supported(
+            "0.1.0", None,
+        )));
     }
 
     #[test]
     fn common_version() {
-        let response = ApiVersionsResponse::supported("x", 1 << 20);
+        let response = ApiVersionsResponse::supported("x", Some(1 << 20));
         assert_eq!(response.common_version(ApiKey::Produce), Some(0));
         let none = ApiVersionsResponse {
             apis: vec![],
             broker_version: "x".into(),
-            batch_bytes_max: 1 << 20,
+            batch_bytes_max: None,
         };
         assert_eq!(none.common_version(ApiKey::Produce), None);
     }

@@ -11,7 +11,9 @@ mod list_offsets;
 mod metadata;
 mod produce;
 
-pub use api_versions::{ApiVersion, ApiVersionsRequest, ApiVersionsResponse};
+pub use api_versions::{
+    ApiVersion, ApiVersionsRequest, ApiVersionsRequestV0, ApiVersionsResponse, ApiVersionsResponseV0,
+};
 pub use create_topic::{
     CONFIG_KEY_BYTES_MAX, CONFIG_VALUE_BYTES_MAX, CONFIGS_MAX, CreateTopicRequest, CreateTopicResponse,
     TopicConfig,
