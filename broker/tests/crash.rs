@@ -17,13 +17,17 @@ mod process_support;
 use std::path::Path;
 use std::time::Duration;
 
-use crash_support::{Checked, Lcg, Workload, env_u64, seed};
+use crash_support::{Checked, Lcg, Workload, assert_lane_logs_keep, env_u64, seed};
 use process_support::{BrokerProcess, fixed_listen_address, http_get, series_value};
 
 /// Starts a broker on `dir` with `args`, runs the workload while SIGKILLing and
 /// restarting it `LANES_CRASH_KILLS` times, and checks. Before each kill, `before_kill`
-/// sees the broker.
-async fn crash_repeatedly(dir: &Path, args: &[&str], mut before_kill: impl FnMut(&BrokerProcess)) -> Checked {
+/// sees the broker. Returns the last broker, still running.
+async fn crash_repeatedly(
+    dir: &Path,
+    args: &[&str],
+    mut before_kill: impl FnMut(&BrokerProcess),
+) -> (Checked, BrokerProcess) {
     let kills = env_u64("LANES_CRASH_KILLS", 20);
     let seed = seed("LANES_CRASH_SEED");
     eprintln!("crash suite: {kills} kills, LANES_CRASH_SEED={seed}");
@@ -47,13 +51,13 @@ async fn crash_repeatedly(dir: &Path, args: &[&str], mut before_kill: impl FnMut
         "crash suite: {kills} SIGKILLs; {} records acknowledged, {} stored (the rest were in flight at a kill and retried or not), {} deleted by retention, 0 lost, 0 duplicated, {} lane logs dense",
         checked.acknowledged, checked.stored, checked.deleted_by_retention, checked.lane_logs
     );
-    checked
+    (checked, broker)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_repeated_sigkill_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let checked = crash_repeatedly(dir.path(), &["--metrics-listen", "off"], |_| {}).await;
+    let (checked, _) = crash_repeatedly(dir.path(), &["--metrics-listen", "off"], |_| {}).await;
     assert_eq!(checked.deleted_by_retention, 0, "nothing deletes here");
 }
 
@@ -76,7 +80,7 @@ async fn acknowledged_records_that_retention_keeps_survive_sigkill_while_segment
     // The counter starts again with each process: summed over lives, read just before
     // each kill (so a file recycled after the read is not counted).
     let mut recycled = 0.0;
-    let checked = crash_repeatedly(dir.path(), &args, |_| {
+    let (checked, mut broker) = crash_repeatedly(dir.path(), &args, |_| {
         let text = http_get(&metrics, "/metrics");
         recycled += series_value(&text, "lanes_segments_recycled_total", &[]).unwrap_or(0.0);
     })
@@ -88,4 +92,7 @@ async fn acknowledged_records_that_retention_keeps_survive_sigkill_while_segment
         checked.deleted_by_retention > 0,
         "retention deleted nothing acknowledged"
     );
+    broker.signal("TERM");
+    assert!(broker.wait(), "a clean stop");
+    assert_lane_logs_keep(dir.path(), 65_536);
 }

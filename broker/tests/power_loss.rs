@@ -15,7 +15,7 @@ mod process_support;
 
 use std::time::Duration;
 
-use crash_support::{Checked, Lcg, Workload, env_u64, seed};
+use crash_support::{Checked, Lcg, Workload, assert_lane_logs_keep, env_u64, seed};
 use lanes_broker::storage::faults::{JOURNAL_ENV, PowerLossReport, simulate};
 use process_support::{BrokerProcess, fixed_listen_address};
 
@@ -33,8 +33,11 @@ const SMALL_SEGMENTS: [&str; 8] = [
 ];
 
 /// Runs the workload against a broker started with `args` while simulating
-/// `LANES_POWER_LOSSES` power losses, and checks.
-async fn lose_power_repeatedly(args: &'static [&'static str]) -> (Checked, PowerLossReport) {
+/// `LANES_POWER_LOSSES` power losses, and checks. Returns the last broker, still
+/// running, and the directory holding its data directory (`data`).
+async fn lose_power_repeatedly(
+    args: &'static [&'static str],
+) -> (Checked, PowerLossReport, BrokerProcess, tempfile::TempDir) {
     let losses = env_u64("LANES_POWER_LOSSES", 20);
     let seed = seed("LANES_POWER_LOSS_SEED");
     eprintln!("power-loss suite: {losses} power losses, LANES_POWER_LOSS_SEED={seed}");
@@ -104,12 +107,12 @@ async fn lose_power_repeatedly(args: &'static [&'static str]) -> (Checked, Power
         checked.deleted_by_retention,
         checked.lane_logs
     );
-    (checked, total)
+    (checked, total, broker, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_repeated_power_loss_exactly_once() {
-    let (checked, _) = lose_power_repeatedly(&SMALL_SEGMENTS).await;
+    let (checked, ..) = lose_power_repeatedly(&SMALL_SEGMENTS).await;
     assert_eq!(checked.deleted_by_retention, 0, "nothing deletes here");
 }
 
@@ -129,7 +132,7 @@ async fn acknowledged_records_that_retention_keeps_survive_power_loss_in_recycle
         "--retention-check-ms",
         "50",
     ];
-    let (checked, total) = lose_power_repeatedly(&KEEPING_TWO_SEGMENTS).await;
+    let (checked, total, mut broker, dir) = lose_power_repeatedly(&KEEPING_TWO_SEGMENTS).await;
     assert!(
         checked.deleted_by_retention > 0,
         "retention deleted nothing acknowledged"
@@ -139,4 +142,7 @@ async fn acknowledged_records_that_retention_keeps_survive_power_loss_in_recycle
         total.old_bytes_restored > 0,
         "no recycled file lost bytes: {total:?}"
     );
+    broker.signal("TERM");
+    assert!(broker.wait(), "a clean stop");
+    assert_lane_logs_keep(&dir.path().join("data"), 65_536);
 }

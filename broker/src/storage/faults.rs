@@ -244,6 +244,8 @@ mod journal {
                     if kind == "O" {
                         events.baseline_len = len;
                         events.writes.clear();
+                        // Cut (recovery): old bytes past `len` are gone too.
+                        events.recycled_len = events.recycled_len.min(len);
                     } else {
                         events.recycled_len = len;
                     }

@@ -35,6 +35,10 @@ const PARTITIONS: u32 = 4;
 /// Where an acknowledged record landed: (partition, lane, offset).
 type Position = (u32, u8, Offset);
 
+/// What one producer saw: every acknowledgement (value, where), and the errors of
+/// deliveries that failed.
+type Sent = (Vec<(String, Position)>, Vec<String>);
+
 /// A small deterministic generator: the seed is printed, so a failing run can be
 /// repeated with `LANES_CRASH_SEED`.
 pub struct Lcg(pub u64);
@@ -56,8 +60,9 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Sends `p{producer}-{n}` records until `stop`; returns every acknowledgement.
-async fn produce(address: String, producer: u32, stop: Arc<AtomicBool>) -> Vec<(String, Position)> {
+/// Sends `p{producer}-{n}` records until `stop`; returns every acknowledgement, and the
+/// errors of deliveries that failed.
+async fn produce(address: String, producer: u32, stop: Arc<AtomicBool>) -> Sent {
     let mut config = ProducerConfig::new(&address);
     config.client_id = format!("crash-{producer}");
     config.delivery_timeout = Duration::from_secs(120);
@@ -66,14 +71,17 @@ async fn produce(address: String, producer: u32, stop: Arc<AtomicBool>) -> Vec<(
     // Acknowledgements are awaited in order by a second task, through a bounded queue.
     let (pending, mut deliveries) = mpsc::channel::<(String, lanes_producer::Delivery)>(4096);
     let acker = tokio::spawn(async move {
-        let mut acked = Vec::new();
+        let (mut acked, mut failed) = (Vec::new(), Vec::new());
         while let Some((value, delivery)) = deliveries.recv().await {
-            if let Ok(metadata) = delivery.wait().await {
-                let offset = metadata.offset.expect("acks = durable reports offsets");
-                acked.push((value, (metadata.partition.0, metadata.lane.0, offset)));
+            match delivery.wait().await {
+                Ok(metadata) => {
+                    let offset = metadata.offset.expect("acks = durable reports offsets");
+                    acked.push((value, (metadata.partition.0, metadata.lane.0, offset)));
+                }
+                Err(error) => failed.push(format!("{value}: {error}")),
             }
         }
-        acked
+        (acked, failed)
     });
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -135,7 +143,7 @@ pub fn seed(name: &str) -> u64 {
 /// The producers, running until [`Workload::finish`].
 pub struct Workload {
     stop: Arc<AtomicBool>,
-    producers: Vec<JoinHandle<Vec<(String, Position)>>>,
+    producers: Vec<JoinHandle<Sent>>,
 }
 
 /// What the checker saw.
@@ -172,10 +180,21 @@ impl Workload {
     /// good now), reads every lane log back and checks it; panics on a violation.
     pub async fn finish(self, address: &str) -> Checked {
         self.stop.store(true, Ordering::Relaxed);
-        let mut acked: Vec<(String, Position)> = Vec::new();
+        let (mut acked, mut failed): (Vec<(String, Position)>, Vec<String>) = (Vec::new(), Vec::new());
         for producer in self.producers {
-            acked.extend(producer.await.unwrap());
+            let (producer_acked, producer_failed) = producer.await.unwrap();
+            acked.extend(producer_acked);
+            failed.extend(producer_failed);
         }
+        // Retries ride out every crash within the delivery timeout: a failed delivery is
+        // a refusal the workload should never meet (a batch too large, say), which would
+        // otherwise go unseen.
+        assert!(
+            failed.is_empty(),
+            "{} deliveries failed, e.g. {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
         assert!(
             acked.len() > 100,
             "too little was acknowledged to check: {}",
@@ -190,6 +209,38 @@ impl Workload {
         );
         check(&acked, &logs, &starts)
     }
+}
+
+/// Fails unless every lane log of the workload's topic under `data_dir` holds at least
+/// `bytes_min` bytes of segments: retention deletes a segment only while the rest holds
+/// `retention_bytes`, so this is what shows that the records counted as deleted by
+/// retention were deleted by it. After a clean stop, which cuts a recycled file's old
+/// bytes, so that file sizes are segment sizes.
+pub fn assert_lane_logs_keep(data_dir: &std::path::Path, bytes_min: u64) {
+    let topic = data_dir.join("topics").join(TOPIC);
+    let mut lane_logs = 0;
+    for partition in std::fs::read_dir(&topic).unwrap() {
+        let partition = partition.unwrap().path();
+        if !partition.is_dir() {
+            continue;
+        }
+        for lane in std::fs::read_dir(&partition).unwrap() {
+            let lane = lane.unwrap().path();
+            let bytes: u64 = std::fs::read_dir(&lane)
+                .unwrap()
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.extension().is_some_and(|e| e == "log"))
+                .map(|path| std::fs::metadata(path).unwrap().len())
+                .sum();
+            assert!(
+                bytes >= bytes_min,
+                "{} keeps {bytes} bytes, less than retention's {bytes_min}",
+                lane.display()
+            );
+            lane_logs += 1;
+        }
+    }
+    assert_eq!(lane_logs, PARTITIONS * 3, "lane logs under {}", topic.display());
 }
 
 /// Every lane log's earliest offset.
