@@ -21,8 +21,9 @@ use crash_support::{Checked, Lcg, Workload, assert_lane_logs_keep, env_u64, seed
 use process_support::{BrokerProcess, fixed_listen_address, http_get, series_value};
 
 /// Starts a broker on `dir` with `args`, runs the workload while SIGKILLing and
-/// restarting it `LANES_CRASH_KILLS` times, and checks. Before each kill, `before_kill`
-/// sees the broker. Returns the last broker, still running.
+/// restarting it `LANES_CRASH_KILLS` times, and checks. `before_kill` sees each broker
+/// before it goes: before each kill, and the last one before the check. Returns the
+/// last broker, still running.
 async fn crash_repeatedly(
     dir: &Path,
     args: &[&str],

@@ -31,6 +31,7 @@ use crate::process_support::DEADLINE;
 pub const TOPIC: &str = "crash";
 const PRODUCERS: u32 = 2;
 const PARTITIONS: u32 = 4;
+const LANES: [&str; 3] = ["express", "standard", "bulk"];
 
 /// Where an acknowledged record landed: (partition, lane, offset).
 type Position = (u32, u8, Offset);
@@ -164,7 +165,7 @@ impl Workload {
             .request(&CreateTopicRequest {
                 name: TOPIC.into(),
                 partitions: PARTITIONS,
-                lanes: vec!["express".into(), "standard".into(), "bulk".into()],
+                lanes: LANES.map(String::from).to_vec(),
                 configs: Vec::new(),
             })
             .await
@@ -240,13 +241,18 @@ pub fn assert_lane_logs_keep(data_dir: &std::path::Path, bytes_min: u64) {
             lane_logs += 1;
         }
     }
-    assert_eq!(lane_logs, PARTITIONS * 3, "lane logs under {}", topic.display());
+    assert_eq!(
+        lane_logs,
+        PARTITIONS as usize * LANES.len(),
+        "lane logs under {}",
+        topic.display()
+    );
 }
 
 /// Every lane log's earliest offset.
 async fn earliest_offsets(address: &str) -> BTreeMap<(u32, u8), Offset> {
     let client = Client::connect(address, ClientConfig::default()).await.unwrap();
-    let lanes = (0..3)
+    let lanes = (0..LANES.len() as u8)
         .map(|lane| ListOffsetsLane {
             lane: Lane(lane),
             spec: OffsetSpec::Earliest,
