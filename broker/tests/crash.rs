@@ -17,7 +17,9 @@ mod process_support;
 use std::path::Path;
 use std::time::Duration;
 
-use crash_support::{Checked, Lcg, Workload, assert_lane_logs_keep, env_u64, seed};
+use crash_support::{
+    Checked, KEEPING_TWO_SEGMENTS, KEPT_BYTES, Lcg, Workload, assert_lane_logs_keep, env_u64, seed,
+};
 use process_support::{BrokerProcess, fixed_listen_address, http_get, series_value};
 
 /// Starts a broker on `dir` with `args`, runs the workload while SIGKILLing and
@@ -67,17 +69,10 @@ async fn acknowledged_records_that_retention_keeps_survive_sigkill_while_segment
     let dir = tempfile::tempdir().unwrap();
     let metrics = fixed_listen_address();
     let args = [
-        "--metrics-listen",
-        &metrics,
-        "--segment-bytes-max",
-        "32768",
-        "--batch-bytes-max",
-        "16384",
-        "--retention-bytes",
-        "65536",
-        "--retention-check-ms",
-        "50",
-    ];
+        ["--metrics-listen", metrics.as_str()].as_slice(),
+        &KEEPING_TWO_SEGMENTS,
+    ]
+    .concat();
     // The counter starts again with each process: summed over lives, read just before
     // each kill (so a file recycled after the read is not counted).
     let mut recycled = 0.0;
@@ -95,5 +90,5 @@ async fn acknowledged_records_that_retention_keeps_survive_sigkill_while_segment
     );
     broker.signal("TERM");
     assert!(broker.wait(), "a clean stop");
-    assert_lane_logs_keep(dir.path(), 65_536);
+    assert_lane_logs_keep(dir.path(), KEPT_BYTES);
 }

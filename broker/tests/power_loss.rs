@@ -15,7 +15,9 @@ mod process_support;
 
 use std::time::Duration;
 
-use crash_support::{Checked, Lcg, Workload, assert_lane_logs_keep, env_u64, seed};
+use crash_support::{
+    Checked, KEEPING_TWO_SEGMENTS, KEPT_BYTES, Lcg, Workload, assert_lane_logs_keep, env_u64, seed,
+};
 use lanes_broker::storage::faults::{JOURNAL_ENV, PowerLossReport, simulate};
 use process_support::{BrokerProcess, fixed_listen_address};
 
@@ -36,8 +38,9 @@ const SMALL_SEGMENTS: [&str; 8] = [
 /// `LANES_POWER_LOSSES` power losses, and checks. Returns the last broker, still
 /// running, and the directory holding its data directory (`data`).
 async fn lose_power_repeatedly(
-    args: &'static [&'static str],
+    args: Vec<&'static str>,
 ) -> (Checked, PowerLossReport, BrokerProcess, tempfile::TempDir) {
+    let args = std::sync::Arc::new(args);
     let losses = env_u64("LANES_POWER_LOSSES", 20);
     let seed = seed("LANES_POWER_LOSS_SEED");
     eprintln!("power-loss suite: {losses} power losses, LANES_POWER_LOSS_SEED={seed}");
@@ -51,8 +54,9 @@ async fn lose_power_repeatedly(
     // producers need meanwhile.
     let start = || {
         let (listen, data, journal) = (listen.clone(), data.clone(), journal.clone());
+        let args = std::sync::Arc::clone(&args);
         tokio::task::spawn_blocking(move || {
-            BrokerProcess::start_on_with_env(&listen, &data, args, &[(JOURNAL_ENV, journal.as_os_str())])
+            BrokerProcess::start_on_with_env(&listen, &data, &args, &[(JOURNAL_ENV, journal.as_os_str())])
         })
     };
     let mut broker = start().await.unwrap();
@@ -112,27 +116,18 @@ async fn lose_power_repeatedly(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_repeated_power_loss_exactly_once() {
-    let (checked, ..) = lose_power_repeatedly(&SMALL_SEGMENTS).await;
+    let (checked, ..) = lose_power_repeatedly(SMALL_SEGMENTS.to_vec()).await;
     assert_eq!(checked.deleted_by_retention, 0, "nothing deletes here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_that_retention_keeps_survive_power_loss_in_recycled_segment_files() {
-    static KEEPING_TWO_SEGMENTS: [&str; 12] = [
-        "--metrics-listen",
-        "off",
-        "--segment-bytes-max",
-        "32768",
-        "--batch-bytes-max",
-        "16384",
-        "--index-interval-bytes",
-        "1024",
-        "--retention-bytes",
-        "65536",
-        "--retention-check-ms",
-        "50",
-    ];
-    let (checked, total, mut broker, dir) = lose_power_repeatedly(&KEEPING_TWO_SEGMENTS).await;
+    let args = [
+        ["--metrics-listen", "off", "--index-interval-bytes", "1024"].as_slice(),
+        &KEEPING_TWO_SEGMENTS,
+    ]
+    .concat();
+    let (checked, total, mut broker, dir) = lose_power_repeatedly(args).await;
     assert!(
         checked.deleted_by_retention > 0,
         "retention deleted nothing acknowledged"
@@ -144,5 +139,5 @@ async fn acknowledged_records_that_retention_keeps_survive_power_loss_in_recycle
     );
     broker.signal("TERM");
     assert!(broker.wait(), "a clean stop");
-    assert_lane_logs_keep(&dir.path().join("data"), 65_536);
+    assert_lane_logs_keep(&dir.path().join("data"), KEPT_BYTES);
 }

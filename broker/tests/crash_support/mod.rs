@@ -33,6 +33,23 @@ const PRODUCERS: u32 = 2;
 const PARTITIONS: u32 = 4;
 const LANES: [&str; 3] = ["express", "standard", "bulk"];
 
+/// The broker settings of the suites' second runs: retention keeps two 32 KiB segments
+/// per lane log and runs every 50 ms, so that deleted segments' files are recycled all
+/// through a run.
+pub const KEEPING_TWO_SEGMENTS: [&str; 8] = [
+    "--segment-bytes-max",
+    "32768",
+    "--batch-bytes-max",
+    "16384",
+    "--retention-bytes",
+    "65536",
+    "--retention-check-ms",
+    "50",
+];
+
+/// What [`KEEPING_TWO_SEGMENTS`] keeps per lane log: its `--retention-bytes`.
+pub const KEPT_BYTES: u64 = 65_536;
+
 /// Where an acknowledged record landed: (partition, lane, offset).
 type Position = (u32, u8, Offset);
 
