@@ -11,6 +11,7 @@ use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom};
 use lanes_protocol::PartitionId;
 
 use crate::latency::Latencies;
+use crate::machine::CpuTimes;
 
 /// How long consumers wait for anything new before counting the rest as lost.
 const IDLE: Duration = Duration::from_secs(10);
@@ -54,6 +55,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
     let bar = progress(Some(total), "consume");
     let consumers = common.consumers.max(1) as u32;
     let started = Instant::now();
+    let cpu = CpuTimes::read();
     let mut tasks = Vec::new();
     for index in 0..consumers {
         let mut config = ConsumerConfig::new(&target.address);
@@ -139,6 +141,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
         seconds,
         latency: Some(polls.summary()),
         lost: Some(total.saturating_sub(records)),
+        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
         ..Report::default()
     })
 }

@@ -12,6 +12,7 @@ use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig};
 use lanes_producer::{Producer, ProducerRecord};
 
 use crate::latency::Latencies;
+use crate::machine::CpuTimes;
 use crate::pace::Ticks;
 use crate::report::{Common, Report, progress};
 use crate::target::Target;
@@ -106,6 +107,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
     wait_for_group(target, common.consumers.max(1), common.partitions).await?;
 
     let started = Instant::now();
+    let cpu = CpuTimes::read();
     let producers = common.producers.max(1) as u64;
     let deadline = duration.map(|d| Instant::now() + d);
     let ticks = common.rate.map(|_| Ticks::start()).transpose()?;
@@ -167,6 +169,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         latency: Some(latencies.summary()),
         lost: Some(total.saturating_sub(seen.distinct)),
         duplicates: Some(seen.duplicates),
+        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
         ..Report::default()
     })
 }

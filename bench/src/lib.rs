@@ -8,6 +8,7 @@
 //! - [`produce`], [`consume`], [`e2e`]: throughput and latency of producers, consumers,
 //!   and both at once.
 //! - [`orders`]: the order-fulfilment demo.
+//! - [`machine`]: what the machine's CPUs did during a run, steal included.
 //! - [`pace`]: open-loop pacing for `--rate`, finer than tokio's timer.
 //! - [`lanes`]: the priority scenario: express latency idle, behind a bulk backlog, and
 //!   on a one-lane topic (plain FIFO), and bulk's share while express is saturated.
@@ -18,6 +19,7 @@ pub mod consume;
 pub mod e2e;
 pub mod lanes;
 pub mod latency;
+pub mod machine;
 pub mod orders;
 pub mod pace;
 pub mod produce;

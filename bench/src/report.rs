@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
 
 use crate::latency::{Summary, round};
+use crate::machine::CpuShares;
 
 /// How records are acknowledged, as the bench names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +118,8 @@ pub struct Report {
     pub lost: Option<u64>,
     pub duplicates: Option<u64>,
     pub lanes: Vec<LaneReport>,
+    /// What the machine's CPUs did over the measured time (Linux only).
+    pub machine_cpu: Option<CpuShares>,
     /// Scenario-specific figures, shown as they are.
     pub extra: Map<String, Value>,
 }
@@ -166,6 +169,9 @@ impl Report {
                 .collect();
             map.insert("lanes".into(), Value::Object(lanes));
         }
+        if let Some(cpu) = &self.machine_cpu {
+            map.insert("machine_cpu_percent".into(), cpu.to_json());
+        }
         for (key, value) in &self.extra {
             map.insert(key.clone(), value.clone());
         }
@@ -209,6 +215,10 @@ impl Report {
                 "peak memory of this process (with an embedded broker): {:.0} MiB anonymous, {rss:.0} MiB resident with mapped log pages\n",
                 MEMORY.peak_anon_mib().unwrap_or(0.0)
             );
+        }
+        if let Some(cpu) = &self.machine_cpu {
+            out += &cpu.line();
+            out.push('\n');
         }
         if let Some(lost) = self.lost {
             out += &format!("lost: {lost}\n");

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use lanes_broker::config::FsyncMode;
+use clap::Parser;
+use lanes_broker::config::{FsyncMode, SettingsArgs};
 use lanes_broker::{Broker, Settings};
 use lanes_protocol::ErrorCode;
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
@@ -27,7 +28,10 @@ struct Embedded {
 }
 
 impl Target {
-    /// Connects to `broker`, or starts one in this process on a temp dir with `fsync`.
+    /// Connects to `broker`, or starts one in this process on a temp dir with `fsync`
+    /// and, for every other setting, what `LANES_<SETTING>` says in the environment, as
+    /// for `lanes-broker` (so `LANES_WRITEBACK_BYTES=0 lanes-bench produce` measures that
+    /// setting).
     pub async fn start(broker: Option<String>, fsync: FsyncMode) -> anyhow::Result<Target> {
         if let Some(address) = broker {
             return Ok(Target {
@@ -43,8 +47,11 @@ impl Target {
             data_dir: dir.path().to_owned(),
             metrics_listen: "off".into(),
             fsync,
-            ..Settings::default()
+            ..settings_from_environment()?
         };
+        settings
+            .validate()
+            .context("the embedded broker's settings (LANES_* environment variables)")?;
         let broker = tokio::task::spawn_blocking(move || Broker::open(settings))
             .await?
             .context("opening the embedded broker")?;
@@ -109,4 +116,25 @@ impl Target {
             .with_context(|| format!("creating topic {name}"))?;
         Ok(())
     }
+}
+
+/// The broker settings the environment gives (`LANES_<SETTING>`), defaults for the rest.
+fn settings_from_environment() -> anyhow::Result<Settings> {
+    /// No flags: clap reads each setting's environment variable.
+    #[derive(Debug, Parser)]
+    struct Environment {
+        #[command(flatten)]
+        settings: SettingsArgs,
+    }
+    let environment = Environment::try_parse_from(["lanes-bench"]).map_err(|error| {
+        // clap names the flag and suggests `--help`; the first line is what went wrong.
+        let error = error.to_string();
+        let what = error
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        anyhow::anyhow!("the embedded broker's settings (LANES_* environment variables): {what}")
+    })?;
+    Ok(Settings::load(&environment.settings, None)?)
 }

@@ -80,6 +80,22 @@ fn produce_consume_and_e2e_report_the_common_fields() {
         if scenario == "e2e" {
             assert_eq!(report["duplicates"], 0, "{report}");
         }
+        // A run this short may end within one of the kernel's CPU clock ticks.
+        if report.get("machine_cpu_percent").is_some() {
+            assert_machine_cpu(&report);
+        }
+    }
+}
+
+/// The machine's CPU over the run, in shares of all of it, steal included.
+fn assert_machine_cpu(report: &serde_json::Value) {
+    let cpu = report["machine_cpu_percent"]
+        .as_object()
+        .unwrap_or_else(|| panic!("machine_cpu_percent: {report}"));
+    let total: f64 = cpu.values().map(|share| share.as_f64().expect("a number")).sum();
+    assert!((99.0..=101.0).contains(&total), "{report}");
+    for key in ["user", "system", "interrupts", "idle", "iowait", "steal"] {
+        assert!(cpu.contains_key(key), "{key}: {report}");
     }
 }
 
@@ -97,6 +113,10 @@ fn paced_produce_reports_the_send_delay() {
     let delay_max = delay["max"].as_f64().expect("a max");
     let latency_max = report["latency_ms"]["max"].as_f64().expect("a latency max");
     assert!(delay_max <= latency_max, "{report}");
+    // 0.3 s: dozens of the kernel's clock ticks.
+    if cfg!(target_os = "linux") {
+        assert_machine_cpu(&report);
+    }
     let unpaced = run_json(&["produce", "--count", "1000", "--warmup-s", "0", "--json"]);
     assert!(unpaced.get("send_delay_ms").is_none(), "{unpaced}");
 }
@@ -195,4 +215,33 @@ fn an_interrupted_run_removes_the_embedded_brokers_data() {
         Vec::<PathBuf>::new(),
         "the embedded broker's data is gone"
     );
+}
+
+/// The embedded broker takes its settings from `LANES_<SETTING>` as `lanes-broker` does,
+/// and a bad one is named.
+#[test]
+fn the_embedded_broker_reads_its_settings_from_the_environment() {
+    let run = |variable: &str, value: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_lanes-bench"))
+            .args(["produce", "--count", "100", "--partitions", "4"])
+            .args(SMALL_RECORDS_JSON)
+            .env(variable, value)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run("LANES_TOPIC_PARTITIONS_MAX", "2");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("topic_partitions_max"), "{stderr}");
+    let (code, stderr) = run("LANES_WRITEBACK_BYTES", "lots");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--writeback-bytes") && stderr.contains("'lots'"),
+        "{stderr}"
+    );
+    let (code, stderr) = run("LANES_TOPIC_PARTITIONS_MAX", "4");
+    assert_eq!(code, Some(0), "{stderr}");
 }
