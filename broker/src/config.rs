@@ -113,7 +113,7 @@ settings! {
     fsync_threads: u32 = 2, "LANES_FSYNC_THREADS";
     /// Without `fsync = always`: the fsync threads start the writeback of each this many
     /// appended bytes of a lane log, instead of leaving it all to the kernel; 0 leaves it.
-    writeback_bytes: u32 = 16 * MIB, "LANES_WRITEBACK_BYTES";
+    writeback_bytes: u32 = MIB, "LANES_WRITEBACK_BYTES";
     /// A segment rolls before it would exceed this size (bytes).
     segment_bytes_max: u32 = 1024 * MIB, "LANES_SEGMENT_BYTES_MAX";
     /// A segment rolls once it has been active this long (ms).

@@ -64,7 +64,7 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             index_bytes_max: 10 << 20,
             batch: BatchLimits::default(),
-            writeback_bytes: 16 << 20,
+            writeback_bytes: 1 << 20,
             fsync: FsyncPolicy::Always,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,
