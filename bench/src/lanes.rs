@@ -25,6 +25,7 @@ use lanes_protocol::messages::DescribeGroupRequest;
 use serde_json::{Value, json};
 
 use crate::latency::{Latencies, Summary, round};
+use crate::machine::{CpuShares, CpuTimes};
 use crate::target::Target;
 
 /// Settings of the scenario.
@@ -59,6 +60,8 @@ pub struct LanesReport {
     pub bulk_weighted_share_pct: f64,
     pub records: u64,
     pub seconds: f64,
+    /// What the machine's CPUs did over the whole run (Linux only).
+    pub machine_cpu: Option<CpuShares>,
 }
 
 const EXPRESS: u8 = b'E';
@@ -127,6 +130,7 @@ pub async fn run(
     progress: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<LanesReport> {
     let started = Instant::now();
+    let cpu = CpuTimes::read();
     let three = &["express", "standard", "bulk"][..];
     let phases = [
         Phase {
@@ -189,6 +193,7 @@ pub async fn run(
         bulk_weighted_share_pct: 100.0 * bulk_weight / (express_weight + bulk_weight),
         records: idle.records + backlog.records + fifo.records + saturated.records,
         seconds: started.elapsed().as_secs_f64(),
+        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
     })
 }
 
@@ -431,7 +436,7 @@ impl LanesReport {
     }
 
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut object = json!({
             "scenario": "lanes",
             "records": self.records,
             "seconds": round(self.seconds),
@@ -462,7 +467,11 @@ impl LanesReport {
                 "bulk_share_at_least_weighted": self.bulk_gets_its_share(),
             },
             "errors": 0,
-        })
+        });
+        if let Some(cpu) = &self.machine_cpu {
+            object["machine_cpu_percent"] = cpu.to_json();
+        }
+        object
     }
 
     /// The human-readable table.
@@ -496,6 +505,10 @@ impl LanesReport {
             "bulk while express is saturated: {:.1}% of records handled (its weight: {:.1}%); bulk during backlog: {:.0} records/s\n",
             self.bulk_share_pct, self.bulk_weighted_share_pct, self.bulk_per_s_backlog
         );
+        if let Some(cpu) = &self.machine_cpu {
+            out += &cpu.line();
+            out.push('\n');
+        }
         out
     }
 }

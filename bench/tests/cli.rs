@@ -40,6 +40,10 @@ fn lanes_scenario_runs_and_reports() {
     }
     // Every bulk record of the backlog and fifo phases was handled, and the express ones.
     assert!(report["records"].as_u64().unwrap() >= 2 * 3000);
+    // Four phases of a second or more: many of the kernel's CPU clock ticks.
+    if cfg!(target_os = "linux") {
+        assert_machine_cpu(&report);
+    }
 }
 
 /// 100-byte records, no warm-up, one JSON object out: small, quick runs.
