@@ -228,6 +228,52 @@ async fn a_producer_keeps_its_batches_within_the_brokers_limit() {
     broker.stop().await;
 }
 
+/// A broker restarted with a smaller batch limit tells it in the new handshake, and the
+/// producer, reconnecting, builds its batches within it, including on a lane log whose
+/// batch was open before: the records sent afterwards are all stored, where batches of
+/// the old size would have been refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_keeps_to_a_smaller_batch_limit_after_the_broker_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "t", 1).await;
+    // Lane 1's records linger until their batch is full; lane 0's go at once.
+    let mut config = ProducerConfig::new(&address);
+    config.linger = Duration::from_millis(300);
+    let producer = Producer::connect(config).await.unwrap();
+    let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
+    let mut send = async |lane: u8, count: usize, wait: bool| {
+        let mut deliveries = Vec::new();
+        for _ in 0..count {
+            let values = sent.entry((0, lane)).or_default();
+            let value = format!("{:05}{}", values.len(), "x".repeat(995));
+            values.push(value.clone());
+            deliveries.push(producer.send(record("t", 0, lane, value)).await.unwrap());
+        }
+        if wait {
+            for delivery in deliveries {
+                delivery.wait().await.unwrap();
+            }
+        }
+    };
+    send(1, 300, true).await;
+    broker.stop().await;
+    let broker = TestBroker::start_on(address.parse().unwrap(), dir.path(), |settings| {
+        settings.batch_bytes_max = 16 * 1024;
+    })
+    .await;
+    // Lane 1 opens a batch under the old limit, and it lingers; the record of lane 0
+    // makes the producer reconnect, and learn the new limit, meanwhile.
+    send(1, 1, false).await;
+    send(0, 1, true).await;
+    // 300 KB more on lane 1: batches of 16 KiB, not the open one growing to 256 KiB.
+    send(1, 300, true).await;
+    producer.close().await.unwrap();
+    assert_stored_as_sent(&read_all(&address, "t", None).await, &sent);
+    broker.stop().await;
+}
+
 /// A lane log that answers with an error is reported once, not fetched in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_lane_log_is_reported_without_spinning() {

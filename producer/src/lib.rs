@@ -29,7 +29,7 @@ mod sender;
 
 use bytes::BytesMut;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,8 +62,9 @@ pub struct ProducerConfig {
     /// Produce requests in flight on the connection; requests with lane 0 batches may
     /// go beyond it, so express never queues behind bulk.
     pub requests_in_flight_max: usize,
-    /// Largest batch. The producer lowers it to the broker's `batch_bytes_max` (which the
-    /// broker tells in the handshake) if that is smaller.
+    /// Largest batch. The producer keeps to the broker's `batch_bytes_max` (which the
+    /// broker tells in the handshake) where that is smaller, as of its latest connection:
+    /// a broker restarted with a smaller limit gets smaller batches from then on.
     pub batch_bytes_max: u32,
     /// Bytes of records held (buffered or in flight); `send` waits beyond it.
     pub buffer_bytes_max: usize,
@@ -210,6 +211,9 @@ impl TopicInfo {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: ProducerConfig,
+    /// The largest batch to build: `config.batch_bytes_max`, or the broker's limit as of
+    /// the latest connection where that is smaller (see [`keep_to_broker_limit`]).
+    pub(crate) batch_bytes_max: AtomicU32,
     pub(crate) accumulator: Mutex<Accumulator>,
     /// Bytes of records held; permits are returned when their batch completes.
     pub(crate) buffer: Semaphore,
@@ -245,11 +249,8 @@ impl Producer {
                 .clamp(1, lanes_protocol::messages::IN_FLIGHT_PER_LOG_MAX);
         }
         let admin = Arc::new(Client::connect(&config.broker, client_config(&config)).await?);
-        // A batch larger than the broker takes would be refused whole, every time. (A
-        // broker that does not say is older, and its limit is the producer's lookout.)
-        if let Some(broker_max) = admin.broker_versions().batch_bytes_max {
-            config.batch_bytes_max = config.batch_bytes_max.min(broker_max);
-        }
+        let batch_bytes_max = AtomicU32::new(config.batch_bytes_max);
+        keep_to_broker_limit(&batch_bytes_max, &config, &admin);
         // The id before the first batch: every lane log is idempotent from its first batch.
         let producer = if config.idempotent {
             let id = admin.request(&InitProducerIdRequest).await?;
@@ -258,6 +259,7 @@ impl Producer {
             None
         };
         let shared = Arc::new(Shared {
+            batch_bytes_max,
             buffer: Semaphore::new(config.buffer_bytes_max),
             accumulator: Mutex::new(Accumulator::default()),
             wake: Notify::new(),
@@ -289,7 +291,7 @@ impl Producer {
             return Err(ProduceError::Closed);
         }
         let topic = self.topic(&record.topic).await?;
-        let batch_bytes_max = self.shared.config.batch_bytes_max;
+        let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
         let reserve = record.encoded_len_max();
         let partition = topic.partition(&record, reserve, batch_bytes_max)?;
         let lane = topic.lane(&record.lane)?;
@@ -329,6 +331,15 @@ impl Producer {
                 wake = true;
                 OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST)
             });
+            if open.builder.limits().batch_bytes_max != batch_bytes_max {
+                // Opened under the limit of an earlier connection: sealed as it is, so
+                // that this record starts a batch of the size the broker takes now.
+                let next = OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST);
+                let sealed = std::mem::replace(open, next);
+                accumulator.closed.push_back((key.clone(), sealed));
+                wake = true;
+            }
+            let open = accumulator.open.get_mut(&key).expect("present");
             let pushed = open
                 .builder
                 .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
@@ -510,6 +521,15 @@ impl Drop for Producer {
         }
         self.shared.abandon.raise();
     }
+}
+
+/// Sets `batch_bytes_max` to the configured limit, or to the limit `client`'s broker
+/// said in the handshake where that is smaller: a batch larger than the broker takes is
+/// refused whole, every time. (A broker that does not say is older, and its limit is the
+/// producer's lookout.)
+pub(crate) fn keep_to_broker_limit(batch_bytes_max: &AtomicU32, config: &ProducerConfig, client: &Client) {
+    let broker_max = client.broker_versions().batch_bytes_max.unwrap_or(u32::MAX);
+    batch_bytes_max.store(config.batch_bytes_max.min(broker_max), Ordering::Relaxed);
 }
 
 pub(crate) fn client_config(config: &ProducerConfig) -> ClientConfig {

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::record::BatchResult;
-use crate::{ProduceError, Shared, client_config};
+use crate::{ProduceError, Shared, client_config, keep_to_broker_limit};
 
 /// A lane log, as the producer addresses it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -350,6 +350,8 @@ impl Sender {
         let config = &self.shared.config;
         match Client::connect(&config.broker, client_config(config)).await {
             Ok(client) => {
+                // The broker may have restarted with another batch limit.
+                keep_to_broker_limit(&self.shared.batch_bytes_max, config, &client);
                 let client = Arc::new(client);
                 self.client = Some(Arc::clone(&client));
                 Some(client)

@@ -675,6 +675,11 @@ impl RecordBatchBuilder {
         }
     }
 
+    /// The bounds `push` keeps the batch within.
+    pub fn limits(&self) -> BatchLimits {
+        self.limits
+    }
+
     pub fn record_count(&self) -> u32 {
         self.record_count
     }
