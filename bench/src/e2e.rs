@@ -155,6 +155,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let machine_cpu = cpu.and_then(|cpu| cpu.shares_until_now());
     done.store(true, Ordering::Relaxed);
     for consumer in consumers {
         consumer.await??;
@@ -169,7 +170,7 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         latency: Some(latencies.summary()),
         lost: Some(total.saturating_sub(seen.distinct)),
         duplicates: Some(seen.duplicates),
-        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
+        machine_cpu,
         ..Report::default()
     })
 }

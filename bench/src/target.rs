@@ -29,9 +29,10 @@ struct Embedded {
 
 impl Target {
     /// Connects to `broker`, or starts one in this process on a temp dir with `fsync`
-    /// and, for every other setting, what `LANES_<SETTING>` says in the environment, as
+    /// and, for the other settings, what `LANES_<SETTING>` says in the environment, as
     /// for `lanes-broker` (so `LANES_WRITEBACK_BYTES=0 lanes-bench produce` measures that
-    /// setting).
+    /// setting). `listen`, `data_dir` and `metrics_listen` are the bench's own; every
+    /// variable is parsed, so a bad value in any of them fails the run.
     pub async fn start(broker: Option<String>, fsync: FsyncMode) -> anyhow::Result<Target> {
         if let Some(address) = broker {
             return Ok(Target {

@@ -228,6 +228,84 @@ async fn a_producer_keeps_its_batches_within_the_brokers_limit() {
     broker.stop().await;
 }
 
+/// Reads one response frame (its 4-byte length, then the rest) from `from`.
+async fn read_frame(from: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut prefix = [0u8; 4];
+    from.read_exact(&mut prefix).await?;
+    let mut frame = prefix.to_vec();
+    frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+    from.read_exact(&mut frame[4..]).await?;
+    Ok(frame)
+}
+
+/// A retried batch whose backoff ran out while the producer was reconnecting is sent
+/// once connected, not when its delivery times out. The proxy cuts the producer's first
+/// connection at its first produce response, and answers every later handshake 100 ms
+/// late, 20 times the retry backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_due_while_reconnecting_goes_out_once_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "t", 1).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let upstream_address = broker.addr;
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((mut client, _)) = listener.accept().await {
+            accepted += 1;
+            let first = accepted == 1;
+            let Ok(mut upstream) = TcpStream::connect(upstream_address).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.split();
+                let (mut upstream_read, mut upstream_write) = upstream.split();
+                let requests = tokio::io::copy(&mut client_read, &mut upstream_write);
+                let responses = async {
+                    if first {
+                        // ApiVersions, InitProducerId and Metadata pass; the produce
+                        // response does not, and the connection ends.
+                        for _ in 0..3 {
+                            client_write
+                                .write_all(&read_frame(&mut upstream_read).await?)
+                                .await?;
+                        }
+                        read_frame(&mut upstream_read).await?;
+                        return Ok(());
+                    }
+                    let handshake = read_frame(&mut upstream_read).await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    client_write.write_all(&handshake).await?;
+                    tokio::io::copy(&mut upstream_read, &mut client_write).await?;
+                    Ok::<(), std::io::Error>(())
+                };
+                tokio::select! {
+                    _ = requests => {}
+                    _ = responses => {}
+                }
+            });
+        }
+    });
+    let mut config = ProducerConfig::new(proxy.to_string());
+    config.retry_backoff = Duration::from_millis(5);
+    config.delivery_timeout = Duration::from_secs(60);
+    let producer = Producer::connect(config).await.unwrap();
+    let delivery = producer.send(record("t", 0, 0, "once")).await.unwrap();
+    // Delivered in well under a second; a sender asleep until the delivery timeout
+    // would take 60 s.
+    let delivered = tokio::time::timeout(Duration::from_secs(20), delivery.wait()).await;
+    assert!(
+        matches!(delivered, Ok(Ok(_))),
+        "the retry waited for something other than its backoff: {delivered:?}"
+    );
+    producer.close().await.unwrap();
+    let mut expected = HashMap::new();
+    expected.insert((0, 0), vec!["once".to_owned()]);
+    assert_stored_as_sent(&read_all(&broker.address(), "t", None).await, &expected);
+    broker.stop().await;
+}
+
 /// A broker restarted with a smaller batch limit tells it in the new handshake, and the
 /// producer, reconnecting, builds its batches within it, including on a lane log whose
 /// batch was open before: the records sent afterwards are all stored, where batches of
@@ -238,12 +316,13 @@ async fn a_producer_keeps_to_a_smaller_batch_limit_after_the_broker_restarts() {
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     let address = broker.address();
     create_topic(&address, "t", 1).await;
-    // Lane 1's records linger until their batch is full; lane 0's go at once.
+    // Lane 1's batches go when full or flushed (the linger outlasts the test); lane 0's
+    // at once.
     let mut config = ProducerConfig::new(&address);
-    config.linger = Duration::from_millis(300);
+    config.linger = Duration::from_secs(600);
     let producer = Producer::connect(config).await.unwrap();
     let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
-    let mut send = async |lane: u8, count: usize, wait: bool| {
+    let mut send = async |lane: u8, count: usize| {
         let mut deliveries = Vec::new();
         for _ in 0..count {
             let values = sent.entry((0, lane)).or_default();
@@ -251,24 +330,27 @@ async fn a_producer_keeps_to_a_smaller_batch_limit_after_the_broker_restarts() {
             values.push(value.clone());
             deliveries.push(producer.send(record("t", 0, lane, value)).await.unwrap());
         }
-        if wait {
-            for delivery in deliveries {
-                delivery.wait().await.unwrap();
-            }
-        }
+        deliveries
     };
-    send(1, 300, true).await;
+    let mut deliveries = send(1, 300).await;
+    producer.flush().await.unwrap();
     broker.stop().await;
     let broker = TestBroker::start_on(address.parse().unwrap(), dir.path(), |settings| {
         settings.batch_bytes_max = 16 * 1024;
     })
     .await;
-    // Lane 1 opens a batch under the old limit, and it lingers; the record of lane 0
-    // makes the producer reconnect, and learn the new limit, meanwhile.
-    send(1, 1, false).await;
-    send(0, 1, true).await;
+    // Lane 1 opens a batch under the old limit; lane 0's record makes the producer
+    // reconnect, and learn the new limit, meanwhile.
+    deliveries.extend(send(1, 1).await);
+    for delivery in send(0, 1).await {
+        delivery.wait().await.unwrap();
+    }
     // 300 KB more on lane 1: batches of 16 KiB, not the open one growing to 256 KiB.
-    send(1, 300, true).await;
+    deliveries.extend(send(1, 300).await);
+    producer.flush().await.unwrap();
+    for delivery in deliveries {
+        delivery.wait().await.unwrap();
+    }
     producer.close().await.unwrap();
     assert_stored_as_sent(&read_all(&address, "t", None).await, &sent);
     broker.stop().await;

@@ -319,44 +319,43 @@ impl Producer {
             partition,
             lane,
         };
-        let limits = BatchLimits {
-            batch_bytes_max,
-            batch_records_max: u32::MAX,
-        };
         let (delivery, wake) = {
             let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
+            let Accumulator { open: opens, closed } = &mut *accumulator;
+            // Read again under the lock, after the wait for buffer room: a reconnection
+            // meanwhile may have lowered it, and every record sees the limits in the
+            // order the sender set them.
+            let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
+            let limits = BatchLimits {
+                batch_bytes_max,
+                batch_records_max: u32::MAX,
+            };
             let mut wake = false;
             let abandon = &self.shared.abandon;
-            let open = accumulator.open.entry(key.clone()).or_insert_with(|| {
+            let open = opens.entry(key.clone()).or_insert_with(|| {
                 wake = true;
                 OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST)
             });
-            if open.builder.limits().batch_bytes_max != batch_bytes_max {
-                // Opened under the limit of an earlier connection: sealed as it is, so
-                // that this record starts a batch of the size the broker takes now.
+            if open.builder.limits().batch_bytes_max > batch_bytes_max {
+                // Opened before the broker told a smaller limit: sealed as it is, so that
+                // this record starts a batch of the size the broker takes now.
                 let next = OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST);
-                let sealed = std::mem::replace(open, next);
-                accumulator.closed.push_back((key.clone(), sealed));
+                closed.push_back((key.clone(), std::mem::replace(open, next)));
                 wake = true;
             }
-            let open = accumulator.open.get_mut(&key).expect("present");
-            let pushed = open
+            let mut pushed = open
                 .builder
                 .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
-            let pushed = match pushed {
-                Err(BuildError::BatchFull) => {
-                    // Its lane log fills batches: the next one gets its full size at once
-                    // rather than growing (each growth copies the batch).
-                    let next = OpenBatch::new(limits, abandon, batch_bytes_max as usize);
-                    let full = std::mem::replace(open, next);
-                    accumulator.closed.push_back((key.clone(), full));
-                    wake = true;
-                    let open = accumulator.open.get_mut(&key).expect("just replaced");
-                    open.builder
-                        .push(timestamp_ms, record.key.as_deref(), &record.value, &headers)
-                }
-                other => other,
-            };
+            if let Err(BuildError::BatchFull) = pushed {
+                // Its lane log fills batches: the next one gets its full size at once
+                // rather than growing (each growth copies the batch).
+                let next = OpenBatch::new(limits, abandon, batch_bytes_max as usize);
+                closed.push_back((key.clone(), std::mem::replace(open, next)));
+                wake = true;
+                pushed = open
+                    .builder
+                    .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
+            }
             if let Err(error) = pushed {
                 drop(accumulator);
                 self.shared.buffer.add_permits(reserve);
@@ -369,7 +368,6 @@ impl Producer {
                     },
                 });
             }
-            let open = accumulator.open.get_mut(&key).expect("present");
             open.reserved += reserve;
             let delivery = Delivery {
                 batch: Arc::clone(&open.result),

@@ -99,9 +99,19 @@ struct LogState {
 }
 
 impl LogState {
-    /// Whether this batch may be sent now.
-    fn may_send(&self, batch: &Sealed, now: Instant) -> bool {
-        batch.not_before <= now && (!self.resetting || batch.maybe_appended)
+    /// The batch this lane log sends next (once its backoff is over): the oldest waiting
+    /// one. While resetting, the oldest of those an attempt may have appended: each
+    /// answer to one (a duplicate, or out of order) settles it, and the others wait to
+    /// be renumbered. Holding those behind one that waits for the renumbering would
+    /// leave the reset unsettled until the delivery timeout.
+    fn next_to_send(&self) -> Option<(u64, &Sealed)> {
+        let mut waiting = self.waiting.iter();
+        let next = if self.resetting {
+            waiting.find(|(_, batch)| batch.maybe_appended)
+        } else {
+            waiting.next()
+        };
+        next.map(|(number, batch)| (*number, batch))
     }
 }
 
@@ -149,8 +159,12 @@ pub(crate) async fn run(
         if stopping && requests.is_empty() && sender.idle() {
             return;
         }
-        let now = Instant::now();
-        // Only future instants: one already past would make the loop spin.
+        // Instants after `now`, the one this pass decided by. One that came while `send`
+        // ran (a reconnection can outlast a retry's backoff) was not due to this pass:
+        // it wakes the loop at once. One at or before `now` was due, and is held back by
+        // something a completion or a reconnection ends: waiting for it would spin.
+        // (Dropping the first kind left a retried batch asleep until its delivery
+        // timeout when nothing else woke the sender.)
         let deadline = [
             next_linger,
             sender.next_retry(now),
@@ -277,7 +291,7 @@ impl Sender {
     fn next_retry(&self, now: Instant) -> Option<Instant> {
         self.logs
             .values()
-            .filter_map(|log| log.waiting.values().next().map(|b| b.not_before))
+            .filter_map(|log| log.next_to_send().map(|(_, batch)| batch.not_before))
             .filter(|at| *at > now)
             .min()
     }
@@ -400,10 +414,10 @@ impl Sender {
                 {
                     break 'keys;
                 }
-                let Some((&number, first)) = log.waiting.first_key_value() else {
+                let Some((number, next)) = log.next_to_send() else {
                     break;
                 };
-                if !log.may_send(first, now) {
+                if next.not_before > now {
                     break;
                 }
                 let batch = log.waiting.remove(&number).expect("just seen");
@@ -636,5 +650,42 @@ async fn queue(
             sent: order,
             result: Err(error),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Abandon;
+
+    fn sealed(maybe_appended: bool) -> Sealed {
+        let now = Instant::now();
+        Sealed {
+            bytes: Bytes::new(),
+            records: 1,
+            base_sequence: 0,
+            result: Arc::new(BatchResult::new(Arc::new(Abandon::default()))),
+            reserved: 0,
+            created: now,
+            not_before: now,
+            last_error: String::new(),
+            maybe_appended,
+        }
+    }
+
+    #[test]
+    fn a_resetting_log_sends_the_batches_in_doubt_past_those_that_wait_to_be_renumbered() {
+        let mut log = LogState::default();
+        log.waiting.insert(1, sealed(false));
+        log.waiting.insert(2, sealed(true));
+        log.waiting.insert(3, sealed(true));
+        assert_eq!(log.next_to_send().map(|(number, _)| number), Some(1));
+        log.resetting = true;
+        assert_eq!(log.next_to_send().map(|(number, _)| number), Some(2));
+        log.waiting.remove(&2);
+        assert_eq!(log.next_to_send().map(|(number, _)| number), Some(3));
+        log.waiting.remove(&3);
+        // Nothing in doubt: the reset can settle, and batch 1 waits for its new number.
+        assert_eq!(log.next_to_send().map(|(number, _)| number), None);
     }
 }
