@@ -170,8 +170,17 @@ async fn stop_signal() {
     }
 }
 
-fn print(report: &Report, json: bool) {
-    if json {
+/// Prints `report`, with the settings an embedded broker took from the environment, if
+/// any.
+fn print(mut report: Report, common: &Common) {
+    let environment = Target::broker_environment();
+    if common.broker.is_none() && !environment.is_empty() {
+        report.extra.insert(
+            "broker_environment".into(),
+            serde_json::Value::Object(environment),
+        );
+    }
+    if common.json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.table());
@@ -184,19 +193,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
             let report = until_interrupted(produce::run(&target, &common, lanes)).await;
             target.stop().await?;
-            print(&report?, common.json);
+            print(report?, &common);
         }
         Scenario::Consume { common, group } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
             let report = until_interrupted(consume::run(&target, &common, group)).await;
             target.stop().await?;
-            print(&report?, common.json);
+            print(report?, &common);
         }
         Scenario::E2e { common } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
             let report = until_interrupted(e2e::run(&target, &common)).await;
             target.stop().await?;
-            print(&report?, common.json);
+            print(report?, &common);
         }
         Scenario::Orders {
             common,
@@ -218,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
             let report = until_interrupted(orders::run(&target, &common, &config)).await;
             target.stop().await?;
-            print(&report?, common.json);
+            print(report?, &common);
         }
         Scenario::Lanes {
             common,

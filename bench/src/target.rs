@@ -74,6 +74,19 @@ impl Target {
         })
     }
 
+    /// The `LANES_<SETTING>` variables an embedded broker takes from the environment, by
+    /// setting: part of what a run measures, so its report carries them.
+    pub fn broker_environment() -> serde_json::Map<String, serde_json::Value> {
+        Settings::names()
+            .iter()
+            .filter(|(key, _)| !matches!(*key, "listen" | "data_dir" | "metrics_listen" | "fsync"))
+            .filter_map(|(key, variable)| {
+                let value = std::env::var(variable).ok()?;
+                Some(((*key).to_owned(), serde_json::Value::String(value)))
+            })
+            .collect()
+    }
+
     /// Stops an embedded broker (and removes its data).
     pub async fn stop(self) -> anyhow::Result<()> {
         if let Some(embedded) = self.embedded {
