@@ -173,8 +173,12 @@ async fn stop_signal() {
 /// Prints `report`, with the settings an embedded broker took from the environment, if
 /// any.
 fn print(mut report: Report, common: &Common) {
-    let environment = Target::broker_environment();
-    if common.broker.is_none() && !environment.is_empty() {
+    let environment = common
+        .broker
+        .is_none()
+        .then(Target::broker_environment)
+        .unwrap_or_default();
+    if !environment.is_empty() {
         report.extra.insert(
             "broker_environment".into(),
             serde_json::Value::Object(environment),

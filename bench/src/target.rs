@@ -27,12 +27,16 @@ struct Embedded {
     _dir: tempfile::TempDir,
 }
 
+/// Settings the bench sets for its embedded broker, whatever the environment says.
+const BENCH_OWN_SETTINGS: [&str; 4] = ["listen", "data_dir", "metrics_listen", "fsync"];
+
 impl Target {
     /// Connects to `broker`, or starts one in this process on a temp dir with `fsync`
     /// and, for the other settings, what `LANES_<SETTING>` says in the environment, as
     /// for `lanes-broker` (so `LANES_WRITEBACK_BYTES=0 lanes-bench produce` measures that
-    /// setting). `listen`, `data_dir` and `metrics_listen` are the bench's own; every
-    /// variable is parsed, so a bad value in any of them fails the run.
+    /// setting). `listen`, `data_dir`, `metrics_listen` and `fsync` are the bench's own
+    /// (`BENCH_OWN_SETTINGS`); every variable is parsed, so a bad value in any of them
+    /// fails the run.
     pub async fn start(broker: Option<String>, fsync: FsyncMode) -> anyhow::Result<Target> {
         if let Some(address) = broker {
             return Ok(Target {
@@ -79,7 +83,7 @@ impl Target {
     pub fn broker_environment() -> serde_json::Map<String, serde_json::Value> {
         Settings::names()
             .iter()
-            .filter(|(key, _)| !matches!(*key, "listen" | "data_dir" | "metrics_listen" | "fsync"))
+            .filter(|(key, _)| !BENCH_OWN_SETTINGS.contains(key))
             .filter_map(|(key, variable)| {
                 let value = std::env::var(variable).ok()?;
                 Some(((*key).to_owned(), serde_json::Value::String(value)))
