@@ -114,6 +114,11 @@ settings! {
     /// Without `fsync = always`: the fsync threads start the writeback of each this many
     /// appended bytes of a lane log, instead of leaving it all to the kernel; 0 leaves it.
     writeback_bytes: u32 = MIB, "LANES_WRITEBACK_BYTES";
+    /// Per lane log: how many of its newest bytes stay in the page cache once written
+    /// to the disk; the pages behind them are dropped, so that appends reuse that memory
+    /// instead of taking new memory, and consumers further behind read from the disk.
+    /// 0 leaves the page cache to the kernel.
+    cached_tail_bytes: u64 = 1024 * MIB as u64, "LANES_CACHED_TAIL_BYTES";
     /// A segment rolls before it would exceed this size (bytes).
     segment_bytes_max: u32 = 1024 * MIB, "LANES_SEGMENT_BYTES_MAX";
     /// A segment rolls once it has been active this long (ms).
@@ -345,6 +350,7 @@ impl Settings {
                 FsyncMode::Never => FsyncPolicy::Never,
             },
             writeback_bytes: self.writeback_bytes,
+            cached_tail_bytes: self.cached_tail_bytes,
             retention_ms: u64::try_from(retention_ms).ok(),
             retention_bytes: u64::try_from(retention_bytes).ok(),
             producer_ids_max: self.producer_ids_max as usize,

@@ -37,6 +37,10 @@ pub struct LogConfig {
     /// writeback (`sync_file_range`), so dirty pages leave steadily instead of piling up
     /// to the kernel's threshold and going out in bursts. 0 leaves it to the kernel.
     pub writeback_bytes: u32,
+    /// How much of the log's newest data stays in the page cache once on disk; the
+    /// fsync threads drop the pages behind it (see `LaneLog::drop_cached_behind`). 0
+    /// leaves the page cache to the kernel.
+    pub cached_tail_bytes: u64,
     /// Sealed segments whose newest record is older than this are deleted.
     pub retention_ms: Option<u64>,
     /// Oldest sealed segments are deleted while the log is larger than this.
@@ -65,6 +69,7 @@ impl Default for LogConfig {
             index_bytes_max: 10 << 20,
             batch: BatchLimits::default(),
             writeback_bytes: 1 << 20,
+            cached_tail_bytes: 1 << 30,
             fsync: FsyncPolicy::Always,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,

@@ -108,6 +108,21 @@ struct Unsynced {
     cut_past_end: bool,
 }
 
+/// The segment rolled last, while some of it is within `cached_tail_bytes` of the
+/// log's end (see [`LaneLog::drop_cached_behind`]).
+#[derive(Debug)]
+struct CachedBefore {
+    segment: Arc<Segment>,
+    file: Arc<File>,
+    /// Where its pages not yet dropped begin.
+    from: u32,
+}
+
+/// Cached pages are dropped in steps of this many bytes, at multiples of it: the kernel
+/// drops only whole folios in a range, and a range ending inside a large folio (up to
+/// 2 MiB on x86-64) would leave it cached for good.
+const CACHE_DROP_STEP_BYTES: u32 = 2 << 20;
+
 /// State only the appender touches, under one lock.
 #[derive(Debug)]
 struct Writer {
@@ -122,6 +137,10 @@ struct Writer {
     closed: bool,
     /// Where in the active segment the bytes not yet handed to writeback begin.
     writeback_from: u32,
+    /// Where in the active segment the pages this log has not dropped from the page
+    /// cache begin (see [`LaneLog::drop_cached_behind`]).
+    cached_from: u32,
+    cached_before: Option<CachedBefore>,
     /// The newest producer snapshot, written at a roll without waiting for the disk (a
     /// roll holds up every append to the log, and a small fsync waits behind all the
     /// writeback queued on the disk: up to 0.8 s was seen). The next fsync round makes it
@@ -277,6 +296,8 @@ impl LaneLog {
             producers: recovered.producers,
             closed: false,
             writeback_from: 0,
+            cached_from: 0,
+            cached_before: None,
             unsynced_snapshot: None,
             allocated_to: 0,
             recycled_len: 0,
@@ -483,6 +504,7 @@ impl LaneLog {
         if prepare {
             self.prepare_next_segment();
         }
+        self.drop_cached_behind();
         dir_synced.and(started)
     }
 
@@ -726,6 +748,16 @@ impl LaneLog {
         let segment = Arc::new(segment);
         let old_segment = std::mem::replace(&mut writer.active, Arc::clone(&segment));
         let old_file = std::mem::replace(&mut writer.file, Arc::new(file));
+        // The sealed segment's newest pages stay cached a while longer; what an older
+        // one still has cached is left to the kernel.
+        if self.config.cached_tail_bytes > 0 {
+            writer.cached_before = Some(CachedBefore {
+                segment: Arc::clone(&old_segment),
+                file: Arc::clone(&old_file),
+                from: writer.cached_from,
+            });
+        }
+        writer.cached_from = 0;
         // A sealed segment with nothing to fsync still waits for the round if it has
         // something to cut (that round's fsync of it is cheap).
         if self.durable_offset() < base_offset || cut_past_end {
@@ -877,7 +909,62 @@ impl LaneLog {
             }
         }
         self.pending_checkpoint_segment.store(u64::MAX, Ordering::Release);
+        self.drop_cached_behind();
         Ok(())
+    }
+
+    /// Drops from the page cache the pages of this log more than `cached_tail_bytes`
+    /// behind its end, in the active segment and the one rolled before it, so that the
+    /// next appends reuse their memory. The fsync threads call it after each fsync
+    /// round and writeback start, which leave the pages that far back clean.
+    ///
+    /// Why: on a virtual machine whose host takes free memory back (free page
+    /// reporting, ballooning), every page the page cache takes fresh is faulted in by
+    /// the host on its first write, and an append into fresh pages cost 4 to 10 times
+    /// one into reused pages (docs/BENCHMARKS.md, "Reused page-cache memory"). The price
+    /// is that a consumer further behind than `cached_tail_bytes` reads from the disk.
+    fn drop_cached_behind(&self) {
+        let keep = self.config.cached_tail_bytes;
+        if keep == 0 {
+            return;
+        }
+        let step = |bytes: u64| (bytes / u64::from(CACHE_DROP_STEP_BYTES)) as u32 * CACHE_DROP_STEP_BYTES;
+        let (active, before) = {
+            let mut writer = lock(&self.writer);
+            if writer.closed {
+                return;
+            }
+            let size = writer.active.size();
+            let mut active = None;
+            let mut before = None;
+            match u64::from(size).checked_sub(keep) {
+                Some(behind) => {
+                    let to = step(behind);
+                    if to > writer.cached_from {
+                        let from = std::mem::replace(&mut writer.cached_from, to);
+                        active = Some((Arc::clone(&writer.active), Arc::clone(&writer.file), from, to));
+                    }
+                    before = writer
+                        .cached_before
+                        .take()
+                        .map(|b| (b.segment, b.file, b.from, u32::MAX));
+                }
+                None => {
+                    if let Some(b) = &mut writer.cached_before {
+                        let keep_before = keep - u64::from(size);
+                        let to = step(u64::from(b.segment.size()).saturating_sub(keep_before));
+                        if to > b.from {
+                            let from = std::mem::replace(&mut b.from, to);
+                            before = Some((Arc::clone(&b.segment), Arc::clone(&b.file), from, to));
+                        }
+                    }
+                }
+            }
+            (active, before)
+        };
+        for (segment, file, from, to) in [before, active].into_iter().flatten() {
+            segment.drop_cached(&file, from, to);
+        }
     }
 
     /// Fsyncs the directory if any of the first `rolls_deferred` rolls (read under the
@@ -1534,6 +1621,7 @@ fn give_back_allocation(file: &File, segment: &Segment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::segment::page_bytes;
     use lanes_protocol::record_batch::ProducerStamp;
     use lanes_protocol::{BatchLimits, RecordBatchBuilder};
 
@@ -1595,6 +1683,96 @@ mod tests {
             [false, false],
             "0 leaves writeback to the kernel"
         );
+    }
+
+    #[test]
+    fn pages_further_back_than_cached_tail_bytes_leave_the_page_cache() {
+        const MIB: u32 = 1 << 20;
+        let keep = 4 * MIB;
+        let config = LogConfig {
+            fsync: FsyncPolicy::Always,
+            cached_tail_bytes: u64::from(keep),
+            segment_bytes_max: 16 * MIB,
+            ..LogConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = LaneLog::open(dir.path(), config).unwrap();
+        let batch = || {
+            let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+            builder.push(0, None, &[3; 60 * 1024], &[]).unwrap();
+            builder.finish(ProducerStamp::NONE).to_vec()
+        };
+        // Appends, then an fsync round, after which the pages are dropped.
+        let append_until = |log: &LaneLog, bytes: u32| {
+            while log.stats().size_bytes < u64::from(bytes) {
+                log.append(&mut batch()).unwrap();
+            }
+            log.flush().unwrap();
+        };
+        let segments = || log.segments.read().unwrap().clone();
+        let page = page_bytes() as u32;
+        let pages = |from: u32, to: u32| Some((to - from).div_ceil(page) as usize);
+        let steps_below = |bytes: u32| bytes / CACHE_DROP_STEP_BYTES * CACHE_DROP_STEP_BYTES;
+
+        append_until(&log, 11 * MIB);
+        let first = Arc::clone(&segments()[0]);
+        let size = first.size();
+        let dropped_to = steps_below(size - keep);
+        assert!(dropped_to >= 6 * MIB, "{dropped_to}");
+        assert_eq!(
+            first.resident_pages(0, dropped_to),
+            Some(0),
+            "more than 4 MiB back"
+        );
+        assert_eq!(
+            first.resident_pages(dropped_to, size),
+            pages(dropped_to, size),
+            "the rest"
+        );
+        // A consumer at the tail reads the rest through the mapping, which keeps pages
+        // cached until they are unmapped.
+        let mut offset = Offset(u64::from(dropped_to).div_ceil(batch().len() as u64));
+        while offset < log.next_offset() {
+            let slice = log.read(offset, MIB as usize, log.next_offset()).unwrap();
+            let touched: u64 = slice
+                .bytes
+                .iter()
+                .step_by(page as usize)
+                .map(|&b| u64::from(b))
+                .sum();
+            assert!(touched > 0);
+            offset = slice.next_offset;
+        }
+
+        // Into the next segment: the one before keeps its pages within 4 MiB of the
+        // log's end (in steps), then none.
+        append_until(&log, 17 * MIB);
+        assert_eq!(segments().len(), 2);
+        let (sealed, second) = (first.size(), segments()[1].size());
+        assert!(second < keep - CACHE_DROP_STEP_BYTES, "{second}");
+        let dropped_to = steps_below(sealed - (keep - second));
+        assert!(dropped_to >= 12 * MIB, "{dropped_to}");
+        assert_eq!(first.resident_pages(0, dropped_to), Some(0));
+        assert_eq!(
+            first.resident_pages(dropped_to, sealed),
+            pages(dropped_to, sealed)
+        );
+        append_until(&log, sealed + keep + MIB);
+        assert_eq!(
+            first.resident_pages(0, sealed),
+            Some(0),
+            "none once 4 MiB are in the next"
+        );
+        // Dropped pages read back from the disk as they were.
+        let mut offset = Offset(0);
+        while offset < log.next_offset() {
+            let slice = log.read(offset, MIB as usize, log.next_offset()).unwrap();
+            for batch in lanes_protocol::Batches::new(slice.bytes, BatchLimits::default()) {
+                let batch = batch.unwrap();
+                assert!(batch.records().all(|record| record.value.iter().all(|&b| b == 3)));
+            }
+            offset = slice.next_offset;
+        }
     }
 
     /// A batch of one record of 8 KiB.

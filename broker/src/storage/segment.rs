@@ -34,7 +34,7 @@ pub(crate) const STORED_BATCH_LIMITS: BatchLimits = BatchLimits {
 const CACHED_MISSING_MAX: usize = 100;
 
 /// The size of a memory page.
-fn page_bytes() -> usize {
+pub(crate) fn page_bytes() -> usize {
     // SAFETY: sysconf has no preconditions.
     let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(bytes).ok().filter(|&b| b > 0).unwrap_or(4096)
@@ -45,12 +45,18 @@ fn page_bytes() -> usize {
 /// one whose pages are not reads each page a write ends in from the disk first, while
 /// the writer waits.
 fn pages_cached(mapped: &[u8]) -> bool {
+    let pages = mapped.len().div_ceil(page_bytes());
+    resident_pages(mapped).is_some_and(|resident| (pages - resident) * CACHED_MISSING_MAX <= pages)
+}
+
+/// How many of the pages `mapped` spans are in the page cache (`mincore`); `None` if
+/// `mapped` is empty, does not start at a page boundary or is not mapped.
+fn resident_pages(mapped: &[u8]) -> Option<usize> {
     let page_bytes = page_bytes();
     if mapped.is_empty() || !(mapped.as_ptr() as usize).is_multiple_of(page_bytes) {
-        return false;
+        return None;
     }
-    let pages = mapped.len().div_ceil(page_bytes);
-    let mut resident = vec![0u8; pages];
+    let mut resident = vec![0u8; mapped.len().div_ceil(page_bytes)];
     // SAFETY: `mapped` is mapped memory starting at a page boundary, and `resident` has a
     // byte for each page it spans, as mincore(2) requires.
     let result = unsafe {
@@ -60,11 +66,7 @@ fn pages_cached(mapped: &[u8]) -> bool {
             resident.as_mut_ptr(),
         )
     };
-    if result != 0 {
-        return false;
-    }
-    let missing = resident.iter().filter(|&&page| page & 1 == 0).count();
-    missing * CACHED_MISSING_MAX <= pages
+    (result == 0).then(|| resident.iter().filter(|&&page| page & 1 == 1).count())
 }
 
 /// Where and why a scan of the log stopped before its end.
@@ -279,6 +281,52 @@ impl Segment {
     pub(crate) fn pages_cached(&self) -> bool {
         let len = (self.size() as usize).min(self.data.len());
         pages_cached(&self.data[..len])
+    }
+
+    /// Drops bytes `from..to` of the segment (`from` a page boundary; `u32::MAX`: to its
+    /// end) from the page cache where they are clean: unmaps them from this process,
+    /// whose mapping would keep them cached, then asks the kernel to drop them
+    /// (`POSIX_FADV_DONTNEED`; it starts the writeback of dirty pages instead). Later
+    /// reads fault them back in from the disk. Only a hint: failures are ignored.
+    pub(crate) fn drop_cached(&self, file: &File, from: u32, to: u32) {
+        use std::os::fd::AsRawFd;
+        let mapped_to = (to as usize).min(self.data.len());
+        let from = from as usize;
+        if from < mapped_to && from.is_multiple_of(page_bytes()) {
+            // SAFETY: the range lies in the segment's mapping, which `self.data` keeps
+            // alive, and starts at a page boundary. The mapping is a shared, read-only
+            // one of the file, so MADV_DONTNEED only removes this process's page table
+            // entries for it: the bytes stay in the file (and the page cache, until
+            // dropped), and readers still holding slices of them fault them back in.
+            let _ = unsafe {
+                libc::madvise(
+                    self.data.as_ptr().add(from) as *mut libc::c_void,
+                    mapped_to - from,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+        // 0: to the end of the file.
+        let len = if to == u32::MAX {
+            0
+        } else {
+            to.saturating_sub(from as u32)
+        };
+        // SAFETY: posix_fadvise only reads its arguments; `file` keeps the descriptor open.
+        let _ = unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                from as libc::off_t,
+                libc::off_t::from(len),
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+    }
+
+    /// How many pages of bytes `from..to` (`from` a page boundary) are in the page cache.
+    #[cfg(test)]
+    pub(crate) fn resident_pages(&self, from: u32, to: u32) -> Option<usize> {
+        resident_pages(&self.data[from as usize..(to as usize).min(self.data.len())])
     }
 
     /// Capacity of the mapping: how large the segment can grow without remapping.
