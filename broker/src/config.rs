@@ -118,7 +118,7 @@ settings! {
     /// to the disk; the pages behind them are dropped, so that appends reuse that memory
     /// instead of taking new memory, and consumers further behind read from the disk.
     /// 0 leaves the page cache to the kernel.
-    cached_tail_bytes: u64 = 1024 * MIB as u64, "LANES_CACHED_TAIL_BYTES";
+    cached_tail_bytes: u64 = 0, "LANES_CACHED_TAIL_BYTES";
     /// A segment rolls before it would exceed this size (bytes).
     segment_bytes_max: u32 = 1024 * MIB, "LANES_SEGMENT_BYTES_MAX";
     /// A segment rolls once it has been active this long (ms).

@@ -171,6 +171,8 @@ fn sync_loop(shared: &Shared) {
                 handle.sync_queued.store(false, Ordering::Release);
                 let result = handle.log.flush();
                 handle.synced(result);
+                // After the acknowledgements it let go.
+                handle.log.drop_cached_behind();
             }
             Job::Writeback(handle) => {
                 handle.writeback_queued.store(false, Ordering::Release);
@@ -180,6 +182,7 @@ fn sync_loop(shared: &Shared) {
                 if let Err(error) = handle.log.start_writeback() {
                     tracing::debug!(dir = %handle.log.dir().display(), %error, "could not start writeback");
                 }
+                handle.log.drop_cached_behind();
             }
         }
     }

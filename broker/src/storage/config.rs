@@ -69,7 +69,7 @@ impl Default for LogConfig {
             index_bytes_max: 10 << 20,
             batch: BatchLimits::default(),
             writeback_bytes: 1 << 20,
-            cached_tail_bytes: 1 << 30,
+            cached_tail_bytes: 0,
             fsync: FsyncPolicy::Always,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,

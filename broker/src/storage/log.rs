@@ -108,20 +108,32 @@ struct Unsynced {
     cut_past_end: bool,
 }
 
-/// The segment rolled last, while some of it is within `cached_tail_bytes` of the
-/// log's end (see [`LaneLog::drop_cached_behind`]).
+/// A rolled segment some of whose pages this log has not yet dropped from the page cache
+/// (see [`LaneLog::drop_cached_behind`]).
 #[derive(Debug)]
-struct CachedBefore {
+struct CachedSegment {
     segment: Arc<Segment>,
     file: Arc<File>,
-    /// Where its pages not yet dropped begin.
-    from: u32,
+    /// Where the pages not yet dropped begin.
+    dropped_to: u32,
 }
+
+/// Rolled segments [`LaneLog::drop_cached_behind`] keeps track of; what older ones
+/// still have cached is left to the kernel. Segments rolled by size need two.
+const CACHED_SEGMENTS_MAX: usize = 4;
 
 /// Cached pages are dropped in steps of this many bytes, at multiples of it: the kernel
 /// drops only whole folios in a range, and a range ending inside a large folio (up to
 /// 2 MiB on x86-64) would leave it cached for good.
 const CACHE_DROP_STEP_BYTES: u32 = 2 << 20;
+
+/// Pages of one segment to drop from the page cache: `from..to`, or to its end.
+struct CacheDrop {
+    segment: Arc<Segment>,
+    file: Arc<File>,
+    from: u32,
+    to: Option<u32>,
+}
 
 /// State only the appender touches, under one lock.
 #[derive(Debug)]
@@ -139,8 +151,10 @@ struct Writer {
     writeback_from: u32,
     /// Where in the active segment the pages this log has not dropped from the page
     /// cache begin (see [`LaneLog::drop_cached_behind`]).
-    cached_from: u32,
-    cached_before: Option<CachedBefore>,
+    cache_dropped_to: u32,
+    /// Rolled segments with pages not yet dropped, oldest first, at most
+    /// [`CACHED_SEGMENTS_MAX`].
+    cached_segments: VecDeque<CachedSegment>,
     /// The newest producer snapshot, written at a roll without waiting for the disk (a
     /// roll holds up every append to the log, and a small fsync waits behind all the
     /// writeback queued on the disk: up to 0.8 s was seen). The next fsync round makes it
@@ -296,8 +310,8 @@ impl LaneLog {
             producers: recovered.producers,
             closed: false,
             writeback_from: 0,
-            cached_from: 0,
-            cached_before: None,
+            cache_dropped_to: 0,
+            cached_segments: VecDeque::new(),
             unsynced_snapshot: None,
             allocated_to: 0,
             recycled_len: 0,
@@ -504,7 +518,6 @@ impl LaneLog {
         if prepare {
             self.prepare_next_segment();
         }
-        self.drop_cached_behind();
         dir_synced.and(started)
     }
 
@@ -748,16 +761,20 @@ impl LaneLog {
         let segment = Arc::new(segment);
         let old_segment = std::mem::replace(&mut writer.active, Arc::clone(&segment));
         let old_file = std::mem::replace(&mut writer.file, Arc::new(file));
-        // The sealed segment's newest pages stay cached a while longer; what an older
-        // one still has cached is left to the kernel.
+        // The sealed segment's newest pages stay cached a while longer. No system call
+        // here, on the append path: past the bound, what the oldest tracked segment
+        // still has cached is left to the kernel.
         if self.config.cached_tail_bytes > 0 {
-            writer.cached_before = Some(CachedBefore {
+            if writer.cached_segments.len() == CACHED_SEGMENTS_MAX {
+                writer.cached_segments.pop_front();
+            }
+            let dropped_to = std::mem::take(&mut writer.cache_dropped_to);
+            writer.cached_segments.push_back(CachedSegment {
                 segment: Arc::clone(&old_segment),
                 file: Arc::clone(&old_file),
-                from: writer.cached_from,
+                dropped_to,
             });
         }
-        writer.cached_from = 0;
         // A sealed segment with nothing to fsync still waits for the round if it has
         // something to cut (that round's fsync of it is cheap).
         if self.durable_offset() < base_offset || cut_past_end {
@@ -909,61 +926,81 @@ impl LaneLog {
             }
         }
         self.pending_checkpoint_segment.store(u64::MAX, Ordering::Release);
-        self.drop_cached_behind();
         Ok(())
     }
 
     /// Drops from the page cache the pages of this log more than `cached_tail_bytes`
-    /// behind its end, in the active segment and the one rolled before it, so that the
-    /// next appends reuse their memory. The fsync threads call it after each fsync
-    /// round and writeback start, which leave the pages that far back clean.
+    /// behind its end, so that the next appends reuse their memory. The fsync threads
+    /// call it after each fsync round, and after each writeback start, whose pages that
+    /// far back are written by then unless the disk lags far behind (pages still being
+    /// written stay cached, the kernel's to reclaim).
     ///
     /// Why: on a virtual machine whose host takes free memory back (free page
     /// reporting, ballooning), every page the page cache takes fresh is faulted in by
     /// the host on its first write, and an append into fresh pages cost 4 to 10 times
     /// one into reused pages (docs/BENCHMARKS.md, "Reused page-cache memory"). The price
     /// is that a consumer further behind than `cached_tail_bytes` reads from the disk.
-    fn drop_cached_behind(&self) {
+    pub fn drop_cached_behind(&self) {
         let keep = self.config.cached_tail_bytes;
         if keep == 0 {
             return;
         }
-        let step = |bytes: u64| (bytes / u64::from(CACHE_DROP_STEP_BYTES)) as u32 * CACHE_DROP_STEP_BYTES;
-        let (active, before) = {
+        // The start of the step `behind` bytes into a segment is in (`behind` < its
+        // size, a u32).
+        let step_start =
+            |behind: u64| (behind / u64::from(CACHE_DROP_STEP_BYTES)) as u32 * CACHE_DROP_STEP_BYTES;
+        let mut drops = Vec::new();
+        {
             let mut writer = lock(&self.writer);
             if writer.closed {
                 return;
             }
             let size = writer.active.size();
-            let mut active = None;
-            let mut before = None;
-            match u64::from(size).checked_sub(keep) {
+            // Bytes of the window left for the segments before the one looked at.
+            let mut keep_before = match u64::from(size).checked_sub(keep) {
                 Some(behind) => {
-                    let to = step(behind);
-                    if to > writer.cached_from {
-                        let from = std::mem::replace(&mut writer.cached_from, to);
-                        active = Some((Arc::clone(&writer.active), Arc::clone(&writer.file), from, to));
+                    let to = step_start(behind);
+                    if to > writer.cache_dropped_to {
+                        drops.push(CacheDrop {
+                            segment: Arc::clone(&writer.active),
+                            file: Arc::clone(&writer.file),
+                            from: std::mem::replace(&mut writer.cache_dropped_to, to),
+                            to: Some(to),
+                        });
                     }
-                    before = writer
-                        .cached_before
-                        .take()
-                        .map(|b| (b.segment, b.file, b.from, u32::MAX));
+                    0
                 }
-                None => {
-                    if let Some(b) = &mut writer.cached_before {
-                        let keep_before = keep - u64::from(size);
-                        let to = step(u64::from(b.segment.size()).saturating_sub(keep_before));
-                        if to > b.from {
-                            let from = std::mem::replace(&mut b.from, to);
-                            before = Some((Arc::clone(&b.segment), Arc::clone(&b.file), from, to));
-                        }
-                    }
+                None => keep - u64::from(size),
+            };
+            let mut kept = 0;
+            for cached in writer.cached_segments.iter_mut().rev() {
+                let size = cached.segment.size();
+                let to = if keep_before >= u64::from(size) {
+                    keep_before -= u64::from(size);
+                    kept += 1;
+                    continue;
+                } else if keep_before > 0 {
+                    kept += 1;
+                    Some(step_start(u64::from(size) - std::mem::take(&mut keep_before)))
+                } else {
+                    None
+                };
+                if to.is_none_or(|to| to > cached.dropped_to) {
+                    drops.push(CacheDrop {
+                        segment: Arc::clone(&cached.segment),
+                        file: Arc::clone(&cached.file),
+                        from: cached.dropped_to,
+                        to,
+                    });
+                    cached.dropped_to = to.unwrap_or(size);
                 }
             }
-            (active, before)
-        };
-        for (segment, file, from, to) in [before, active].into_iter().flatten() {
-            segment.drop_cached(&file, from, to);
+            // Those dropped to their end are the oldest: the window ends in a newer one.
+            let done = writer.cached_segments.len() - kept;
+            writer.cached_segments.drain(..done);
+        }
+        for drop in drops {
+            drop.segment.drop_cached(&drop.file, drop.from, drop.to);
         }
     }
 
@@ -1237,6 +1274,13 @@ impl LaneLog {
                 .store(segments[0].base_offset().0, Ordering::Release);
             deleted
         };
+        // Holding on to them would keep deleted files open, and could keep the oldest
+        // from being recycled.
+        writer.cached_segments.retain(|cached| {
+            !deleted
+                .iter()
+                .any(|segment| Arc::ptr_eq(segment, &cached.segment))
+        });
         let recycled = deleted
             .first()
             .filter(|oldest| {
@@ -1685,37 +1729,98 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pages_further_back_than_cached_tail_bytes_leave_the_page_cache() {
-        const MIB: u32 = 1 << 20;
-        let keep = 4 * MIB;
-        let config = LogConfig {
-            fsync: FsyncPolicy::Always,
-            cached_tail_bytes: u64::from(keep),
-            segment_bytes_max: 16 * MIB,
-            ..LogConfig::default()
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let log = LaneLog::open(dir.path(), config).unwrap();
-        let batch = || {
+    /// Whether `dir` is on tmpfs, whose pages cannot be dropped (they are the files).
+    #[allow(unsafe_code)]
+    fn on_tmpfs(dir: &Path) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let mut stats = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: `path` is NUL-terminated and `stats` is a place for one `statfs`.
+        let result = unsafe { libc::statfs(path.as_ptr(), stats.as_mut_ptr()) };
+        // SAFETY: filled in by the successful call.
+        result == 0 && unsafe { stats.assume_init() }.f_type == libc::TMPFS_MAGIC
+    }
+
+    /// A log of `segment_bytes_max` segments that keeps `keep` bytes cached, appending
+    /// batches of one 60 KiB record of 3s.
+    struct CachedTail {
+        log: LaneLog,
+        _dir: tempfile::TempDir,
+    }
+
+    impl CachedTail {
+        fn open(keep: u32, segment_bytes_max: u32) -> Option<CachedTail> {
+            let dir = tempfile::tempdir().unwrap();
+            if on_tmpfs(dir.path()) {
+                eprintln!("skipped: the temp dir is on tmpfs, which keeps every page");
+                return None;
+            }
+            let config = LogConfig {
+                fsync: FsyncPolicy::Always,
+                cached_tail_bytes: u64::from(keep),
+                segment_bytes_max,
+                ..LogConfig::default()
+            };
+            let log = LaneLog::open(dir.path(), config).unwrap();
+            Some(CachedTail { log, _dir: dir })
+        }
+
+        fn batch() -> Vec<u8> {
             let mut builder = RecordBatchBuilder::new(BatchLimits::default());
             builder.push(0, None, &[3; 60 * 1024], &[]).unwrap();
             builder.finish(ProducerStamp::NONE).to_vec()
-        };
-        // Appends, then an fsync round, after which the pages are dropped.
-        let append_until = |log: &LaneLog, bytes: u32| {
-            while log.stats().size_bytes < u64::from(bytes) {
-                log.append(&mut batch()).unwrap();
-            }
-            log.flush().unwrap();
-        };
-        let segments = || log.segments.read().unwrap().clone();
-        let page = page_bytes() as u32;
-        let pages = |from: u32, to: u32| Some((to - from).div_ceil(page) as usize);
-        let steps_below = |bytes: u32| bytes / CACHE_DROP_STEP_BYTES * CACHE_DROP_STEP_BYTES;
+        }
 
-        append_until(&log, 11 * MIB);
-        let first = Arc::clone(&segments()[0]);
+        /// Appends up to `bytes` of log, then runs an fsync round and the drop after
+        /// it, as the fsync threads do.
+        fn append_until(&self, bytes: u32) {
+            while self.log.stats().size_bytes < u64::from(bytes) {
+                self.log.append(&mut Self::batch()).unwrap();
+            }
+            self.log.flush().unwrap();
+            self.log.drop_cached_behind();
+        }
+
+        fn segments(&self) -> Vec<Arc<Segment>> {
+            self.log.segments.read().unwrap().clone()
+        }
+
+        /// Reads the whole log, touching every page and checking every byte.
+        fn read_all(&self, from: Offset) {
+            let mut offset = from;
+            while offset < self.log.next_offset() {
+                let slice = self.log.read(offset, 1 << 20, self.log.next_offset()).unwrap();
+                for batch in lanes_protocol::Batches::new(slice.bytes, BatchLimits::default()) {
+                    assert!(
+                        batch
+                            .unwrap()
+                            .records()
+                            .all(|record| record.value.iter().all(|&b| b == 3))
+                    );
+                }
+                offset = slice.next_offset;
+            }
+        }
+    }
+
+    const MIB: u32 = 1 << 20;
+
+    fn pages(from: u32, to: u32) -> Option<usize> {
+        Some((to - from).div_ceil(page_bytes() as u32) as usize)
+    }
+
+    fn steps_below(bytes: u32) -> u32 {
+        bytes / CACHE_DROP_STEP_BYTES * CACHE_DROP_STEP_BYTES
+    }
+
+    #[test]
+    fn pages_further_back_than_cached_tail_bytes_leave_the_page_cache() {
+        let keep = 4 * MIB;
+        let Some(tail) = CachedTail::open(keep, 16 * MIB) else {
+            return;
+        };
+        tail.append_until(11 * MIB);
+        let first = Arc::clone(&tail.segments()[0]);
         let size = first.size();
         let dropped_to = steps_below(size - keep);
         assert!(dropped_to >= 6 * MIB, "{dropped_to}");
@@ -1730,25 +1835,19 @@ mod tests {
             "the rest"
         );
         // A consumer at the tail reads the rest through the mapping, which keeps pages
-        // cached until they are unmapped.
-        let mut offset = Offset(u64::from(dropped_to).div_ceil(batch().len() as u64));
-        while offset < log.next_offset() {
-            let slice = log.read(offset, MIB as usize, log.next_offset()).unwrap();
-            let touched: u64 = slice
-                .bytes
-                .iter()
-                .step_by(page as usize)
-                .map(|&b| u64::from(b))
-                .sum();
-            assert!(touched > 0);
-            offset = slice.next_offset;
-        }
+        // cached until they are unmapped; it holds on to a slice meanwhile.
+        let first_kept = Offset(u64::from(dropped_to).div_ceil(CachedTail::batch().len() as u64));
+        tail.read_all(first_kept);
+        let held = tail
+            .log
+            .read(first_kept, MIB as usize, tail.log.next_offset())
+            .unwrap();
 
         // Into the next segment: the one before keeps its pages within 4 MiB of the
         // log's end (in steps), then none.
-        append_until(&log, 17 * MIB);
-        assert_eq!(segments().len(), 2);
-        let (sealed, second) = (first.size(), segments()[1].size());
+        tail.append_until(17 * MIB);
+        assert_eq!(tail.segments().len(), 2);
+        let (sealed, second) = (first.size(), tail.segments()[1].size());
         assert!(second < keep - CACHE_DROP_STEP_BYTES, "{second}");
         let dropped_to = steps_below(sealed - (keep - second));
         assert!(dropped_to >= 12 * MIB, "{dropped_to}");
@@ -1757,22 +1856,55 @@ mod tests {
             first.resident_pages(dropped_to, sealed),
             pages(dropped_to, sealed)
         );
-        append_until(&log, sealed + keep + MIB);
+        tail.append_until(sealed + keep + MIB);
         assert_eq!(
             first.resident_pages(0, sealed),
             Some(0),
             "none once 4 MiB are in the next"
         );
-        // Dropped pages read back from the disk as they were.
-        let mut offset = Offset(0);
-        while offset < log.next_offset() {
-            let slice = log.read(offset, MIB as usize, log.next_offset()).unwrap();
-            for batch in lanes_protocol::Batches::new(slice.bytes, BatchLimits::default()) {
-                let batch = batch.unwrap();
-                assert!(batch.records().all(|record| record.value.iter().all(|&b| b == 3)));
-            }
-            offset = slice.next_offset;
+        // Dropped pages read back from the disk as they were, through a slice held
+        // across the drop too.
+        let held_batches = lanes_protocol::Batches::new(held.bytes, BatchLimits::default());
+        assert!(
+            held_batches
+                .map(Result::unwrap)
+                .all(|batch| batch.records().all(|r| r.value.iter().all(|&b| b == 3)))
+        );
+        tail.read_all(Offset(0));
+    }
+
+    #[test]
+    fn a_window_longer_than_a_segment_reaches_back_over_several() {
+        // 10 MiB over segments of 4 MiB: the active one and up to three before it.
+        let keep = 10 * MIB;
+        let Some(tail) = CachedTail::open(keep, 4 * MIB) else {
+            return;
+        };
+        tail.append_until(13 * MIB);
+        tail.append_until(13 * MIB + 1);
+        let segments = tail.segments();
+        assert!(segments.len() >= 4, "{}", segments.len());
+        // From the newest back: what the window holds stays, in steps; the rest goes.
+        let mut keep_before = u64::from(keep);
+        for segment in segments.iter().rev() {
+            let size = segment.size();
+            let kept_from = match u64::from(size).checked_sub(keep_before) {
+                Some(behind) => steps_below(behind as u32),
+                None => 0,
+            };
+            keep_before = keep_before.saturating_sub(u64::from(size));
+            assert_eq!(
+                segment.resident_pages(0, kept_from),
+                Some(0),
+                "{kept_from} of {size}"
+            );
+            assert_eq!(
+                segment.resident_pages(kept_from, size),
+                pages(kept_from, size),
+                "{kept_from} of {size}"
+            );
         }
+        tail.read_all(Offset(0));
     }
 
     /// A batch of one record of 8 KiB.

@@ -283,16 +283,15 @@ impl Segment {
         pages_cached(&self.data[..len])
     }
 
-    /// Drops bytes `from..to` of the segment (`from` a page boundary; `u32::MAX`: to its
-    /// end) from the page cache where they are clean: unmaps them from this process,
-    /// whose mapping would keep them cached, then asks the kernel to drop them
+    /// Drops bytes `from..to` (`None`: to the end of the file; `from` a page boundary)
+    /// of the segment from the page cache where they are clean: unmaps them from this
+    /// process, whose mapping would keep them cached, then asks the kernel to drop them
     /// (`POSIX_FADV_DONTNEED`; it starts the writeback of dirty pages instead). Later
     /// reads fault them back in from the disk. Only a hint: failures are ignored.
-    pub(crate) fn drop_cached(&self, file: &File, from: u32, to: u32) {
+    pub(crate) fn drop_cached(&self, file: &File, from: u32, to: Option<u32>) {
         use std::os::fd::AsRawFd;
-        let mapped_to = (to as usize).min(self.data.len());
-        let from = from as usize;
-        if from < mapped_to && from.is_multiple_of(page_bytes()) {
+        let mapped_to = to.map_or(self.data.len(), |to| (to as usize).min(self.data.len()));
+        if (from as usize) < mapped_to && (from as usize).is_multiple_of(page_bytes()) {
             // SAFETY: the range lies in the segment's mapping, which `self.data` keeps
             // alive, and starts at a page boundary. The mapping is a shared, read-only
             // one of the file, so MADV_DONTNEED only removes this process's page table
@@ -300,23 +299,19 @@ impl Segment {
             // dropped), and readers still holding slices of them fault them back in.
             let _ = unsafe {
                 libc::madvise(
-                    self.data.as_ptr().add(from) as *mut libc::c_void,
-                    mapped_to - from,
+                    self.data.as_ptr().add(from as usize) as *mut libc::c_void,
+                    mapped_to - from as usize,
                     libc::MADV_DONTNEED,
                 )
             };
         }
-        // 0: to the end of the file.
-        let len = if to == u32::MAX {
-            0
-        } else {
-            to.saturating_sub(from as u32)
-        };
+        // A length of 0 is to the end of the file.
+        let len = to.map_or(0, |to| to.saturating_sub(from));
         // SAFETY: posix_fadvise only reads its arguments; `file` keeps the descriptor open.
         let _ = unsafe {
             libc::posix_fadvise(
                 file.as_raw_fd(),
-                from as libc::off_t,
+                libc::off_t::from(from),
                 libc::off_t::from(len),
                 libc::POSIX_FADV_DONTNEED,
             )
@@ -326,6 +321,9 @@ impl Segment {
     /// How many pages of bytes `from..to` (`from` a page boundary) are in the page cache.
     #[cfg(test)]
     pub(crate) fn resident_pages(&self, from: u32, to: u32) -> Option<usize> {
+        if from >= to {
+            return Some(0);
+        }
         resident_pages(&self.data[from as usize..(to as usize).min(self.data.len())])
     }
 
