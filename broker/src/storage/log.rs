@@ -942,7 +942,9 @@ impl LaneLog {
     /// is that a consumer further behind than `cached_tail_bytes` reads from the disk.
     pub fn drop_cached_behind(&self) {
         let keep = self.config.cached_tail_bytes;
-        if keep == 0 {
+        // After a failed fsync the kernel may have marked pages it could not write
+        // clean: dropped, readers would get the disk's older bytes instead.
+        if keep == 0 || self.failed.load(Ordering::Acquire) {
             return;
         }
         // The start of the step `behind` bytes into a segment is in (`behind` < its
@@ -975,7 +977,7 @@ impl LaneLog {
             let mut kept = 0;
             for cached in writer.cached_segments.iter_mut().rev() {
                 let size = cached.segment.size();
-                let to = if keep_before >= u64::from(size) {
+                let to = if keep_before > 0 && keep_before >= u64::from(size) {
                     keep_before -= u64::from(size);
                     kept += 1;
                     continue;
@@ -1729,16 +1731,33 @@ mod tests {
         );
     }
 
-    /// Whether `dir` is on tmpfs, whose pages cannot be dropped (they are the files).
+    /// Whether the file system of `dir` drops a clean page from the page cache when
+    /// asked (tmpfs, for one, cannot: its pages are the files).
     #[allow(unsafe_code)]
-    fn on_tmpfs(dir: &Path) -> bool {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-        let mut stats = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        // SAFETY: `path` is NUL-terminated and `stats` is a place for one `statfs`.
-        let result = unsafe { libc::statfs(path.as_ptr(), stats.as_mut_ptr()) };
-        // SAFETY: filled in by the successful call.
-        result == 0 && unsafe { stats.assume_init() }.f_type == libc::TMPFS_MAGIC
+    fn drops_clean_pages(dir: &Path) -> bool {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let path = dir.join("probe");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(&vec![1; page_bytes()]).unwrap();
+        file.sync_all().unwrap();
+        let file = File::open(&path).unwrap();
+        // SAFETY: a plain system call on an open descriptor; no memory is passed.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // SAFETY: the file is this test's own, and nothing changes it while mapped.
+        let map = unsafe { Mmap::map(&file) }.unwrap();
+        let mut resident = [0u8; 1];
+        // SAFETY: `map` is one page, mapped at a page boundary; `resident` has its byte.
+        let result = unsafe {
+            libc::mincore(
+                map.as_ptr() as *mut libc::c_void,
+                map.len(),
+                resident.as_mut_ptr(),
+            )
+        };
+        drop(map);
+        std::fs::remove_file(&path).unwrap();
+        result == 0 && resident[0] & 1 == 0
     }
 
     /// A log of `segment_bytes_max` segments that keeps `keep` bytes cached, appending
@@ -1751,8 +1770,8 @@ mod tests {
     impl CachedTail {
         fn open(keep: u32, segment_bytes_max: u32) -> Option<CachedTail> {
             let dir = tempfile::tempdir().unwrap();
-            if on_tmpfs(dir.path()) {
-                eprintln!("skipped: the temp dir is on tmpfs, which keeps every page");
+            if !drops_clean_pages(dir.path()) {
+                eprintln!("skipped: the temp dir's file system keeps pages it is asked to drop");
                 return None;
             }
             let config = LogConfig {
@@ -1875,22 +1894,30 @@ mod tests {
 
     #[test]
     fn a_window_longer_than_a_segment_reaches_back_over_several() {
-        // 10 MiB over segments of 4 MiB: the active one and up to three before it.
-        let keep = 10 * MIB;
+        // 6 MiB over segments of 4 MiB: the active one and up to two before it.
+        let keep = 6 * MIB;
         let Some(tail) = CachedTail::open(keep, 4 * MIB) else {
             return;
         };
-        tail.append_until(13 * MIB);
-        tail.append_until(13 * MIB + 1);
+        // Six rolls, more than the segments tracked, with fsync rounds between.
+        for mib in (2..=25).step_by(2) {
+            tail.append_until(mib * MIB);
+        }
         let segments = tail.segments();
-        assert!(segments.len() >= 4, "{}", segments.len());
+        assert_eq!(segments.len(), 7);
         // From the newest back: what the window holds stays, in steps; the rest goes.
-        let mut keep_before = u64::from(keep);
+        let (mut keep_before, mut partly_kept, mut dropped) = (u64::from(keep), 0, 0);
         for segment in segments.iter().rev() {
             let size = segment.size();
-            let kept_from = match u64::from(size).checked_sub(keep_before) {
-                Some(behind) => steps_below(behind as u32),
-                None => 0,
+            let kept_from = if keep_before == 0 {
+                dropped += 1;
+                size
+            } else {
+                let kept_from = u64::from(size)
+                    .checked_sub(keep_before)
+                    .map_or(0, |behind| steps_below(behind as u32));
+                partly_kept += usize::from(kept_from > 0);
+                kept_from
             };
             keep_before = keep_before.saturating_sub(u64::from(size));
             assert_eq!(
@@ -1904,6 +1931,11 @@ mod tests {
                 "{kept_from} of {size}"
             );
         }
+        assert_eq!(
+            (partly_kept, dropped),
+            (1, 4),
+            "the window ends inside the third segment back"
+        );
         tail.read_all(Offset(0));
     }
 

@@ -290,6 +290,10 @@ impl Segment {
     /// reads fault them back in from the disk. Only a hint: failures are ignored.
     pub(crate) fn drop_cached(&self, file: &File, from: u32, to: Option<u32>) {
         use std::os::fd::AsRawFd;
+        // An empty range: to posix_fadvise, a length of 0 is the whole rest of the file.
+        if to.is_some_and(|to| to <= from) {
+            return;
+        }
         let mapped_to = to.map_or(self.data.len(), |to| (to as usize).min(self.data.len()));
         if (from as usize) < mapped_to && (from as usize).is_multiple_of(page_bytes()) {
             // SAFETY: the range lies in the segment's mapping, which `self.data` keeps
