@@ -1828,6 +1828,22 @@ mod tests {
         Some((to - from).div_ceil(page_bytes() as u32) as usize)
     }
 
+    /// Asserts that the pages of `segment` before `kept_from` are out of the page cache
+    /// and the rest in.
+    fn assert_cached_from(segment: &Segment, kept_from: u32, context: &str) {
+        let size = segment.size();
+        assert_eq!(
+            segment.resident_pages(0, kept_from),
+            Some(0),
+            "dropped: {context}"
+        );
+        assert_eq!(
+            segment.resident_pages(kept_from, size),
+            pages(kept_from, size),
+            "kept: {context}"
+        );
+    }
+
     fn steps_below(bytes: u32) -> u32 {
         bytes / CACHE_DROP_STEP_BYTES * CACHE_DROP_STEP_BYTES
     }
@@ -1843,16 +1859,7 @@ mod tests {
         let size = first.size();
         let dropped_to = steps_below(size - keep);
         assert!(dropped_to >= 6 * MIB, "{dropped_to}");
-        assert_eq!(
-            first.resident_pages(0, dropped_to),
-            Some(0),
-            "more than 4 MiB back"
-        );
-        assert_eq!(
-            first.resident_pages(dropped_to, size),
-            pages(dropped_to, size),
-            "the rest"
-        );
+        assert_cached_from(&first, dropped_to, "more than 4 MiB back");
         // A consumer at the tail reads the rest through the mapping, which keeps pages
         // cached until they are unmapped; it holds on to a slice meanwhile.
         let first_kept = Offset(u64::from(dropped_to).div_ceil(CachedTail::batch().len() as u64));
@@ -1870,17 +1877,9 @@ mod tests {
         assert!(second < keep - CACHE_DROP_STEP_BYTES, "{second}");
         let dropped_to = steps_below(sealed - (keep - second));
         assert!(dropped_to >= 12 * MIB, "{dropped_to}");
-        assert_eq!(first.resident_pages(0, dropped_to), Some(0));
-        assert_eq!(
-            first.resident_pages(dropped_to, sealed),
-            pages(dropped_to, sealed)
-        );
+        assert_cached_from(&first, dropped_to, "within 4 MiB of the end");
         tail.append_until(sealed + keep + MIB);
-        assert_eq!(
-            first.resident_pages(0, sealed),
-            Some(0),
-            "none once 4 MiB are in the next"
-        );
+        assert_cached_from(&first, sealed, "none once 4 MiB are in the next");
         // Dropped pages read back from the disk as they were, through a slice held
         // across the drop too.
         let held_batches = lanes_protocol::Batches::new(held.bytes, BatchLimits::default());
@@ -1920,16 +1919,7 @@ mod tests {
                 kept_from
             };
             keep_before = keep_before.saturating_sub(u64::from(size));
-            assert_eq!(
-                segment.resident_pages(0, kept_from),
-                Some(0),
-                "{kept_from} of {size}"
-            );
-            assert_eq!(
-                segment.resident_pages(kept_from, size),
-                pages(kept_from, size),
-                "{kept_from} of {size}"
-            );
+            assert_cached_from(segment, kept_from, &format!("{kept_from} of {size}"));
         }
         assert_eq!(
             (partly_kept, dropped),
