@@ -24,7 +24,7 @@ use super::files::{
 use super::producer_state::{ProducerStateTable, SequenceCheck};
 use super::reaper::Doomed;
 use super::recovery::{self, Corruption, RecoveryReport};
-use super::segment::{ScanStop, Segment};
+use super::segment::{ScanStop, Segment, page_bytes};
 
 const CHECKPOINT_FILE: &str = "checkpoint";
 /// How far ahead of the active segment's end [`LaneLog::start_writeback`] allocates its
@@ -410,10 +410,15 @@ impl LaneLog {
             ..header
         };
         let position = writer.active.size();
-        if let Err(error) = writer.file.write_all_at(batch, u64::from(position)) {
+        let padding = padding_over_old_bytes(position, batch.len(), writer.recycled_len);
+        if let Err(error) = write_all_padded_at(&writer.file, batch, padding, u64::from(position)) {
             return Err(self.write_failed(&writer, position, error));
         }
-        faults::wrote(writer.active.log_path(), u64::from(position), batch.len() as u64);
+        faults::wrote(
+            writer.active.log_path(),
+            u64::from(position),
+            (batch.len() + padding) as u64,
+        );
         writer
             .active
             .publish_append(position, &header, self.config.index_interval_bytes);
@@ -1254,9 +1259,6 @@ impl LaneLog {
             self.flush()?;
             self.sync_checkpoint()?;
         }
-        // Looked at before taking the writer lock: mincore(2) over a whole segment takes
-        // a while.
-        let oldest_cached = planned[0].pages_cached();
         let mut writer = lock(&self.writer);
         if writer.closed {
             // Closed for good, or for removal, whose files are the caller's to free.
@@ -1285,9 +1287,7 @@ impl LaneLog {
         });
         let recycled = deleted
             .first()
-            .filter(|oldest| {
-                Arc::ptr_eq(oldest, &planned[0]) && oldest_cached && self.recycles(&writer, oldest)
-            })
+            .filter(|oldest| Arc::ptr_eq(oldest, &planned[0]) && self.recycles(&writer, oldest))
             .cloned();
         if recycled.is_some() {
             // A close waits while this is so (`wait_for_next_segment`).
@@ -1364,11 +1364,12 @@ impl LaneLog {
     /// next segment rather than free it. Overwriting it costs less than writing a new
     /// file: its blocks are allocated and written already, so the fsyncs of a durable
     /// log write no metadata (fio on this project's test machine: fdatasync after each
-    /// 256 KiB twice as fast, docs/BENCHMARKS.md), and its pages are cached already, so
-    /// nothing is freed and allocated again. Only where that holds: the log fills
-    /// segments fast, has no next segment yet, the file is at least half a segment, its
-    /// pages are cached (checked by the caller), and at least two segments of disk are
-    /// free, as for a file made ahead: a nearly full disk gets the file back.
+    /// 256 KiB twice as fast, docs/BENCHMARKS.md), and those of its pages still cached
+    /// are overwritten where they are. Appends pad their writes over its old bytes, so
+    /// pages no longer cached cost no read (`padding_over_old_bytes`). Only where that
+    /// pays: the log fills segments fast, has no next segment yet, the file is at least
+    /// half a segment, and at least two segments of disk are free, as for a file made
+    /// ahead: a nearly full disk gets the file back.
     fn recycles(&self, writer: &Writer, oldest: &Segment) -> bool {
         let segment_bytes_max = u64::from(self.config.segment_bytes_max);
         matches!(writer.next_segment, NextSegment::None)
@@ -1380,8 +1381,7 @@ impl LaneLog {
     /// Makes `file`, the deleted `segment`'s renamed and now durably so, the next
     /// segment's; or, without it (renaming failed) or if the log closed meanwhile,
     /// leaves none. First, off the writer lock: allocates the rest of a whole segment
-    /// (`KEEP_SIZE`), so that no append into it allocates, and asks the kernel to read
-    /// in the few pages not cached, so that no append into it waits for a read.
+    /// (`KEEP_SIZE`), so that no append into it allocates.
     fn keep_recycled(&self, segment: &Segment, file: Option<File>) {
         let file = file.and_then(|file| {
             // Its length, not the segment's size: a file can hold old bytes past that.
@@ -1392,7 +1392,6 @@ impl LaneLog {
             {
                 tracing::debug!(segment = %segment.log_path().display(), %error, "could not allocate the rest of a recycled file");
             }
-            read_ahead(&file, len);
             Some((file, u32::try_from(len).unwrap_or(u32::MAX)))
         });
         let mut writer = lock(&self.writer);
@@ -1632,12 +1631,71 @@ fn prepare_file(path: &Path, bytes: u64) -> std::io::Result<File> {
 
 /// Asks the kernel to read `len` bytes of `file` into the page cache, in the background
 /// (`POSIX_FADV_WILLNEED`); cached pages cost nothing. Only a hint: failures are ignored.
+/// Zeros that [`write_all_padded_at`] writes after a batch.
+static PADDING_ZEROS: [u8; PADDING_BYTES_MAX] = [0; PADDING_BYTES_MAX];
+/// The most padding an append writes: a page, on systems with pages up to this size.
+const PADDING_BYTES_MAX: usize = 64 * 1024;
+
+/// How many zeros to write after `len` bytes appended at `position` of a file that holds
+/// a recycled file's old bytes up to `recycled_len`: up to the end of the page the write
+/// ends in, or of the old bytes if they end first.
+///
+/// Why: a write that ends inside a page not in the page cache, over blocks the file
+/// already has, makes the kernel read that page from the disk first, and the append
+/// waits for the read. A recycled file's pages are often gone from the page cache (the
+/// kernel's own reclaim, or `cached_tail_bytes`). Padded, each write covers whole pages,
+/// which the kernel takes without reading; the next append overwrites the zeros. Past
+/// the old bytes the blocks are allocated but unwritten, which reads as zeros without
+/// the disk, so nothing is padded there.
+fn padding_over_old_bytes(position: u32, len: usize, recycled_len: u32) -> usize {
+    let page_bytes = page_bytes();
+    let end = position as usize + len;
+    if end >= recycled_len as usize || page_bytes > PADDING_BYTES_MAX {
+        return 0;
+    }
+    end.next_multiple_of(page_bytes).min(recycled_len as usize) - end
+}
+
+/// Writes `bytes` then `zeros` zeros at `at`, in one `pwritev`: in two writes, the first
+/// would end inside a page, which is what the zeros are there to avoid.
 #[allow(unsafe_code)]
-fn read_ahead(file: &File, len: u64) {
+fn write_all_padded_at(file: &File, bytes: &[u8], zeros: usize, at: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let len = libc::off_t::try_from(len).unwrap_or(libc::off_t::MAX);
-    // SAFETY: posix_fadvise only reads its arguments; the descriptor is open.
-    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED) };
+    if zeros == 0 {
+        return file.write_all_at(bytes, at);
+    }
+    let iovecs = [
+        libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        },
+        libc::iovec {
+            iov_base: PADDING_ZEROS.as_ptr() as *mut libc::c_void,
+            iov_len: zeros,
+        },
+    ];
+    let offset =
+        libc::off_t::try_from(at).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let written = loop {
+        // SAFETY: both iovecs point at live buffers of the lengths given, which pwritev
+        // only reads; the descriptor is kept open by `file`.
+        let written = unsafe { libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), 2, offset) };
+        if written >= 0 {
+            break written as usize;
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    };
+    // A short write (rare for a regular file) finishes with plain writes.
+    if written < bytes.len() {
+        file.write_all_at(&bytes[written..], at + written as u64)?;
+        file.write_all_at(&PADDING_ZEROS[..zeros], at + bytes.len() as u64)
+    } else {
+        let done = written - bytes.len();
+        file.write_all_at(&PADDING_ZEROS[done..zeros], at + written as u64)
+    }
 }
 
 /// Bytes free for unprivileged use on `file`'s file system (`fstatvfs`).
@@ -1731,19 +1789,25 @@ mod tests {
         );
     }
 
+    /// Asks the kernel to drop `file`'s clean pages that nothing maps from the page cache.
+    #[allow(unsafe_code)]
+    fn drop_from_page_cache(file: &File) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on an open descriptor; no memory is passed.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
     /// Whether the file system of `dir` drops a clean page from the page cache when
     /// asked (tmpfs, for one, cannot: its pages are the files).
     #[allow(unsafe_code)]
     fn drops_clean_pages(dir: &Path) -> bool {
         use std::io::Write;
-        use std::os::fd::AsRawFd;
         let path = dir.join("probe");
         let mut file = File::create(&path).unwrap();
         file.write_all(&vec![1; page_bytes()]).unwrap();
         file.sync_all().unwrap();
         let file = File::open(&path).unwrap();
-        // SAFETY: a plain system call on an open descriptor; no memory is passed.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        drop_from_page_cache(&file);
         // SAFETY: the file is this test's own, and nothing changes it while mapped.
         let map = unsafe { Mmap::map(&file) }.unwrap();
         let mut resident = [0u8; 1];
@@ -2281,6 +2345,74 @@ mod tests {
         assert!(report.clean_shutdown);
         assert_eq!((report.truncated_bytes, report.recycled_bytes), (0, 0));
         assert_eq!(log.next_offset(), written);
+        read_all(&log);
+    }
+
+    #[test]
+    fn appends_over_old_bytes_are_padded_to_the_end_of_their_last_page() {
+        let page = page_bytes() as u32;
+        // Not a recycled file, or past its old bytes: nothing.
+        assert_eq!(padding_over_old_bytes(100, 1000, 0), 0);
+        assert_eq!(padding_over_old_bytes(10 * page, 1000, 10 * page + 1000), 0);
+        assert_eq!(padding_over_old_bytes(10 * page, 1000, 10 * page + 500), 0);
+        // Inside them: to the page's end, or to where they end if that comes first.
+        assert_eq!(padding_over_old_bytes(100, 1000, 8 * page), page as usize - 1100);
+        assert_eq!(
+            padding_over_old_bytes(page - 10, 20, 8 * page),
+            page as usize - 10
+        );
+        assert_eq!(padding_over_old_bytes(100, 1000, 2000), 900);
+        // Ending on a page boundary: nothing.
+        assert_eq!(padding_over_old_bytes(page, page as usize, 8 * page), 0);
+    }
+
+    /// Bytes the calling thread has had read from a disk (`/proc/thread-self/io`), or
+    /// `None` where the kernel does not count them.
+    fn disk_bytes_read_by_this_thread() -> Option<u64> {
+        let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+        io.lines()
+            .find_map(|line| line.strip_prefix("read_bytes: "))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn appends_over_a_recycled_file_gone_from_the_page_cache_read_nothing_from_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        if !drops_clean_pages(dir.path()) || disk_bytes_read_by_this_thread().is_none() {
+            eprintln!("skipped: the temp dir's file system keeps its pages, or reads are not counted");
+            return;
+        }
+        let log = LaneLog::open(dir.path(), durable_log_keeping_two_segments()).unwrap();
+        let first = active_log_path(&log);
+        append_until_roll(&log, 1000);
+        append_until_roll(&log, 1000);
+        log.append(&mut batch_of(1000)).unwrap();
+        let (old_inode, old_len) = (inode(&first), std::fs::metadata(&first).unwrap().len());
+        assert_eq!(log.enforce_retention_now().unwrap().segments_deleted, 1);
+        let next = dir.path().join(NEXT_SEGMENT_FILE);
+        assert_eq!(inode(&next), old_inode, "the deleted file is kept for later");
+        // Written and fsynced long ago, its pages were reclaimed: none is cached now.
+        drop_from_page_cache(&File::open(&next).unwrap());
+
+        let read_before = disk_bytes_read_by_this_thread().unwrap();
+        // Batches of a size that is no multiple of a page: nearly every append ends
+        // inside a page of the old bytes.
+        let recycled = append_until_roll(&log, 1500);
+        assert_eq!(inode(&recycled), old_inode);
+        let mut appends = 1;
+        while u64::from(lock(&log.writer).active.size()) + 2 * page_bytes() as u64 + 1600 < old_len {
+            log.append(&mut batch_of(1500)).unwrap();
+            appends += 1;
+        }
+        let read = disk_bytes_read_by_this_thread().unwrap() - read_before;
+        assert!(appends > 20, "{appends} appends");
+        assert_eq!(
+            read, 0,
+            "{appends} appends over old bytes read {read} bytes from the disk"
+        );
+        assert_eq!(std::fs::metadata(&recycled).unwrap().len(), old_len);
         read_all(&log);
     }
 

@@ -30,9 +30,6 @@ pub(crate) const STORED_BATCH_LIMITS: BatchLimits = BatchLimits {
     batch_records_max: u32::MAX,
 };
 
-/// [`Segment::pages_cached`] accepts one page in this many missing from the page cache.
-const CACHED_MISSING_MAX: usize = 100;
-
 /// The size of a memory page.
 pub(crate) fn page_bytes() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -40,17 +37,9 @@ pub(crate) fn page_bytes() -> usize {
     usize::try_from(bytes).ok().filter(|&b| b > 0).unwrap_or(4096)
 }
 
-/// Whether the pages of `mapped`, the start of a mapping, are in the page cache, all but
-/// one in [`CACHED_MISSING_MAX`]. Overwriting a file whose pages are cached only copies;
-/// one whose pages are not reads each page a write ends in from the disk first, while
-/// the writer waits.
-fn pages_cached(mapped: &[u8]) -> bool {
-    let pages = mapped.len().div_ceil(page_bytes());
-    resident_pages(mapped).is_some_and(|resident| (pages - resident) * CACHED_MISSING_MAX <= pages)
-}
-
 /// How many of the pages `mapped` spans are in the page cache (`mincore`); `None` if
 /// `mapped` is empty, does not start at a page boundary or is not mapped.
+#[cfg(test)]
 fn resident_pages(mapped: &[u8]) -> Option<usize> {
     let page_bytes = page_bytes();
     if mapped.is_empty() || !(mapped.as_ptr() as usize).is_multiple_of(page_bytes) {
@@ -274,13 +263,6 @@ impl Segment {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.size() == 0
-    }
-
-    /// Whether the pages holding the segment's batches are in the page cache (see
-    /// [`pages_cached`]).
-    pub(crate) fn pages_cached(&self) -> bool {
-        let len = (self.size() as usize).min(self.data.len());
-        pages_cached(&self.data[..len])
     }
 
     /// Drops bytes `from..to` (`None`: to the end of the file; `from` a page boundary)
@@ -703,9 +685,9 @@ mod tests {
         file.set_len(len as u64).unwrap();
         // SAFETY: the file is private to this test and not changed while mapped.
         let map = unsafe { MmapOptions::new().len(len).map(&file).unwrap() };
-        assert!(!pages_cached(&map));
+        assert_eq!(resident_pages(&map), Some(0));
         std::os::unix::fs::FileExt::write_all_at(&file, &vec![1; len], 0).unwrap();
-        assert!(pages_cached(&map));
-        assert!(!pages_cached(&map[1..]), "not at a page boundary");
+        assert_eq!(resident_pages(&map), Some(64));
+        assert_eq!(resident_pages(&map[1..]), None, "not at a page boundary");
     }
 }
