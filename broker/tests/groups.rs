@@ -612,3 +612,113 @@ async fn a_group_member_rides_out_a_broker_restart() {
     member.abort();
     broker.stop().await;
 }
+
+/// How many of the pages of `path` from `from` to `to` (page multiples) are in the page
+/// cache, seen through a mapping of this process's own (`mincore`).
+#[allow(unsafe_code)]
+fn resident_pages(path: &std::path::Path, from: usize, to: usize) -> usize {
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only mapping; mincore reads no byte of it, so the broker's
+    // appends meanwhile change nothing this reads.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let page = 4096;
+    let mut resident = vec![0u8; (to - from) / page];
+    // SAFETY: `from..to` lies in the mapping and starts at a page boundary; `resident`
+    // has a byte per page.
+    let result = unsafe {
+        libc::mincore(
+            map.as_ptr().add(from) as *mut libc::c_void,
+            to - from,
+            resident.as_mut_ptr(),
+        )
+    };
+    assert_eq!(result, 0, "{}", std::io::Error::last_os_error());
+    resident.iter().filter(|&&page| page & 1 == 1).count()
+}
+
+/// Whether the file system of `dir` drops a clean page from the page cache when asked
+/// (tmpfs cannot: its pages are the files).
+#[allow(unsafe_code)]
+fn drops_clean_pages(dir: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("probe");
+    std::fs::write(&path, vec![1u8; 4096]).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: a plain system call on an open descriptor.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let dropped = resident_pages(&path, 0, 4096) == 0;
+    std::fs::remove_file(&path).unwrap();
+    dropped
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_cached_tail_bytes_what_a_group_has_not_committed_stays_in_the_page_cache() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    if !drops_clean_pages(dir.path()) {
+        eprintln!("skipped: the temp dir's file system keeps pages it is asked to drop");
+        return;
+    }
+    // Pages more than 1 MiB behind the end go, after each fsync round (`fsync always`).
+    // No metrics export: its lag gauges read a batch at each committed offset, and the
+    // disk's read-around would bring back pages behind it.
+    let broker = TestBroker::start(dir.path(), |settings| {
+        settings.cached_tail_bytes = MIB as u64;
+        settings.segment_bytes_max = 8 * MIB as u32;
+        settings.metrics_listen = "off".into();
+    })
+    .await;
+    let address = broker.address();
+    create_topic(&address, "orders", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(&address)).await.unwrap();
+    let mut produced = 0u64;
+    let mut produce = async |count: u64| {
+        for _ in 0..count {
+            let record = ProducerRecord::new("orders", vec![7u8; 16 * 1024])
+                .partition(PartitionId(0))
+                .lane(LaneSelector::Index(Lane(0)));
+            producer.send(record).await.unwrap();
+            produced += 1;
+        }
+        producer.flush().await.unwrap();
+        produced
+    };
+    // The group commits from the start (the log learns it at once): nothing of the first
+    // segment goes.
+    let client = client(&address).await;
+    let (member, holds) = join(&client, "a", 30_000).await;
+    assert_eq!(holds, vec![0]);
+    assert_eq!(commit(&client, &member, 0, 0).await.unwrap(), ErrorCode::None);
+    // 16 KiB records: offset 200 begins about 3.3 MB in, within the second 2 MiB step
+    // (the drop works in steps of 2 MiB).
+    produce(400).await;
+    assert_eq!(commit(&client, &member, 0, 200).await.unwrap(), ErrorCode::None);
+
+    // Far past the first segment (8 MiB) and the window: without the group, all of
+    // the first segment would go.
+    let first = dir.path().join("topics/orders/0/0/00000000000000000000.log");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut total = produce(0).await;
+    loop {
+        // Up to 16 MiB: enough for the window to pass the first segment; after that
+        // the fsync rounds have run and only the page cache is looked at again.
+        if total * 16 * 1024 < 16 * MIB as u64 {
+            total = produce(50).await;
+        }
+        let first_len = std::fs::metadata(&first).unwrap().len() as usize;
+        let rolled = total * 16 * 1024 > 12 * MIB as u64;
+        let dropped = resident_pages(&first, 0, 2 * MIB);
+        let kept = resident_pages(&first, 2 * MIB, first_len / 4096 * 4096);
+        if rolled && dropped == 0 && kept == (first_len / 4096 * 4096 - 2 * MIB) / 4096 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {total} records: {dropped} pages cached before the group's offset, {kept} from it on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    producer.close().await.unwrap();
+    broker.stop().await;
+}

@@ -211,6 +211,9 @@ fn from_assignment(assignment: &Assignment) -> BTreeSet<TopicPartition> {
 pub struct Coordinator {
     limits: Limits,
     offsets: OffsetStore,
+    /// Whether lane logs learn the lowest offset groups have committed on them
+    /// (`cached_tail_bytes` is set): see [`Coordinator::share_group_floors`].
+    shares_group_floors: bool,
     groups: Mutex<HashMap<String, Group>>,
     /// Makes member ids unique across broker restarts.
     boot_id: u64,
@@ -263,6 +266,7 @@ impl Coordinator {
                 members_max: settings.group_members_max as usize,
             },
             offsets,
+            shares_group_floors: settings.cached_tail_bytes > 0,
             groups: Mutex::new(groups),
             boot_id,
             members_joined: AtomicU64::new(0),
@@ -463,6 +467,17 @@ impl Coordinator {
                 return Ok(response);
             }
         }
+        if self.shares_group_floors {
+            // At once, so that the pages a commit lets go can go with the next fsync
+            // round; `share_group_floors` catches up with expired groups.
+            for (key, _) in &accepted {
+                if let Some(topic) = topics.get(&key.topic)
+                    && let Ok(handle) = topic.log(key.partition, key.lane)
+                {
+                    handle.log.set_group_floor(self.offsets.lowest_committed_on(key));
+                }
+            }
+        }
         if !accepted.is_empty()
             && let Err(error) = self.offsets.flush()
         {
@@ -585,6 +600,24 @@ impl Coordinator {
             });
         }
         offsets
+    }
+
+    /// Tells every lane log the lowest offset any group has committed on it, so that
+    /// with `cached_tail_bytes` its pages from there on stay cached for the groups to
+    /// read (see `LaneLog::drop_cached_behind`).
+    pub fn share_group_floors(&self, topics: &Topics) {
+        let lowest = self.offsets.lowest_committed();
+        for topic in topics.list() {
+            let mut key = LaneKey {
+                topic: topic.spec.name.clone(),
+                partition: PartitionId(0),
+                lane: Lane(0),
+            };
+            for (partition, lane, handle) in topic.logs() {
+                (key.partition, key.lane) = (partition, lane);
+                handle.log.set_group_floor(lowest.get(&key).copied());
+            }
+        }
     }
 
     /// Sets the per-lane backlog gauges of every group: records and bytes it has not

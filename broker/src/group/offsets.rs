@@ -149,6 +149,30 @@ impl OffsetStore {
         self.state().groups.get(group).cloned().unwrap_or_default()
     }
 
+    /// The lowest offset any group has committed, per lane log.
+    pub fn lowest_committed(&self) -> BTreeMap<LaneKey, Offset> {
+        let state = self.state();
+        let mut lowest: BTreeMap<LaneKey, Offset> = BTreeMap::new();
+        for (key, &offset) in state.groups.values().flatten() {
+            lowest
+                .entry(key.clone())
+                .and_modify(|low| *low = (*low).min(offset))
+                .or_insert(offset);
+        }
+        lowest
+    }
+
+    /// The lowest offset any group has committed on one lane log.
+    pub fn lowest_committed_on(&self, key: &LaneKey) -> Option<Offset> {
+        let state = self.state();
+        state
+            .groups
+            .values()
+            .filter_map(|offsets| offsets.get(key))
+            .min()
+            .copied()
+    }
+
     /// Records commits in the log and in memory; they are durable after the next
     /// [`OffsetStore::flush`]. Commits are applied in the order of calls.
     pub fn commit(&self, group: &str, commits: &[(LaneKey, Offset)]) -> Result<(), StorageError> {
@@ -370,6 +394,13 @@ mod tests {
             store.group("h").into_iter().collect::<Vec<_>>(),
             vec![(key("orders", 0, 0), Offset(3))]
         );
+        // Per lane log, the lowest of the groups still there.
+        assert_eq!(
+            store.lowest_committed().into_iter().collect::<Vec<_>>(),
+            vec![(key("orders", 0, 0), Offset(3)), (key("orders", 1, 2), Offset(9))]
+        );
+        assert_eq!(store.lowest_committed_on(&key("orders", 0, 0)), Some(Offset(3)));
+        assert_eq!(store.lowest_committed_on(&key("returns", 0, 0)), None);
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum OpenError {
 
 /// How often group sessions are checked for expiry.
 const GROUP_TICK: Duration = Duration::from_millis(100);
+/// With `cached_tail_bytes`, every this many group ticks the lane logs learn the lowest
+/// offset groups have committed on them (a pass over every committed offset).
+const GROUP_FLOOR_TICKS: u64 = 10;
 
 /// A running broker's state.
 #[derive(Debug)]
@@ -176,11 +179,13 @@ impl Broker {
     async fn run_group_ticks(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(GROUP_TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let share_floors = self.settings.cached_tail_bytes > 0;
+        for tick in 0u64.. {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let share_floors = share_floors && tick.is_multiple_of(GROUP_FLOOR_TICKS);
             // Off the runtime's threads: expiring a group appends to the offsets log.
             let broker = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || {
@@ -188,6 +193,9 @@ impl Broker {
                     && let Err(error) = broker.groups.flush()
                 {
                     tracing::warn!(%error, "could not flush the deleted offsets of expired groups");
+                }
+                if share_floors {
+                    broker.groups.share_group_floors(&broker.topics);
                 }
             })
             .await;

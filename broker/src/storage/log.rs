@@ -38,6 +38,8 @@ const NEXT_SEGMENT_FILE: &str = "next-segment.tmp";
 const PREPARE_NEXT_WITHIN: Duration = Duration::from_secs(60);
 /// Corruption offset meaning "none".
 const NOT_CORRUPT: u64 = u64::MAX;
+/// `LaneLog::group_floor` meaning "no consumer group has committed here".
+const NO_GROUP_FLOOR: u64 = u64::MAX;
 
 /// Where an appended batch landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,8 +166,9 @@ struct Writer {
     /// How much of the active segment has its blocks allocated (as far as this log
     /// asked for; 0 for a new or reopened one).
     allocated_to: u32,
-    /// How far the active segment's file holds a recycled file's old bytes (0 if it is
-    /// not one): after the roll, the fsync round cuts what is left of them off.
+    /// How far the active segment's file holds a recycled file's old bytes, or zeros
+    /// appends padded their last page with (0 if it is not one): after the roll, the
+    /// fsync round cuts what is left of them off.
     recycled_len: u32,
     next_segment: NextSegment,
     /// While there is a next segment: the log's next offset when a retention pass last
@@ -229,6 +232,9 @@ pub struct LaneLog {
     pending_checkpoint_segment: AtomicU64,
     sync_rounds: AtomicU64,
     writeback_starts: AtomicU64,
+    /// The lowest offset a consumer group has committed on this log (`NO_GROUP_FLOOR`
+    /// if none has): [`LaneLog::drop_cached_behind`] keeps the pages from there on.
+    group_floor: AtomicU64,
     /// More than `unsynced_segments_max` rolled segments wait for an fsync: one is due.
     unsynced_over_bound: AtomicBool,
     /// How many of `Writer::rolls_deferred` a finished fsync of the directory covers.
@@ -338,6 +344,7 @@ impl LaneLog {
             pending_checkpoint_segment: AtomicU64::new(u64::MAX),
             sync_rounds: AtomicU64::new(0),
             writeback_starts: AtomicU64::new(0),
+            group_floor: AtomicU64::new(NO_GROUP_FLOOR),
             unsynced_over_bound: AtomicBool::new(false),
             dir_synced_rolls: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -419,6 +426,11 @@ impl LaneLog {
             u64::from(position),
             (batch.len() + padding) as u64,
         );
+        if padding > 0 {
+            // Zeros past the last old byte (in its page) are cut off with the old bytes.
+            let padded_to = u32::try_from(position as usize + batch.len() + padding).unwrap_or(u32::MAX);
+            writer.recycled_len = writer.recycled_len.max(padded_to);
+        }
         writer
             .active
             .publish_append(position, &header, self.config.index_interval_bytes);
@@ -944,7 +956,10 @@ impl LaneLog {
     /// reporting, ballooning), every page the page cache takes fresh is faulted in by
     /// the host on its first write, and an append into fresh pages cost 4 to 10 times
     /// one into reused pages (docs/BENCHMARKS.md, "Reused page-cache memory"). The price
-    /// is that a consumer further behind than `cached_tail_bytes` reads from the disk.
+    /// is that a consumer further behind than `cached_tail_bytes` reads from the disk;
+    /// except for consumer groups: the pages from the lowest offset a group has
+    /// committed ([`LaneLog::set_group_floor`]) on stay, so a group catching up on a
+    /// backlog reads it from memory.
     pub fn drop_cached_behind(&self) {
         let keep = self.config.cached_tail_bytes;
         // After a failed fsync the kernel may have marked pages it could not write
@@ -956,6 +971,18 @@ impl LaneLog {
         // size, a u32).
         let step_start =
             |behind: u64| (behind / u64::from(CACHE_DROP_STEP_BYTES)) as u32 * CACHE_DROP_STEP_BYTES;
+        // How far into `segment` pages may go, if the group floor stops them: nowhere in
+        // a segment after the floor's; within the floor's, up to the step its batch
+        // begins in at the latest (from the index: reading the batch would bring pages
+        // back); anywhere in one before it.
+        let floor = Offset(self.group_floor.load(Ordering::Acquire));
+        let floor_stop = |segment: &Segment| -> Option<u32> {
+            if floor.0 == NO_GROUP_FLOOR || floor >= segment.next_offset() {
+                None
+            } else {
+                Some(step_start(u64::from(segment.indexed_position_at_most(floor))))
+            }
+        };
         let mut drops = Vec::new();
         {
             let mut writer = lock(&self.writer);
@@ -966,7 +993,7 @@ impl LaneLog {
             // Bytes of the window left for the segments before the one looked at.
             let mut keep_before = match u64::from(size).checked_sub(keep) {
                 Some(behind) => {
-                    let to = step_start(behind);
+                    let to = step_start(behind).min(floor_stop(&writer.active).unwrap_or(u32::MAX));
                     if to > writer.cache_dropped_to {
                         drops.push(CacheDrop {
                             segment: Arc::clone(&writer.active),
@@ -979,18 +1006,20 @@ impl LaneLog {
                 }
                 None => keep - u64::from(size),
             };
-            let mut kept = 0;
             for cached in writer.cached_segments.iter_mut().rev() {
                 let size = cached.segment.size();
                 let to = if keep_before > 0 && keep_before >= u64::from(size) {
                     keep_before -= u64::from(size);
-                    kept += 1;
                     continue;
                 } else if keep_before > 0 {
-                    kept += 1;
                     Some(step_start(u64::from(size) - std::mem::take(&mut keep_before)))
                 } else {
                     None
+                };
+                let to = match (to, floor_stop(&cached.segment)) {
+                    (to, None) => to,
+                    (None, Some(stop)) => Some(stop),
+                    (Some(to), Some(stop)) => Some(to.min(stop)),
                 };
                 if to.is_none_or(|to| to > cached.dropped_to) {
                     drops.push(CacheDrop {
@@ -1002,13 +1031,25 @@ impl LaneLog {
                     cached.dropped_to = to.unwrap_or(size);
                 }
             }
-            // Those dropped to their end are the oldest: the window ends in a newer one.
-            let done = writer.cached_segments.len() - kept;
+            // Those dropped to their end are the oldest: the window and the floor both
+            // stop in a newer one.
+            let done = writer
+                .cached_segments
+                .iter()
+                .take_while(|cached| cached.dropped_to >= cached.segment.size())
+                .count();
             writer.cached_segments.drain(..done);
         }
         for drop in drops {
             drop.segment.drop_cached(&drop.file, drop.from, drop.to);
         }
+    }
+
+    /// Tells the log the lowest offset any consumer group has committed on it (`None`:
+    /// no group has), below which [`LaneLog::drop_cached_behind`] may drop pages.
+    pub fn set_group_floor(&self, floor: Option<Offset>) {
+        self.group_floor
+            .store(floor.map_or(NO_GROUP_FLOOR, |offset| offset.0), Ordering::Release);
     }
 
     /// Fsyncs the directory if any of the first `rolls_deferred` rolls (read under the
@@ -1629,8 +1670,6 @@ fn prepare_file(path: &Path, bytes: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Asks the kernel to read `len` bytes of `file` into the page cache, in the background
-/// (`POSIX_FADV_WILLNEED`); cached pages cost nothing. Only a hint: failures are ignored.
 /// Zeros that [`write_all_padded_at`] writes after a batch.
 static PADDING_ZEROS: [u8; PADDING_BYTES_MAX] = [0; PADDING_BYTES_MAX];
 /// The most padding an append writes: a page, on systems with pages up to this size.
@@ -1638,22 +1677,25 @@ const PADDING_BYTES_MAX: usize = 64 * 1024;
 
 /// How many zeros to write after `len` bytes appended at `position` of a file that holds
 /// a recycled file's old bytes up to `recycled_len`: up to the end of the page the write
-/// ends in, or of the old bytes if they end first.
+/// ends in, if that page holds old bytes.
 ///
 /// Why: a write that ends inside a page not in the page cache, over blocks the file
 /// already has, makes the kernel read that page from the disk first, and the append
 /// waits for the read. A recycled file's pages are often gone from the page cache (the
-/// kernel's own reclaim, or `cached_tail_bytes`). Padded, each write covers whole pages,
-/// which the kernel takes without reading; the next append overwrites the zeros. Past
-/// the old bytes the blocks are allocated but unwritten, which reads as zeros without
-/// the disk, so nothing is padded there.
+/// kernel's own reclaim, or `cached_tail_bytes`). Padded, the page a write ends in is
+/// written whole, which the kernel takes without reading; the page it begins in is the
+/// one the previous append ended in, cached since. The next append overwrites the zeros.
+/// Past the page of the last old byte the blocks are allocated but unwritten, which
+/// read as zeros without the disk, so nothing is padded there. (This assumes blocks no
+/// larger than a page, as on ext4; with pages over `PADDING_BYTES_MAX`, nothing is
+/// padded and such appends read.)
 fn padding_over_old_bytes(position: u32, len: usize, recycled_len: u32) -> usize {
     let page_bytes = page_bytes();
     let end = position as usize + len;
-    if end >= recycled_len as usize || page_bytes > PADDING_BYTES_MAX {
+    if end >= (recycled_len as usize).next_multiple_of(page_bytes) || page_bytes > PADDING_BYTES_MAX {
         return 0;
     }
-    end.next_multiple_of(page_bytes).min(recycled_len as usize) - end
+    end.next_multiple_of(page_bytes) - end
 }
 
 /// Writes `bytes` then `zeros` zeros at `at`, in one `pwritev`: in two writes, the first
@@ -1952,6 +1994,44 @@ mod tests {
                 .map(Result::unwrap)
                 .all(|batch| batch.records().all(|r| r.value.iter().all(|&b| b == 3)))
         );
+        tail.read_all(Offset(0));
+    }
+
+    #[test]
+    fn pages_a_consumer_group_has_not_committed_stay_cached_behind_the_window() {
+        let keep = 2 * MIB;
+        let Some(tail) = CachedTail::open(keep, 8 * MIB) else {
+            return;
+        };
+        tail.append_until(MIB);
+        // A group has committed up to about 3 MiB into the first segment.
+        let floor = Offset(3 * u64::from(MIB) / CachedTail::batch().len() as u64);
+        tail.log.set_group_floor(Some(floor));
+        tail.append_until(20 * MIB);
+        let segments = tail.segments();
+        assert_eq!(segments.len(), 3);
+        let floor_step = steps_below(segments[0].indexed_position_at_most(floor));
+        assert!(floor_step >= 2 * MIB, "{floor_step}");
+        assert_cached_from(&segments[0], floor_step, "from the group's committed offset on");
+        assert_cached_from(&segments[1], 0, "all of it, after the committed offset");
+        assert_cached_from(&segments[2], 0, "the active one too");
+
+        // The group moves on into the active segment: only the window's pages stay.
+        let active = Arc::clone(&segments[2]);
+        let floor = active.next_offset();
+        tail.log.set_group_floor(Some(floor));
+        tail.append_until(22 * MIB);
+        assert_cached_from(&segments[0], segments[0].size(), "none once committed");
+        assert_cached_from(&segments[1], segments[1].size(), "none once committed");
+        let floor_at = active.indexed_position_at_most(floor);
+        let dropped_to = steps_below(active.size() - keep).min(steps_below(floor_at));
+        assert!(dropped_to >= 2 * MIB, "{dropped_to}");
+        assert_cached_from(&active, dropped_to, "the window, and the floor within it");
+
+        // No group any more: the window alone.
+        tail.log.set_group_floor(None);
+        tail.append_until(23 * MIB);
+        assert_cached_from(&active, steps_below(active.size() - keep), "the window alone");
         tail.read_all(Offset(0));
     }
 
@@ -2351,17 +2431,21 @@ mod tests {
     #[test]
     fn appends_over_old_bytes_are_padded_to_the_end_of_their_last_page() {
         let page = page_bytes() as u32;
-        // Not a recycled file, or past its old bytes: nothing.
+        // Not a recycled file, or past the page of its last old byte: nothing.
         assert_eq!(padding_over_old_bytes(100, 1000, 0), 0);
-        assert_eq!(padding_over_old_bytes(10 * page, 1000, 10 * page + 1000), 0);
-        assert_eq!(padding_over_old_bytes(10 * page, 1000, 10 * page + 500), 0);
-        // Inside them: to the page's end, or to where they end if that comes first.
+        assert_eq!(padding_over_old_bytes(10 * page, 1000, 10 * page), 0);
+        assert_eq!(padding_over_old_bytes(10 * page, 1000, 9 * page + 500), 0);
+        // Inside them: to the page's end, also past the last old byte in its page.
         assert_eq!(padding_over_old_bytes(100, 1000, 8 * page), page as usize - 1100);
         assert_eq!(
             padding_over_old_bytes(page - 10, 20, 8 * page),
             page as usize - 10
         );
-        assert_eq!(padding_over_old_bytes(100, 1000, 2000), 900);
+        assert_eq!(padding_over_old_bytes(100, 1000, 2000), page as usize - 1100);
+        assert_eq!(
+            padding_over_old_bytes(10 * page, 1000, 10 * page + 500),
+            page as usize - 1000
+        );
         // Ending on a page boundary: nothing.
         assert_eq!(padding_over_old_bytes(page, page as usize, 8 * page), 0);
     }
@@ -2378,10 +2462,16 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)] // maps a file to look at its pages
     fn appends_over_a_recycled_file_gone_from_the_page_cache_read_nothing_from_the_disk() {
         let dir = tempfile::tempdir().unwrap();
-        if !drops_clean_pages(dir.path()) || disk_bytes_read_by_this_thread().is_none() {
-            eprintln!("skipped: the temp dir's file system keeps its pages, or reads are not counted");
+        if !drops_clean_pages(dir.path())
+            || disk_bytes_read_by_this_thread().is_none()
+            || page_bytes() != 4096
+        {
+            eprintln!(
+                "skipped: the temp dir's file system keeps its pages, reads are not counted, or pages are not 4 KiB"
+            );
             return;
         }
         let log = LaneLog::open(dir.path(), durable_log_keeping_two_segments()).unwrap();
@@ -2394,25 +2484,33 @@ mod tests {
         let next = dir.path().join(NEXT_SEGMENT_FILE);
         assert_eq!(inode(&next), old_inode, "the deleted file is kept for later");
         // Written and fsynced long ago, its pages were reclaimed: none is cached now.
-        drop_from_page_cache(&File::open(&next).unwrap());
+        let file = File::open(&next).unwrap();
+        drop_from_page_cache(&file);
+        // SAFETY: nothing writes the file while this test maps it.
+        let map = unsafe { Mmap::map(&file) }.unwrap();
+        assert_eq!(crate::storage::segment::resident_pages(&map), Some(0));
+        drop(map);
 
-        let read_before = disk_bytes_read_by_this_thread().unwrap();
         // Batches of a size that is no multiple of a page: nearly every append ends
-        // inside a page of the old bytes.
+        // inside a page of the old bytes. Counted from the second: the roll creates
+        // files, which can read the file system's own blocks.
         let recycled = append_until_roll(&log, 1500);
         assert_eq!(inode(&recycled), old_inode);
-        let mut appends = 1;
-        while u64::from(lock(&log.writer).active.size()) + 2 * page_bytes() as u64 + 1600 < old_len {
+        log.append(&mut batch_of(1500)).unwrap();
+        let read_before = disk_bytes_read_by_this_thread().unwrap();
+        let mut appends = 0;
+        // On to the last old byte, and past it where the segment has room.
+        let segments = log.stats().segments;
+        while log.stats().segments == segments && u64::from(lock(&log.writer).active.size()) <= old_len {
             log.append(&mut batch_of(1500)).unwrap();
             appends += 1;
         }
         let read = disk_bytes_read_by_this_thread().unwrap() - read_before;
-        assert!(appends > 20, "{appends} appends");
+        assert!(appends > 30, "{appends} appends");
         assert_eq!(
             read, 0,
             "{appends} appends over old bytes read {read} bytes from the disk"
         );
-        assert_eq!(std::fs::metadata(&recycled).unwrap().len(), old_len);
         read_all(&log);
     }
 

@@ -4,7 +4,8 @@
 //! record batches exactly as producers sent them (with the base offset stamped), a
 //! sparse `.index` (offset → position) and a `.timeindex` (timestamp → offset), both
 //! memory-mapped. Appends are checked (size, checksum, records, producer sequence)
-//! and written with one `pwrite`; reads are slices of the mapped segment, no copy.
+//! and written with one `pwrite` (`pwritev` with padding over a recycled file's old
+//! bytes); reads are slices of the mapped segment, no copy.
 //! Durability is group commit: one fsync covers every append made before it, and the
 //! durable offset says how far that is. Opening a log recovers it (see [`recovery`]).
 //!

@@ -1,7 +1,7 @@
 //! One segment of a lane log: a `.log` file of whole batches, mapped read-only, plus
 //! its `.index` and `.timeindex`.
 //!
-//! Appends go through the file (`pwrite` at the end) and become visible through the
+//! Appends go through the file (`pwrite` or `pwritev` at the end) and become visible through the
 //! shared mapping; readers only look below `size`, which is published after the bytes
 //! are written. Sealed segments hold no file descriptor, only mappings.
 
@@ -40,7 +40,7 @@ pub(crate) fn page_bytes() -> usize {
 /// How many of the pages `mapped` spans are in the page cache (`mincore`); `None` if
 /// `mapped` is empty, does not start at a page boundary or is not mapped.
 #[cfg(test)]
-fn resident_pages(mapped: &[u8]) -> Option<usize> {
+pub(crate) fn resident_pages(mapped: &[u8]) -> Option<usize> {
     let page_bytes = page_bytes();
     if mapped.is_empty() || !(mapped.as_ptr() as usize).is_multiple_of(page_bytes) {
         return None;
@@ -541,6 +541,20 @@ impl Segment {
             position += header.batch_length;
             expected = header.next_offset();
         }
+    }
+
+    /// Where the batch holding `offset` begins at the latest, from the offset index
+    /// alone: the position of the entry at or below it, or 0. Unlike
+    /// [`Segment::locate`] it reads none of the segment's bytes, so it brings no page
+    /// of them back into the page cache.
+    pub(crate) fn indexed_position_at_most(&self, offset: Offset) -> u32 {
+        let Some(relative) = offset.0.checked_sub(self.base_offset.0) else {
+            return 0;
+        };
+        let relative = u32::try_from(relative).unwrap_or(u32::MAX);
+        self.index()
+            .lookup(relative)
+            .map_or(0, |(_, position)| position.min(self.size()))
     }
 
     /// Where to start scanning for `relative_offset`: the index entry at or below it,
