@@ -117,7 +117,7 @@ settings! {
     /// Per lane log: how many of its newest bytes stay in the page cache once written
     /// to the disk; the pages behind them are dropped, so that appends reuse that memory
     /// instead of taking new memory, and consumers further behind read from the disk
-    /// (pages from the lowest offset a consumer group has committed on stay).
+    /// (pages from the lowest offset committed by a group with a member subscribed stay).
     /// 0 leaves the page cache to the kernel.
     cached_tail_bytes: u64 = 0, "LANES_CACHED_TAIL_BYTES";
     /// A segment rolls before it would exceed this size (bytes).

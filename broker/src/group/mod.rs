@@ -470,11 +470,17 @@ impl Coordinator {
         if self.shares_group_floors {
             // At once, so that the pages a commit lets go can go with the next fsync
             // round; `share_group_floors` catches up with expired groups.
+            let subscribed = self.subscriptions();
             for (key, _) in &accepted {
                 if let Some(topic) = topics.get(&key.topic)
                     && let Ok(handle) = topic.log(key.partition, key.lane)
                 {
-                    handle.log.set_group_floor(self.offsets.lowest_committed_on(key));
+                    let floor = self.offsets.lowest_committed_on(key, |group| {
+                        subscribed
+                            .get(group)
+                            .is_some_and(|topics| topics.contains(&key.topic))
+                    });
+                    handle.log.set_group_floor(floor);
                 }
             }
         }
@@ -605,8 +611,15 @@ impl Coordinator {
     /// Tells every lane log the lowest offset any group has committed on it, so that
     /// with `cached_tail_bytes` its pages from there on stay cached for the groups to
     /// read (see `LaneLog::drop_cached_behind`).
+    ///
+    /// Only groups with a member subscribed to the topic count: a group that moved on
+    /// to other topics, or whose members are all gone, would otherwise keep its old
+    /// offsets' pages cached until it expires (`group_empty_expiry_ms`).
     pub fn share_group_floors(&self, topics: &Topics) {
-        let lowest = self.offsets.lowest_committed();
+        let subscribed = self.subscriptions();
+        let lowest = self.offsets.lowest_committed(|group, topic| {
+            subscribed.get(group).is_some_and(|topics| topics.contains(topic))
+        });
         for topic in topics.list() {
             let mut key = LaneKey {
                 topic: topic.spec.name.clone(),
@@ -620,22 +633,25 @@ impl Coordinator {
         }
     }
 
-    /// Sets the per-lane backlog gauges of every group: records and bytes it has not
-    /// consumed, and the age of the oldest, summed (the age: the oldest) over partitions.
-    pub fn record_backlog_metrics(&self, topics: &Topics) {
-        let groups: Vec<(String, BTreeSet<String>)> = self
-            .groups()
+    /// The topics each group's members subscribe to.
+    fn subscriptions(&self) -> HashMap<String, BTreeSet<String>> {
+        self.groups()
             .iter()
             .map(|(name, group)| {
-                let subscribed = group
+                let topics = group
                     .members
                     .values()
                     .flat_map(|m| m.topics.iter().cloned())
                     .collect();
-                (name.clone(), subscribed)
+                (name.clone(), topics)
             })
-            .collect();
-        for (group, subscribed) in groups {
+            .collect()
+    }
+
+    /// Sets the per-lane backlog gauges of every group: records and bytes it has not
+    /// consumed, and the age of the oldest, summed (the age: the oldest) over partitions.
+    pub fn record_backlog_metrics(&self, topics: &Topics) {
+        for (group, subscribed) in self.subscriptions() {
             for topic in self.lags(topics, &group, subscribed) {
                 let Some(spec) = topics.get(&topic.name) else {
                     continue;

@@ -150,25 +150,35 @@ impl OffsetStore {
     }
 
     /// The lowest offset any group has committed, per lane log.
-    pub fn lowest_committed(&self) -> BTreeMap<LaneKey, Offset> {
+    /// Only the offsets for which `counts(group, topic)` holds count.
+    pub fn lowest_committed(&self, counts: impl Fn(&str, &str) -> bool) -> BTreeMap<LaneKey, Offset> {
         let state = self.state();
         let mut lowest: BTreeMap<LaneKey, Offset> = BTreeMap::new();
-        for (key, &offset) in state.groups.values().flatten() {
-            lowest
-                .entry(key.clone())
-                .and_modify(|low| *low = (*low).min(offset))
-                .or_insert(offset);
+        for (group, offsets) in &state.groups {
+            for (key, &offset) in offsets {
+                if !counts(group, &key.topic) {
+                    continue;
+                }
+                match lowest.get_mut(key) {
+                    Some(low) => *low = (*low).min(offset),
+                    None => {
+                        lowest.insert(key.clone(), offset);
+                    }
+                }
+            }
         }
         lowest
     }
 
-    /// The lowest offset any group has committed on one lane log.
-    pub fn lowest_committed_on(&self, key: &LaneKey) -> Option<Offset> {
+    /// The lowest offset any group has committed on one lane log, of the groups for
+    /// which `counts(group)` holds.
+    pub fn lowest_committed_on(&self, key: &LaneKey, counts: impl Fn(&str) -> bool) -> Option<Offset> {
         let state = self.state();
         state
             .groups
-            .values()
-            .filter_map(|offsets| offsets.get(key))
+            .iter()
+            .filter(|(group, _)| counts(group))
+            .filter_map(|(_, offsets)| offsets.get(key))
             .min()
             .copied()
     }
@@ -396,11 +406,28 @@ mod tests {
         );
         // Per lane log, the lowest of the groups still there.
         assert_eq!(
-            store.lowest_committed().into_iter().collect::<Vec<_>>(),
+            store
+                .lowest_committed(|_, _| true)
+                .into_iter()
+                .collect::<Vec<_>>(),
             vec![(key("orders", 0, 0), Offset(3)), (key("orders", 1, 2), Offset(9))]
         );
-        assert_eq!(store.lowest_committed_on(&key("orders", 0, 0)), Some(Offset(3)));
-        assert_eq!(store.lowest_committed_on(&key("returns", 0, 0)), None);
+        assert_eq!(
+            store
+                .lowest_committed(|group, _| group == "g")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![(key("orders", 0, 0), Offset(7)), (key("orders", 1, 2), Offset(9))]
+        );
+        assert_eq!(
+            store.lowest_committed_on(&key("orders", 0, 0), |_| true),
+            Some(Offset(3))
+        );
+        assert_eq!(
+            store.lowest_committed_on(&key("orders", 0, 0), |group| group == "g"),
+            Some(Offset(7))
+        );
+        assert_eq!(store.lowest_committed_on(&key("returns", 0, 0), |_| true), None);
     }
 
     #[test]

@@ -2499,12 +2499,24 @@ mod tests {
         log.append(&mut batch_of(1500)).unwrap();
         let read_before = disk_bytes_read_by_this_thread().unwrap();
         let mut appends = 0;
-        // On to the last old byte, and past it where the segment has room.
-        let segments = log.stats().segments;
-        while log.stats().segments == segments && u64::from(lock(&log.writer).active.size()) <= old_len {
+        // On into the page of the last old byte, and past that byte, without a roll
+        // (which creates files): the segment ends where that page does.
+        let batch_len = batch_of(1500).len() as u64;
+        assert_eq!(old_len.next_multiple_of(4096), 64 * 1024);
+        while u64::from(lock(&log.writer).active.size()) + batch_len <= 64 * 1024 {
             log.append(&mut batch_of(1500)).unwrap();
             appends += 1;
         }
+        // The last, sized to end just short of the segment's end.
+        let room = 64 * 1024 - u64::from(lock(&log.writer).active.size());
+        let overhead = batch_len - 1500;
+        log.append(&mut batch_of((room - overhead - 100) as usize))
+            .unwrap();
+        appends += 1;
+        assert!(
+            u64::from(lock(&log.writer).active.size()) > old_len,
+            "past the last old byte"
+        );
         let read = disk_bytes_read_by_this_thread().unwrap() - read_before;
         assert!(appends > 30, "{appends} appends");
         assert_eq!(
