@@ -1690,6 +1690,10 @@ const PADDING_BYTES_MAX: usize = 64 * 1024;
 /// larger than a page, as on ext4; with pages over `PADDING_BYTES_MAX`, nothing is
 /// padded and such appends read.)
 fn padding_over_old_bytes(position: u32, len: usize, recycled_len: u32) -> usize {
+    // Most active segments are not recycled files: their appends skip `sysconf`.
+    if recycled_len == 0 {
+        return 0;
+    }
     let page_bytes = page_bytes();
     let end = position as usize + len;
     if end >= (recycled_len as usize).next_multiple_of(page_bytes) || page_bytes > PADDING_BYTES_MAX {
