@@ -120,6 +120,10 @@ settings! {
     /// (pages from the lowest offset committed by a group with a member subscribed stay).
     /// 0 leaves the page cache to the kernel.
     cached_tail_bytes: u64 = 0, "LANES_CACHED_TAIL_BYTES";
+    /// Buffers for reads of batches mostly gone from the page cache, which are read from
+    /// the disk with O_DIRECT instead of through it (bytes, over all lane logs, in 1 MiB
+    /// buffers); with every buffer lent, or 0, reads go through the page cache.
+    direct_read_bytes_max: u64 = 32 * MIB as u64, "LANES_DIRECT_READ_BYTES_MAX";
     /// A segment rolls before it would exceed this size (bytes).
     segment_bytes_max: u32 = 1024 * MIB, "LANES_SEGMENT_BYTES_MAX";
     /// A segment rolls once it has been active this long (ms).

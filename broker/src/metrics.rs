@@ -30,6 +30,15 @@ pub const FSYNCS: &str = "lanes_fsync_total";
 /// Segments that began as the file of a segment retention deleted (overwritten rather
 /// than new; see docs/STORAGE.md).
 pub const SEGMENTS_RECYCLED: &str = "lanes_segments_recycled_total";
+/// Reads of batches mostly gone from the page cache, done with `O_DIRECT` (see
+/// `direct_read_bytes_max`).
+pub const DIRECT_READS: &str = "lanes_direct_reads_total";
+/// Bytes those reads took from the disk.
+pub const DIRECT_READ_BYTES: &str = "lanes_direct_read_bytes_total";
+/// Direct reads that found their bytes read ahead.
+pub const DIRECT_READS_READ_AHEAD: &str = "lanes_direct_reads_read_ahead_total";
+/// Reads that went through the page cache because every direct read buffer was lent.
+pub const DIRECT_READ_BUFFERS_EXHAUSTED: &str = "lanes_direct_read_buffers_exhausted_total";
 /// How long each fsync round took.
 pub const FSYNC_DURATION_SECONDS: &str = "lanes_fsync_duration_seconds";
 /// Per lane log (summed over partitions): records appended but not yet fsynced, the
@@ -62,6 +71,22 @@ pub fn describe() {
         "Records sent to fetches, by topic and lane."
     );
     describe_counter!(REQUESTS, Unit::Count, "Requests received, by API.");
+    describe_counter!(
+        DIRECT_READS,
+        Unit::Count,
+        "Reads of batches mostly gone from the page cache, done with O_DIRECT."
+    );
+    describe_counter!(DIRECT_READ_BYTES, Unit::Bytes, "Bytes read with O_DIRECT.");
+    describe_counter!(
+        DIRECT_READS_READ_AHEAD,
+        Unit::Count,
+        "Direct reads that found their bytes read ahead."
+    );
+    describe_counter!(
+        DIRECT_READ_BUFFERS_EXHAUSTED,
+        Unit::Count,
+        "Reads that went through the page cache because every direct read buffer was lent."
+    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,

@@ -19,7 +19,9 @@ use tokio::sync::watch;
 use crate::config::{Durability, FsyncMode, Settings, parse_lane_names};
 use crate::durability::Syncer;
 use crate::scheduler::{LanePolicy, WEIGHT_MAX, default_weights};
-use crate::storage::{AppendOutcome, FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError, files};
+use crate::storage::{
+    AppendOutcome, DirectReads, FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError, files,
+};
 
 /// A topic's settings, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,6 +522,8 @@ pub struct Topics {
     version: AtomicU64,
     syncer: Arc<Syncer>,
     reaper: Arc<Reaper>,
+    /// Shared by every lane log; `None` with `direct_read_bytes_max` under one buffer.
+    direct_reads: Option<Arc<DirectReads>>,
 }
 
 impl Topics {
@@ -538,6 +542,7 @@ impl Topics {
             version: AtomicU64::new(0),
             syncer,
             reaper,
+            direct_reads: DirectReads::new(settings.direct_read_bytes_max),
         };
         let mut specs = Vec::new();
         for entry in fs::read_dir(&topics.meta_dir).map_err(|e| StorageError::io(&topics.meta_dir, e))? {
@@ -607,6 +612,7 @@ impl Topics {
                 let (retention_ms, retention_bytes) = spec.lane_retention(lane);
                 let config = LogConfig {
                     reaper: Some(Arc::clone(&self.reaper)),
+                    direct_reads: self.direct_reads.clone(),
                     ..settings.log_config(retention_ms, retention_bytes)
                 };
                 let log = LaneLog::open(self.lane_dir(&spec.name, partition, lane), config)?;

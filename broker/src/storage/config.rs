@@ -58,6 +58,9 @@ pub struct LogConfig {
     /// Frees the `.log` files of deleted segments gradually; without one they are freed
     /// at once.
     pub reaper: Option<std::sync::Arc<super::Reaper>>,
+    /// Reads of batches mostly gone from the page cache use these buffers, with
+    /// `O_DIRECT`; without them (or with none free) every read goes through the mapping.
+    pub direct_reads: Option<std::sync::Arc<super::DirectReads>>,
 }
 
 impl Default for LogConfig {
@@ -77,6 +80,7 @@ impl Default for LogConfig {
             unsynced_segments_max: 4,
             fsync_fault: None,
             reaper: None,
+            direct_reads: None,
         }
     }
 }

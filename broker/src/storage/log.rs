@@ -15,6 +15,7 @@ use memmap2::Mmap;
 
 use super::checkpoint::{CheckpointFile, CleanPoint};
 use super::config::{FsyncPolicy, LogConfig};
+use super::direct_read::{AheadRead, DirectReads, ReadAhead};
 use super::error::StorageError;
 use super::faults;
 use super::files::{
@@ -24,7 +25,7 @@ use super::files::{
 use super::producer_state::{ProducerStateTable, SequenceCheck};
 use super::reaper::Doomed;
 use super::recovery::{self, Corruption, RecoveryReport};
-use super::segment::{ScanStop, Segment, page_bytes};
+use super::segment::{DIRECT_SLACK_BYTES, DirectlyRead, ScanStop, Segment, page_bytes};
 
 const CHECKPOINT_FILE: &str = "checkpoint";
 /// How far ahead of the active segment's end [`LaneLog::start_writeback`] allocates its
@@ -235,6 +236,8 @@ pub struct LaneLog {
     /// The lowest offset a consumer group has committed on this log (`NO_GROUP_FLOOR`
     /// if none has): [`LaneLog::drop_cached_behind`] keeps the pages from there on.
     group_floor: AtomicU64,
+    /// Bytes being read ahead for the next direct read (see [`super::direct_read`]).
+    read_ahead: Mutex<Option<Arc<ReadAhead>>>,
     /// More than `unsynced_segments_max` rolled segments wait for an fsync: one is due.
     unsynced_over_bound: AtomicBool,
     /// How many of `Writer::rolls_deferred` a finished fsync of the directory covers.
@@ -345,6 +348,7 @@ impl LaneLog {
             sync_rounds: AtomicU64::new(0),
             writeback_starts: AtomicU64::new(0),
             group_floor: AtomicU64::new(NO_GROUP_FLOOR),
+            read_ahead: Mutex::new(None),
             unsynced_over_bound: AtomicBool::new(false),
             dir_synced_rolls: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -1116,6 +1120,19 @@ impl LaneLog {
                 end,
             });
         };
+        if let Some(pool) = &self.config.direct_reads
+            // After a failed fsync the disk may hold older bytes than the page cache.
+            && !self.failed.load(Ordering::Acquire)
+        {
+            let ahead = self.take_read_ahead(pool, &segment, offset);
+            if let Some(read) = segment.read_direct(pool, offset, bytes_max, limit, ahead) {
+                self.read_ahead_after(pool, &segment, &read, bytes_max);
+                return Ok(ReadSlice {
+                    bytes: read.bytes,
+                    next_offset: read.next_offset,
+                });
+            }
+        }
         let located = segment.locate(offset).map_err(|stop| self.corrupted(stop))?;
         let Some((position, header)) = located else {
             return Ok(empty);
@@ -1141,6 +1158,41 @@ impl LaneLog {
             }
             Err(stop) => Err(self.corrupted(stop)),
         }
+    }
+
+    /// What was read ahead for a read of `offset` in `segment`, waiting for it if the
+    /// read is still running; `None` if nothing was read ahead for it.
+    fn take_read_ahead(&self, pool: &DirectReads, segment: &Segment, offset: Offset) -> Option<AheadRead> {
+        let mut slot = lock(&self.read_ahead);
+        let ahead =
+            slot.take_if(|ahead| ahead.segment_base == segment.base_offset() && ahead.offset == offset)?;
+        drop(slot);
+        ahead.wait(pool)
+    }
+
+    /// After a direct read, reads the bytes after it ahead, unless another reader's
+    /// read-ahead is still fresh (two readers far apart on one lane log do not take
+    /// turns throwing each other's away) or the segment has nothing after it yet.
+    fn read_ahead_after(
+        &self,
+        pool: &Arc<DirectReads>,
+        segment: &Arc<Segment>,
+        read: &DirectlyRead,
+        bytes_max: usize,
+    ) {
+        if read.end_position >= segment.size() {
+            return;
+        }
+        let mut slot = lock(&self.read_ahead);
+        if slot.as_ref().is_some_and(|ahead| !ahead.is_stale()) {
+            return;
+        }
+        *slot = pool.read_ahead(
+            segment,
+            read.end_position,
+            read.next_offset,
+            bytes_max.saturating_add(DIRECT_SLACK_BYTES),
+        );
     }
 
     /// What waits from `from` (clamped to the start) up to `limit` (clamped to the end):
@@ -1771,6 +1823,7 @@ fn give_back_allocation(file: &File, segment: &Segment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::DirectReads;
     use crate::storage::segment::page_bytes;
     use lanes_protocol::record_batch::ProducerStamp;
     use lanes_protocol::{BatchLimits, RecordBatchBuilder};
@@ -1879,6 +1932,15 @@ mod tests {
 
     impl CachedTail {
         fn open(keep: u32, segment_bytes_max: u32) -> Option<CachedTail> {
+            Self::open_reading(keep, segment_bytes_max, None)
+        }
+
+        /// The same, with `direct_reads`.
+        fn open_reading(
+            keep: u32,
+            segment_bytes_max: u32,
+            direct_reads: Option<Arc<DirectReads>>,
+        ) -> Option<CachedTail> {
             let dir = tempfile::tempdir().unwrap();
             if !drops_clean_pages(dir.path()) {
                 eprintln!("skipped: the temp dir's file system keeps pages it is asked to drop");
@@ -1888,6 +1950,7 @@ mod tests {
                 fsync: FsyncPolicy::Always,
                 cached_tail_bytes: u64::from(keep),
                 segment_bytes_max,
+                direct_reads,
                 ..LogConfig::default()
             };
             let log = LaneLog::open(dir.path(), config).unwrap();
@@ -2037,6 +2100,91 @@ mod tests {
         tail.append_until(23 * MIB);
         assert_cached_from(&active, steps_below(active.size() - keep), "the window alone");
         tail.read_all(Offset(0));
+    }
+
+    /// A log of 8 MiB segments keeping 2 MiB cached, reading with `buffers` direct read
+    /// buffers, 12 MiB appended: the first segment is out of the page cache.
+    fn behind_the_window(buffers: u64) -> Option<(CachedTail, Arc<DirectReads>)> {
+        use super::super::direct_read::{DIRECT_ALIGN_BYTES, DIRECT_BUFFER_BYTES};
+        let pool = DirectReads::new(buffers * (DIRECT_BUFFER_BYTES + DIRECT_ALIGN_BYTES) as u64).unwrap();
+        let tail = CachedTail::open_reading(2 * MIB, 8 * MIB, Some(Arc::clone(&pool)))?;
+        tail.append_until(12 * MIB);
+        let first = &tail.segments()[0];
+        assert_cached_from(first, first.size(), "dropped: behind the window");
+        Some((tail, pool))
+    }
+
+    /// Reads `offset..end` of the log, checking every batch.
+    fn read_checked(log: &LaneLog, mut offset: Offset, end: Offset) {
+        while offset < end {
+            let slice = log.read(offset, 1 << 20, end).unwrap();
+            assert!(!slice.bytes.is_empty());
+            for batch in lanes_protocol::Batches::new(slice.bytes.clone(), BatchLimits::default()) {
+                let batch = batch.unwrap();
+                assert_eq!(batch.base_offset(), offset, "batches follow each other");
+                assert!(batch.records().all(|record| record.value.iter().all(|&b| b == 3)));
+                offset = batch.header().next_offset();
+            }
+            assert_eq!(offset, slice.next_offset);
+        }
+    }
+
+    #[test]
+    fn reads_of_pages_gone_from_the_page_cache_come_from_the_disk_and_do_not_bring_them_back() {
+        let Some((tail, pool)) = behind_the_window(4) else {
+            return;
+        };
+        let first = Arc::clone(&tail.segments()[0]);
+        read_checked(&tail.log, Offset(0), first.next_offset());
+        let stats = pool.stats();
+        assert!(stats.reads >= 7, "{stats:?}");
+        assert!(stats.bytes >= u64::from(7 * MIB), "{stats:?}");
+        assert!(
+            stats.read_ahead_taken >= 5,
+            "each read but the first was read ahead: {stats:?}"
+        );
+        assert_eq!(stats.buffers_exhausted, 0);
+        assert_cached_from(&first, first.size(), "still dropped: read from the disk");
+
+        // The window's pages are cached: read through the mapping (the last 10 batches,
+        // 600 KiB, are well inside it).
+        read_checked(
+            &tail.log,
+            Offset(tail.log.next_offset().0 - 10),
+            tail.log.next_offset(),
+        );
+        assert_eq!(
+            pool.stats().reads,
+            stats.reads,
+            "the window is read through the mapping"
+        );
+    }
+
+    #[test]
+    fn with_every_direct_read_buffer_lent_reads_go_through_the_mapping() {
+        // One buffer: never read ahead (that would take the last), and lent while a
+        // read's bytes are held.
+        let Some((tail, pool)) = behind_the_window(1) else {
+            return;
+        };
+        let first_end = tail.segments()[0].next_offset();
+        read_checked(&tail.log, Offset(0), first_end);
+        let stats = pool.stats();
+        assert!(stats.reads >= 7, "{stats:?}");
+        assert_eq!(
+            (stats.read_ahead_taken, stats.buffers_exhausted),
+            (0, 0),
+            "{stats:?}"
+        );
+        let held = tail.log.read(Offset(0), 1 << 20, first_end).unwrap();
+        assert_eq!(pool.stats().reads, stats.reads + 1);
+        read_checked(&tail.log, Offset(0), first_end);
+        let after = pool.stats();
+        assert_eq!(after.reads, stats.reads + 1, "{after:?}");
+        // The first read through the mapping faults in what the disk reads around it,
+        // so the reads after it find their pages cached.
+        assert!(after.buffers_exhausted >= 1, "{after:?}");
+        drop(held);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! sparse `.index` (offset → position) and a `.timeindex` (timestamp → offset), both
 //! memory-mapped. Appends are checked (size, checksum, records, producer sequence)
 //! and written with one `pwrite` (`pwritev` with padding over a recycled file's old
-//! bytes); reads are slices of the mapped segment, no copy.
+//! bytes); reads are slices of the mapped segment, no copy, or, for bytes mostly gone
+//! from the page cache, of a pooled buffer read with `O_DIRECT` ([`DirectReads`]).
 //! Durability is group commit: one fsync covers every append made before it, and the
 //! durable offset says how far that is. Opening a log recovers it (see [`recovery`]).
 //!
@@ -14,6 +15,7 @@
 
 mod checkpoint;
 mod config;
+mod direct_read;
 mod error;
 pub mod faults;
 pub(crate) mod files;
@@ -25,6 +27,7 @@ pub mod recovery;
 mod segment;
 
 pub use config::{FsyncPolicy, LogConfig};
+pub use direct_read::{DirectReadStats, DirectReads};
 pub use error::StorageError;
 pub use log::{AppendOutcome, Backlog, LaneLog, LogStats, ReadSlice, RetentionOutcome};
 pub use producer_state::SEQUENCES_REMEMBERED;

@@ -8,6 +8,7 @@
 #![allow(unsafe_code)] // memmap2 mapping is unsafe; see the SAFETY comment.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
@@ -18,6 +19,7 @@ use lanes_protocol::{BatchHeader, BatchLimits, Offset, RecordBatch, validate_bat
 use memmap2::{Mmap, MmapOptions};
 
 use super::config::LogConfig;
+use super::direct_read::{self, AheadRead, DirectReads};
 use super::error::{IoContext, StorageError};
 use super::faults;
 use super::files::{INDEX_SUFFIX, LOG_SUFFIX, TIME_INDEX_SUFFIX, offset_file_name};
@@ -29,6 +31,13 @@ pub(crate) const STORED_BATCH_LIMITS: BatchLimits = BatchLimits {
     batch_bytes_max: u32::MAX,
     batch_records_max: u32::MAX,
 };
+
+/// Bytes a direct read takes beyond the `bytes_max` asked for: the batches wanted start
+/// up to an index interval (4 KiB by default) after the index entry the read starts at.
+pub(crate) const DIRECT_SLACK_BYTES: usize = 16 << 10;
+
+/// Pages [`Segment::mostly_cached`] looks at, at most (2 MiB of 4 KiB pages).
+const RESIDENCY_PAGES_MAX: usize = 512;
 
 /// The size of a memory page.
 pub(crate) fn page_bytes() -> usize {
@@ -66,6 +75,52 @@ pub(crate) struct ScanStop {
     pub(crate) reason: String,
 }
 
+/// Bytes of a segment from position `start` on: its whole mapping, or a buffer of a
+/// direct read.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    bytes: &'a [u8],
+    start: u32,
+}
+
+impl View<'_> {
+    /// Positions `from..to` of the segment, which the view must hold.
+    fn range(&self, from: u32, to: u32) -> &[u8] {
+        &self.bytes[(from - self.start) as usize..(to - self.start) as usize]
+    }
+
+    /// Where the bytes the view holds end.
+    fn end(&self) -> u32 {
+        self.start
+            .saturating_add(u32::try_from(self.bytes.len()).unwrap_or(u32::MAX))
+    }
+}
+
+/// Checks the batch described by `header` at `position` of `view` fully (checksum and
+/// records), as on append.
+fn validate_in(view: View<'_>, position: u32, header: &BatchHeader) -> Result<(), ScanStop> {
+    validate_batch(
+        view.range(position, position + header.batch_length),
+        STORED_BATCH_LIMITS,
+    )
+    .map(|_| ())
+    .map_err(|error| ScanStop {
+        position,
+        offset: header.base_offset,
+        reason: error.to_string(),
+    })
+}
+
+/// What [`Segment::read_direct`] read.
+pub(crate) struct DirectlyRead {
+    /// Whole batches, as appended.
+    pub(crate) bytes: Bytes,
+    /// The offset after them.
+    pub(crate) next_offset: Offset,
+    /// Where they end in the segment.
+    pub(crate) end_position: u32,
+}
+
 /// A mapping that [`Segment::mapping`] can watch: it goes when the last `Bytes` does.
 struct SharedMap(Arc<Mmap>);
 
@@ -86,6 +141,8 @@ pub(crate) struct Segment {
     /// Gone once `data` and every slice of it are dropped: until then the file must
     /// not shrink (see the reaper).
     mapping: Weak<Mmap>,
+    /// Device and inode of the `.log` file, which a direct read checks it opened.
+    file_id: (u64, u64),
     size: AtomicU32,
     next_offset: AtomicU64,
     max_timestamp_ms: AtomicI64,
@@ -200,6 +257,8 @@ impl Segment {
         time_index: TimeIndex,
     ) -> Result<Segment, StorageError> {
         let log_path = offset_file_name(dir, base_offset, LOG_SUFFIX);
+        let metadata = file.metadata().at(&log_path)?;
+        let file_id = (metadata.dev(), metadata.ino());
         let (data, mapping) = if map_len == 0 {
             (Bytes::new(), Weak::new())
         } else {
@@ -222,6 +281,7 @@ impl Segment {
             log_path,
             data,
             mapping,
+            file_id,
             size: AtomicU32::new(0),
             next_offset: AtomicU64::new(base_offset.0),
             max_timestamp_ms: AtomicI64::new(i64::MIN),
@@ -468,6 +528,17 @@ impl Segment {
         end: u32,
         expected: Offset,
     ) -> Result<BatchHeader, ScanStop> {
+        self.header_in(self.view(), position, end, expected)
+    }
+
+    /// [`Segment::header_at`] over `view`, which must hold `position..end`.
+    fn header_in(
+        &self,
+        view: View<'_>,
+        position: u32,
+        end: u32,
+        expected: Offset,
+    ) -> Result<BatchHeader, ScanStop> {
         let stop = |reason: &str| ScanStop {
             position,
             offset: expected,
@@ -478,7 +549,8 @@ impl Segment {
         if start + HEADER_BYTES > end {
             return Err(stop("truncated batch header"));
         }
-        let header = BatchHeader::parse(&self.data[start..end]).map_err(|e| stop(&e.to_string()))?;
+        let header =
+            BatchHeader::parse(view.range(position, end as u32)).map_err(|e| stop(&e.to_string()))?;
         if (header.batch_length as usize) < HEADER_BYTES || start + header.batch_length as usize > end {
             return Err(stop("batch length runs past the end of the segment"));
         }
@@ -505,6 +577,14 @@ impl Segment {
         Ok(header)
     }
 
+    /// The whole mapping as a view.
+    fn view(&self) -> View<'_> {
+        View {
+            bytes: &self.data,
+            start: 0,
+        }
+    }
+
     /// The bytes of the batch described by `header` at `position`.
     pub(crate) fn batch_bytes(&self, position: u32, header: &BatchHeader) -> Bytes {
         self.data
@@ -513,14 +593,7 @@ impl Segment {
 
     /// Checks a batch fully (checksum and records), as on append.
     pub(crate) fn validate_at(&self, position: u32, header: &BatchHeader) -> Result<(), ScanStop> {
-        let bytes = &self.data[position as usize..(position + header.batch_length) as usize];
-        validate_batch(bytes, STORED_BATCH_LIMITS)
-            .map(|_| ())
-            .map_err(|error| ScanStop {
-                position,
-                offset: header.base_offset,
-                reason: error.to_string(),
-            })
+        validate_in(self.view(), position, header)
     }
 
     /// Finds the batch containing `offset`: its position and header. `None` if the
@@ -604,6 +677,125 @@ impl Segment {
         Ok((end, next))
     }
 
+    /// Reads what [`Segment::locate`], [`Segment::extent`], [`Segment::slice`] and
+    /// [`Segment::verify`] would (the batch holding `offset` and the batches after it,
+    /// up to `bytes_max` and below `limit`), but from the disk with `O_DIRECT`, when
+    /// most of those bytes are not in the page cache: faulting them in through the
+    /// mapping would read them into new page-cache pages, slowly (see
+    /// [`direct_read`]). `ahead`: bytes read ahead from where the batch holding
+    /// `offset` starts, used instead of reading. `None` when the bytes are cached, or the direct read cannot be done or
+    /// finds anything amiss (read through the mapping then, which also reports damage).
+    pub(crate) fn read_direct(
+        &self,
+        pool: &Arc<DirectReads>,
+        offset: Offset,
+        bytes_max: usize,
+        limit: Offset,
+        ahead: Option<AheadRead>,
+    ) -> Option<DirectlyRead> {
+        // Offset first, then size, as in `locate`.
+        let next = self.next_offset();
+        let size = self.size();
+        if offset >= next || offset < self.base_offset {
+            return None;
+        }
+        // From the index alone: reading the log to confirm the entry would fault it in.
+        let (mut position, mut expected) = self
+            .index()
+            .lookup(self.relative(offset))
+            .map_or((0, self.base_offset), |(relative, position)| {
+                (position, self.base_offset.plus(u64::from(relative)))
+            });
+        let (read, valid_end) = match ahead {
+            // Read ahead from the very batch wanted.
+            Some(ahead) => {
+                (position, expected) = (ahead.position, offset);
+                (ahead.read, ahead.size_before)
+            }
+            None => {
+                if position >= size {
+                    return None;
+                }
+                // What the batches wanted may span: from the index entry (up to an
+                // index interval before them), `bytes_max` of them, and a little more
+                // so the read covers a last batch's whole header.
+                let len = (bytes_max.saturating_add(DIRECT_SLACK_BYTES)).min((size - position) as usize);
+                if self.mostly_cached(position, position + len as u32) {
+                    return None;
+                }
+                let read = direct_read::read(pool, &self.log_path, self.file_id, u64::from(position), len)?;
+                (read, size)
+            }
+        };
+        let view = View {
+            bytes: &read.bytes,
+            start: u32::try_from(read.position).ok()?,
+        };
+        let view_end = view.end().min(valid_end);
+        let first = loop {
+            let header = self.header_in(view, position, view_end, expected).ok()?;
+            if header.last_offset() >= offset {
+                break header;
+            }
+            position += header.batch_length;
+            expected = header.next_offset();
+        };
+        if first.next_offset() > limit {
+            return None;
+        }
+        let (mut end, mut next) = (position + first.batch_length, first.next_offset());
+        // A batch the buffer holds only part of, or a damaged one, ends the read here;
+        // the next read starts with it.
+        while let Ok(header) = self.header_in(view, end, view_end, next) {
+            if header.next_offset() > limit || (end - position + header.batch_length) as usize > bytes_max {
+                break;
+            }
+            end += header.batch_length;
+            next = header.next_offset();
+        }
+        self.verify_in(view, position, end, first.base_offset).ok()?;
+        let bytes = read
+            .bytes
+            .slice((position - view.start) as usize..(end - view.start) as usize);
+        Some(DirectlyRead {
+            bytes,
+            next_offset: next,
+            end_position: end,
+        })
+    }
+
+    /// The `.log` file's path and its device and inode, for direct reads.
+    pub(crate) fn direct_file(&self) -> (&Path, (u64, u64)) {
+        (&self.log_path, self.file_id)
+    }
+
+    /// Whether at least half the pages of bytes `from..to` are in the page cache
+    /// (`mincore`), looking at the first [`RESIDENCY_PAGES_MAX`] pages at most. If it
+    /// cannot tell, it says yes.
+    pub(crate) fn mostly_cached(&self, from: u32, to: u32) -> bool {
+        let page_bytes = page_bytes();
+        let start = from as usize / page_bytes * page_bytes;
+        let end = (to as usize)
+            .min(self.data.len())
+            .min(start + RESIDENCY_PAGES_MAX * page_bytes);
+        if end <= start {
+            return true;
+        }
+        let pages = (end - start).div_ceil(page_bytes);
+        let mut resident = [0u8; RESIDENCY_PAGES_MAX];
+        // SAFETY: `start..end` lies in the segment's mapping (which `self.data` keeps
+        // alive) and starts at a page boundary, and `resident` has a byte for each of
+        // the `pages` pages it spans, as mincore(2) requires.
+        let result = unsafe {
+            libc::mincore(
+                self.data.as_ptr().add(start) as *mut libc::c_void,
+                end - start,
+                resident.as_mut_ptr(),
+            )
+        };
+        result != 0 || 2 * resident[..pages].iter().filter(|&&page| page & 1 == 1).count() >= pages
+    }
+
     /// The bytes `start..end` as a slice of the mapping: no copy.
     pub(crate) fn slice(&self, start: u32, end: u32) -> Bytes {
         self.data.slice(start as usize..end as usize)
@@ -612,6 +804,11 @@ impl Segment {
     /// Checks the checksums of the batches in `start..end` (batch boundaries) that this
     /// process has not checked yet. On a bad batch, returns where it is.
     pub(crate) fn verify(&self, start: u32, end: u32, first_offset: Offset) -> Result<(), ScanStop> {
+        self.verify_in(self.view(), start, end, first_offset)
+    }
+
+    /// [`Segment::verify`] over `view`, which must hold `start..end`.
+    fn verify_in(&self, view: View<'_>, start: u32, end: u32, first_offset: Offset) -> Result<(), ScanStop> {
         let from = self.unverified_from.load(Ordering::Acquire);
         if end <= from || start >= self.unverified_end {
             return Ok(());
@@ -619,9 +816,9 @@ impl Segment {
         let check_end = end.min(self.unverified_end);
         let (mut position, mut expected) = (start, first_offset);
         while position < check_end {
-            let header = self.header_at(position, end, expected)?;
+            let header = self.header_in(view, position, end, expected)?;
             if position >= from {
-                self.validate_at(position, &header)?;
+                validate_in(view, position, &header)?;
             }
             position += header.batch_length;
             expected = header.next_offset();

@@ -1,0 +1,431 @@
+//! Direct reads: batches no longer in the page cache are read from the disk with
+//! `O_DIRECT` into buffers of our own, instead of faulting them in through the mapping.
+//!
+//! A consumer far behind the producers reads what the kernel has dropped from the page
+//! cache (memory pressure, proactive reclaim, or `cached_tail_bytes`). Through the
+//! mapping, each fault reads the file into page-cache pages the kernel must find first;
+//! on a virtual machine whose host takes free memory back, those pages are the slow
+//! part: this project's test machine read an uncached file at 0.9–1.0 GB/s buffered,
+//! and at 2.2–3.0 GB/s with `O_DIRECT` (docs/BENCHMARKS.md, "Direct reads"). A direct
+//! read also leaves the page cache to the newest data, which live consumers read.
+//!
+//! The buffers come from a pool with a fixed bound ([`DirectReads::new`]); each is lent
+//! to the `Bytes` of one read and comes back when the last slice of it is dropped (the
+//! response is sent). With none free, the read goes through the mapping as before.
+//!
+//! A read waits for the disk, and a reader that does nothing else meanwhile keeps the
+//! disk idle while it sends what it read. So after each direct read the lane log asks
+//! for the bytes after it to be read ahead ([`DirectReads::read_ahead`]), on one of
+//! [`READ_AHEAD_THREADS`] threads, into a buffer the next read of the lane log takes
+//! ([`ReadAhead`]). Read-ahead takes a buffer only while more than half the pool is
+//! free, so buffers read ahead for readers that never come back cannot starve others.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lanes_protocol::Offset;
+
+use super::segment::Segment;
+
+/// Alignment of a direct read's file position, length and buffer address: a page, which
+/// every block device's logical block size divides.
+pub(crate) const DIRECT_ALIGN_BYTES: usize = 4096;
+
+/// Bytes of one buffer: a consumer's default share of a fetch per lane log (1 MiB)
+/// plus the page before its first batch and the one after its last.
+pub(crate) const DIRECT_BUFFER_BYTES: usize = (1 << 20) + 2 * DIRECT_ALIGN_BYTES;
+
+/// Threads that read ahead.
+pub(crate) const READ_AHEAD_THREADS: usize = 2;
+
+/// How long a read waits for the read-ahead it takes; past it, it reads itself.
+const READ_AHEAD_WAIT: Duration = Duration::from_secs(1);
+
+/// A read-ahead not taken for this long may be replaced by another reader's.
+const READ_AHEAD_KEPT: Duration = Duration::from_millis(100);
+
+/// A bounded pool of aligned buffers for direct reads, shared by every lane log.
+#[derive(Debug)]
+pub struct DirectReads {
+    buffers_max: usize,
+    /// Buffers allocated so far (never more than `buffers_max`).
+    allocated: AtomicUsize,
+    free: Mutex<Vec<Vec<u8>>>,
+    reads: AtomicU64,
+    bytes: AtomicU64,
+    /// Reads that went through the mapping because every buffer was lent out.
+    exhausted: AtomicU64,
+    /// Reads that found their bytes read ahead.
+    read_ahead_taken: AtomicU64,
+    /// Jobs for the read-ahead threads, started with the first.
+    read_ahead_jobs: OnceLock<SyncSender<ReadAheadJob>>,
+}
+
+/// What direct reads have done since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectReadStats {
+    pub reads: u64,
+    pub bytes: u64,
+    pub buffers_exhausted: u64,
+    /// Reads that found their bytes read ahead.
+    pub read_ahead_taken: u64,
+}
+
+impl DirectReads {
+    /// A pool of at most `bytes_max` bytes of buffers (1 MiB and three pages each,
+    /// allocated on first use); `None` if that is not even one buffer.
+    pub fn new(bytes_max: u64) -> Option<Arc<DirectReads>> {
+        let allocation_bytes = (DIRECT_BUFFER_BYTES + DIRECT_ALIGN_BYTES) as u64;
+        let buffers_max = usize::try_from(bytes_max / allocation_bytes).unwrap_or(usize::MAX);
+        (buffers_max > 0).then(|| {
+            Arc::new(DirectReads {
+                buffers_max,
+                allocated: AtomicUsize::new(0),
+                free: Mutex::new(Vec::new()),
+                reads: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+                exhausted: AtomicU64::new(0),
+                read_ahead_taken: AtomicU64::new(0),
+                read_ahead_jobs: OnceLock::new(),
+            })
+        })
+    }
+
+    pub fn stats(&self) -> DirectReadStats {
+        DirectReadStats {
+            reads: self.reads.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            buffers_exhausted: self.exhausted.load(Ordering::Relaxed),
+            read_ahead_taken: self.read_ahead_taken.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A free buffer, or a new one while under the bound; `None` when all are lent.
+    fn take(self: &Arc<Self>) -> Option<DirectBuffer> {
+        self.take_leaving(0)
+    }
+
+    /// [`DirectReads::take`], but only while more than `kept` buffers would stay free
+    /// (or unallocated) after it.
+    fn take_leaving(self: &Arc<Self>, kept: usize) -> Option<DirectBuffer> {
+        let mut free = self.free.lock().expect("direct read pool lock poisoned");
+        let unallocated = self.buffers_max - self.allocated.load(Ordering::Acquire);
+        if free.len() + unallocated <= kept {
+            if kept == 0 {
+                self.exhausted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::DIRECT_READ_BUFFERS_EXHAUSTED).increment(1);
+            }
+            return None;
+        }
+        let reused = free.pop();
+        drop(free);
+        let vec = match reused {
+            Some(vec) => vec,
+            None => {
+                let grown = self
+                    .allocated
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.buffers_max).then_some(n + 1)
+                    });
+                if grown.is_err() {
+                    // Another thread took the last one since the count above.
+                    return None;
+                }
+                // One page more than needed, so that an aligned region fits wherever the
+                // allocation lands.
+                vec![0; DIRECT_BUFFER_BYTES + DIRECT_ALIGN_BYTES]
+            }
+        };
+        let start = vec.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+        Some(DirectBuffer {
+            vec,
+            start,
+            len: 0,
+            pool: Arc::clone(self),
+        })
+    }
+}
+
+impl DirectReads {
+    /// Reads `len` bytes of `segment` from `position` (where the batch carrying `offset`
+    /// starts) on a read-ahead thread, unless they are mostly cached by then. `None` if
+    /// no buffer is spare or the threads are busy with as many jobs as there are
+    /// buffers.
+    pub(crate) fn read_ahead(
+        self: &Arc<Self>,
+        segment: &Arc<Segment>,
+        position: u32,
+        offset: Offset,
+        len: usize,
+    ) -> Option<Arc<ReadAhead>> {
+        let buffer = self.take_leaving(self.buffers_max.div_ceil(2))?;
+        let ahead = Arc::new(ReadAhead {
+            segment_base: segment.base_offset(),
+            offset,
+            position,
+            started: Instant::now(),
+            state: Mutex::new(None),
+            done: Condvar::new(),
+        });
+        let job = ReadAheadJob {
+            segment: Arc::clone(segment),
+            len,
+            buffer,
+            ahead: Arc::clone(&ahead),
+        };
+        let jobs = self
+            .read_ahead_jobs
+            .get_or_init(|| self.start_read_ahead_threads());
+        match jobs.try_send(job) {
+            Ok(()) => Some(ahead),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
+        }
+    }
+
+    fn start_read_ahead_threads(&self) -> SyncSender<ReadAheadJob> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(self.buffers_max);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..READ_AHEAD_THREADS {
+            let receiver = Arc::clone(&receiver);
+            // Without the thread, read-ahead jobs wait in the queue until it is full,
+            // and readers that wait for them read themselves after READ_AHEAD_WAIT.
+            let spawned = std::thread::Builder::new()
+                .name(format!("lanes-read-ahead-{i}"))
+                .spawn(move || read_ahead_loop(&receiver));
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "could not start a read-ahead thread");
+            }
+        }
+        sender
+    }
+}
+
+/// Runs read-ahead jobs until the pool (and with it the sender) is gone.
+fn read_ahead_loop(jobs: &Mutex<Receiver<ReadAheadJob>>) {
+    loop {
+        let job = jobs.lock().expect("read-ahead queue lock poisoned").recv();
+        let Ok(job) = job else {
+            return;
+        };
+        let ReadAheadJob {
+            segment,
+            len,
+            buffer,
+            ahead,
+        } = job;
+        // Bytes up to the size seen before the read are what the read returns; the
+        // rest may still be written.
+        let valid_end = segment.size();
+        let read = if segment.mostly_cached(ahead.position, ahead.position.saturating_add(len as u32)) {
+            None
+        } else {
+            let (path, id) = segment.direct_file();
+            read_into(buffer, path, id, u64::from(ahead.position), len)
+        };
+        let position = ahead.position;
+        ahead.finish(read.map(|read| AheadRead {
+            read,
+            size_before: valid_end,
+            position,
+        }));
+    }
+}
+
+struct ReadAheadJob {
+    segment: Arc<Segment>,
+    len: usize,
+    buffer: DirectBuffer,
+    ahead: Arc<ReadAhead>,
+}
+
+/// What a read-ahead read.
+#[derive(Debug)]
+pub(crate) struct AheadRead {
+    pub(crate) read: DirectRead,
+    /// The segment's size before the read: the bytes past it may not be written yet.
+    pub(crate) size_before: u32,
+    /// Where the batch the read was for starts.
+    pub(crate) position: u32,
+}
+
+/// Bytes of a lane log read ahead, for the read that starts where they do.
+#[derive(Debug)]
+pub(crate) struct ReadAhead {
+    /// The segment read (its base offset).
+    pub(crate) segment_base: Offset,
+    /// The offset the batch at `position` starts with: the next read's.
+    pub(crate) offset: Offset,
+    pub(crate) position: u32,
+    started: Instant,
+    /// `None` while the read runs; then what it read, if anything.
+    state: Mutex<Option<Option<AheadRead>>>,
+    done: Condvar,
+}
+
+impl ReadAhead {
+    fn finish(&self, read: Option<AheadRead>) {
+        *self.state.lock().expect("read-ahead lock poisoned") = Some(read);
+        self.done.notify_all();
+    }
+
+    /// Waits (up to [`READ_AHEAD_WAIT`]) for what was read ahead.
+    pub(crate) fn wait(&self, pool: &DirectReads) -> Option<AheadRead> {
+        let state = self.state.lock().expect("read-ahead lock poisoned");
+        let (mut state, _) = self
+            .done
+            .wait_timeout_while(state, READ_AHEAD_WAIT, |state| state.is_none())
+            .expect("read-ahead lock poisoned");
+        let read = state.take().flatten();
+        if read.is_some() {
+            pool.read_ahead_taken.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::DIRECT_READS_READ_AHEAD).increment(1);
+        }
+        read
+    }
+
+    /// Whether another reader's read-ahead may replace this one.
+    pub(crate) fn is_stale(&self) -> bool {
+        self.started.elapsed() >= READ_AHEAD_KEPT
+    }
+}
+
+/// One buffer lent out: its aligned region `vec[start..start + DIRECT_BUFFER_BYTES]`,
+/// of which `len` bytes hold what was read.
+struct DirectBuffer {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+    pool: Arc<DirectReads>,
+}
+
+impl AsRef<[u8]> for DirectBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+}
+
+impl Drop for DirectBuffer {
+    fn drop(&mut self) {
+        let vec = std::mem::take(&mut self.vec);
+        self.pool
+            .free
+            .lock()
+            .expect("direct read pool lock poisoned")
+            .push(vec);
+    }
+}
+
+/// Bytes read from a file at an aligned position.
+#[derive(Debug)]
+pub(crate) struct DirectRead {
+    /// Where in the file `bytes` begin (a multiple of [`DIRECT_ALIGN_BYTES`]).
+    pub(crate) position: u64,
+    /// Owns the pool's buffer; slices of it keep it lent.
+    pub(crate) bytes: Bytes,
+}
+
+/// Reads up to `len` bytes (at most [`DIRECT_BUFFER_BYTES`]) of the file at `path` from
+/// `position` rounded down to [`DIRECT_ALIGN_BYTES`], with `O_DIRECT`. The file opened
+/// must be `expected` (device and inode): a reader may hold a segment whose file was
+/// renamed away since, and whatever now has its name is not its data. `None` (read
+/// through the mapping instead) if no buffer is free, the file system refuses
+/// `O_DIRECT`, or anything else fails.
+pub(crate) fn read(
+    pool: &Arc<DirectReads>,
+    path: &Path,
+    expected: (u64, u64),
+    position: u64,
+    len: usize,
+) -> Option<DirectRead> {
+    read_into(pool.take()?, path, expected, position, len)
+}
+
+/// [`read`] into `buffer`.
+fn read_into(
+    mut buffer: DirectBuffer,
+    path: &Path,
+    expected: (u64, u64),
+    position: u64,
+    len: usize,
+) -> Option<DirectRead> {
+    let aligned = position - position % DIRECT_ALIGN_BYTES as u64;
+    let wanted = (position - aligned) as usize + len;
+    let read_len = wanted.div_ceil(DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES;
+    let read_len = read_len.min(DIRECT_BUFFER_BYTES);
+    let file = open(path, expected)?;
+    let pool = Arc::clone(&buffer.pool);
+    let start = buffer.start;
+    let region = &mut buffer.vec[start..start + read_len];
+    let read = loop {
+        match file.read_at(region, aligned) {
+            Ok(read) => break read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                tracing::debug!(path = %path.display(), %error, "direct read failed; reading through the mapping");
+                return None;
+            }
+        }
+    };
+    buffer.len = read;
+    pool.reads.fetch_add(1, Ordering::Relaxed);
+    pool.bytes.fetch_add(read as u64, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::DIRECT_READS).increment(1);
+    metrics::counter!(crate::metrics::DIRECT_READ_BYTES).increment(read as u64);
+    Some(DirectRead {
+        position: aligned,
+        bytes: Bytes::from_owner(buffer),
+    })
+}
+
+fn open(path: &Path, expected: (u64, u64)) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()?;
+    let metadata = file.metadata().ok()?;
+    ((metadata.dev(), metadata.ino()) == expected).then_some(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_lent_up_to_the_bound_and_come_back_when_the_bytes_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let data: Vec<u8> = (0..3 * DIRECT_ALIGN_BYTES as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let metadata = std::fs::metadata(&path).unwrap();
+        let id = (metadata.dev(), metadata.ino());
+        let pool = DirectReads::new(2 * (DIRECT_BUFFER_BYTES + DIRECT_ALIGN_BYTES) as u64).unwrap();
+        let Some(first) = read(&pool, &path, id, 5000, 100) else {
+            eprintln!("skipped: this file system refuses O_DIRECT");
+            return;
+        };
+        assert_eq!(first.position, DIRECT_ALIGN_BYTES as u64);
+        let slice = first.bytes.slice(5000 - 4096..5100 - 4096);
+        assert_eq!(&slice[..], &data[5000..5100]);
+        drop(first);
+        // Past the end of the file: what there is.
+        let second = read(&pool, &path, id, 0, 1 << 20).unwrap();
+        assert_eq!(&second.bytes[..], &data[..]);
+        assert!(read(&pool, &path, id, 0, 10).is_none(), "both buffers are lent");
+        assert_eq!(pool.stats().buffers_exhausted, 1);
+        drop(slice);
+        assert!(read(&pool, &path, id, 0, 10).is_some(), "the first came back");
+        drop(second);
+        // Not the file expected: never read.
+        assert!(read(&pool, &path, (id.0, id.1 + 1), 0, 10).is_none());
+        assert!(DirectReads::new(DIRECT_BUFFER_BYTES as u64).is_none());
+    }
+}
