@@ -117,9 +117,9 @@ settings! {
     /// Per lane log: how many of its newest bytes stay in the page cache once written
     /// to the disk; the pages behind them are dropped, so that appends reuse that memory
     /// instead of taking new memory, and consumers further behind read from the disk
-    /// (pages from the lowest offset committed by a group with a member subscribed stay).
-    /// 0 leaves the page cache to the kernel.
-    cached_tail_bytes: u64 = 0, "LANES_CACHED_TAIL_BYTES";
+    /// (pages from the lowest offset committed by a group with a member subscribed stay),
+    /// with O_DIRECT (`direct_read_bytes_max`). 0 leaves the page cache to the kernel.
+    cached_tail_bytes: u64 = 64 * MIB as u64, "LANES_CACHED_TAIL_BYTES";
     /// Buffers for reads of batches mostly gone from the page cache, which are read from
     /// the disk with O_DIRECT instead of through it (bytes, over all lane logs, in 1 MiB
     /// buffers); with every buffer lent, or 0, reads go through the page cache.

@@ -18,14 +18,16 @@
 //! for the bytes after it to be read ahead ([`DirectReads::read_ahead`]), on one of
 //! [`READ_AHEAD_THREADS`] threads, into a buffer the next read of the lane log takes
 //! ([`ReadAhead`]). Read-ahead takes a buffer only while more than half the pool is
-//! free, so buffers read ahead for readers that never come back cannot starve others.
+//! free, and one no reader takes within a second gives its buffer back, so readers
+//! that never come back cannot starve others.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,8 +35,9 @@ use lanes_protocol::Offset;
 
 use super::segment::Segment;
 
-/// Alignment of a direct read's file position, length and buffer address: a page, which
-/// every block device's logical block size divides.
+/// Alignment of a direct read's file position, length and buffer address: 4 KiB, a
+/// multiple of the logical block size of the disks Linux supports (512 or 4096). Where
+/// it is not, the read fails and goes through the mapping.
 pub(crate) const DIRECT_ALIGN_BYTES: usize = 4096;
 
 /// Bytes of one buffer: a consumer's default share of a fetch per lane log (1 MiB)
@@ -44,8 +47,12 @@ pub(crate) const DIRECT_BUFFER_BYTES: usize = (1 << 20) + 2 * DIRECT_ALIGN_BYTES
 /// Threads that read ahead.
 pub(crate) const READ_AHEAD_THREADS: usize = 2;
 
-/// How long a read waits for the read-ahead it takes; past it, it reads itself.
+/// How long a read waits for a running read-ahead it takes (one disk read: this is only
+/// a bound); past it, it reads itself.
 const READ_AHEAD_WAIT: Duration = Duration::from_secs(1);
+
+/// A read-ahead no reader has taken for this long gives its buffer back.
+const READ_AHEAD_UNTAKEN_MAX: Duration = Duration::from_secs(1);
 
 /// A read-ahead not taken for this long may be replaced by another reader's.
 const READ_AHEAD_KEPT: Duration = Duration::from_millis(100);
@@ -65,6 +72,8 @@ pub struct DirectReads {
     read_ahead_taken: AtomicU64,
     /// Jobs for the read-ahead threads, started with the first.
     read_ahead_jobs: OnceLock<SyncSender<ReadAheadJob>>,
+    /// Read-aheads sent, oldest first, until taken or reclaimed.
+    read_ahead_pending: Mutex<VecDeque<Weak<ReadAhead>>>,
 }
 
 /// What direct reads have done since start.
@@ -93,6 +102,7 @@ impl DirectReads {
                 exhausted: AtomicU64::new(0),
                 read_ahead_taken: AtomicU64::new(0),
                 read_ahead_jobs: OnceLock::new(),
+                read_ahead_pending: Mutex::new(VecDeque::new()),
             })
         })
     }
@@ -155,8 +165,7 @@ impl DirectReads {
 impl DirectReads {
     /// Reads `len` bytes of `segment` from `position` (where the batch carrying `offset`
     /// starts) on a read-ahead thread, unless they are mostly cached by then. `None` if
-    /// no buffer is spare or the threads are busy with as many jobs as there are
-    /// buffers.
+    /// no buffer is spare or the threads are busy with as many jobs as they queue.
     pub(crate) fn read_ahead(
         self: &Arc<Self>,
         segment: &Arc<Segment>,
@@ -164,18 +173,19 @@ impl DirectReads {
         offset: Offset,
         len: usize,
     ) -> Option<Arc<ReadAhead>> {
+        self.reclaim_untaken();
         let buffer = self.take_leaving(self.buffers_max.div_ceil(2))?;
         let ahead = Arc::new(ReadAhead {
             segment_base: segment.base_offset(),
             offset,
             position,
             started: Instant::now(),
-            state: Mutex::new(None),
+            state: Mutex::new(AheadState::Queued),
             done: Condvar::new(),
         });
         let job = ReadAheadJob {
             segment: Arc::clone(segment),
-            len,
+            len: len.min(DIRECT_BUFFER_BYTES),
             buffer,
             ahead: Arc::clone(&ahead),
         };
@@ -183,18 +193,44 @@ impl DirectReads {
             .read_ahead_jobs
             .get_or_init(|| self.start_read_ahead_threads());
         match jobs.try_send(job) {
-            Ok(()) => Some(ahead),
+            Ok(()) => {
+                self.read_ahead_pending
+                    .lock()
+                    .expect("read-ahead list lock poisoned")
+                    .push_back(Arc::downgrade(&ahead));
+                Some(ahead)
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
         }
     }
 
+    /// Gives back the buffers of read-aheads no reader took within
+    /// [`READ_AHEAD_UNTAKEN_MAX`] (their consumer went away, or reads elsewhere), so
+    /// they do not keep read-ahead's half of the pool forever.
+    fn reclaim_untaken(&self) {
+        let mut pending = self
+            .read_ahead_pending
+            .lock()
+            .expect("read-ahead list lock poisoned");
+        while let Some(front) = pending.front() {
+            match front.upgrade() {
+                // Taken (or its lane log gone): nothing to give back.
+                None => {}
+                Some(ahead) if ahead.started.elapsed() >= READ_AHEAD_UNTAKEN_MAX => ahead.give_up(),
+                // The list is in start order: the rest are younger.
+                Some(_) => return,
+            }
+            pending.pop_front();
+        }
+    }
+
     fn start_read_ahead_threads(&self) -> SyncSender<ReadAheadJob> {
-        let (sender, receiver) = std::sync::mpsc::sync_channel(self.buffers_max);
+        // At most half the buffers are ever in jobs.
+        let (sender, receiver) = std::sync::mpsc::sync_channel(self.buffers_max.div_ceil(2));
         let receiver = Arc::new(Mutex::new(receiver));
         for i in 0..READ_AHEAD_THREADS {
             let receiver = Arc::clone(&receiver);
-            // Without the thread, read-ahead jobs wait in the queue until it is full,
-            // and readers that wait for them read themselves after READ_AHEAD_WAIT.
+            // If no thread starts, the receiver is gone and every read-ahead is refused.
             let spawned = std::thread::Builder::new()
                 .name(format!("lanes-read-ahead-{i}"))
                 .spawn(move || read_ahead_loop(&receiver));
@@ -219,19 +255,24 @@ fn read_ahead_loop(jobs: &Mutex<Receiver<ReadAheadJob>>) {
             buffer,
             ahead,
         } = job;
+        if !ahead.start() {
+            continue;
+        }
         // Bytes up to the size seen before the read are what the read returns; the
         // rest may still be written.
-        let valid_end = segment.size();
-        let read = if segment.mostly_cached(ahead.position, ahead.position.saturating_add(len as u32)) {
+        let size_before = segment.size();
+        let position = ahead.position;
+        let read = if segment.mostly_cached(position, position.saturating_add(len as u32)) {
             None
         } else {
+            // The job's `segment` keeps the segment's mapping, so its file is neither
+            // recycled nor shrunk meanwhile; once renamed away, the open fails.
             let (path, id) = segment.direct_file();
-            read_into(buffer, path, id, u64::from(ahead.position), len)
+            read_into(buffer, path, id, u64::from(position), len)
         };
-        let position = ahead.position;
         ahead.finish(read.map(|read| AheadRead {
             read,
-            size_before: valid_end,
+            size_before,
             position,
         }));
     }
@@ -254,6 +295,16 @@ pub(crate) struct AheadRead {
     pub(crate) position: u32,
 }
 
+#[derive(Debug)]
+enum AheadState {
+    Queued,
+    Running,
+    /// What it read, if anything, until taken.
+    Done(Option<AheadRead>),
+    /// Taken, given up by its reader, or reclaimed: whatever it reads is dropped.
+    Over,
+}
+
 /// Bytes of a lane log read ahead, for the read that starts where they do.
 #[derive(Debug)]
 pub(crate) struct ReadAhead {
@@ -263,25 +314,54 @@ pub(crate) struct ReadAhead {
     pub(crate) offset: Offset,
     pub(crate) position: u32,
     started: Instant,
-    /// `None` while the read runs; then what it read, if anything.
-    state: Mutex<Option<Option<AheadRead>>>,
+    state: Mutex<AheadState>,
     done: Condvar,
 }
 
 impl ReadAhead {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AheadState> {
+        self.state.lock().expect("read-ahead lock poisoned")
+    }
+
+    /// For the read-ahead thread: whether to run the read (nobody gave it up).
+    fn start(&self) -> bool {
+        let mut state = self.lock();
+        let queued = matches!(*state, AheadState::Queued);
+        if queued {
+            *state = AheadState::Running;
+        }
+        queued
+    }
+
     fn finish(&self, read: Option<AheadRead>) {
-        *self.state.lock().expect("read-ahead lock poisoned") = Some(read);
+        let mut state = self.lock();
+        if matches!(*state, AheadState::Running) {
+            *state = AheadState::Done(read);
+        }
+        drop(state);
         self.done.notify_all();
     }
 
-    /// Waits (up to [`READ_AHEAD_WAIT`]) for what was read ahead.
-    pub(crate) fn wait(&self, pool: &DirectReads) -> Option<AheadRead> {
-        let state = self.state.lock().expect("read-ahead lock poisoned");
+    /// Drops what it read, or will read.
+    pub(crate) fn give_up(&self) {
+        *self.lock() = AheadState::Over;
+    }
+
+    /// What was read ahead. A read still queued is given up (the caller reads itself,
+    /// rather than wait behind other jobs); one running is waited for, up to
+    /// [`READ_AHEAD_WAIT`].
+    pub(crate) fn take(&self, pool: &DirectReads) -> Option<AheadRead> {
+        let state = self.lock();
         let (mut state, _) = self
             .done
-            .wait_timeout_while(state, READ_AHEAD_WAIT, |state| state.is_none())
+            .wait_timeout_while(state, READ_AHEAD_WAIT, |state| {
+                matches!(state, AheadState::Running)
+            })
             .expect("read-ahead lock poisoned");
-        let read = state.take().flatten();
+        let read = match std::mem::replace(&mut *state, AheadState::Over) {
+            AheadState::Done(read) => read,
+            _ => None,
+        };
         if read.is_some() {
             pool.read_ahead_taken.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::DIRECT_READS_READ_AHEAD).increment(1);
@@ -292,6 +372,12 @@ impl ReadAhead {
     /// Whether another reader's read-ahead may replace this one.
     pub(crate) fn is_stale(&self) -> bool {
         self.started.elapsed() >= READ_AHEAD_KEPT
+    }
+
+    /// Whether its read has finished (or will never run).
+    #[cfg(test)]
+    pub(crate) fn is_finished(&self) -> bool {
+        matches!(*self.lock(), AheadState::Done(_) | AheadState::Over)
     }
 }
 
@@ -355,7 +441,7 @@ fn read_into(
     len: usize,
 ) -> Option<DirectRead> {
     let aligned = position - position % DIRECT_ALIGN_BYTES as u64;
-    let wanted = (position - aligned) as usize + len;
+    let wanted = (position - aligned) as usize + len.min(DIRECT_BUFFER_BYTES);
     let read_len = wanted.div_ceil(DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES;
     let read_len = read_len.min(DIRECT_BUFFER_BYTES);
     let file = open(path, expected)?;

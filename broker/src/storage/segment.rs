@@ -32,12 +32,16 @@ pub(crate) const STORED_BATCH_LIMITS: BatchLimits = BatchLimits {
     batch_records_max: u32::MAX,
 };
 
-/// Bytes a direct read takes beyond the `bytes_max` asked for: the batches wanted start
-/// up to an index interval (4 KiB by default) after the index entry the read starts at.
+/// Bytes a direct read takes beyond the `bytes_max` asked for, at least: the batches
+/// wanted start up to an index interval and a batch after the index entry the read
+/// starts at (see `LaneLog::read`).
 pub(crate) const DIRECT_SLACK_BYTES: usize = 16 << 10;
 
-/// Pages [`Segment::mostly_cached`] looks at, at most (2 MiB of 4 KiB pages).
-const RESIDENCY_PAGES_MAX: usize = 512;
+/// Pages [`Segment::mostly_cached`] looks at, at most (128 KiB of 4 KiB pages): for each
+/// page, `mincore` looks up the page cache, and a read of cached bytes should not pay
+/// for more. The kernel reads around a fault in windows of its read-ahead size, and
+/// `cached_tail_bytes` drops in 2 MiB steps, so the first pages tell for the rest.
+const RESIDENCY_PAGES_MAX: usize = 32;
 
 /// The size of a memory page.
 pub(crate) fn page_bytes() -> usize {
@@ -691,6 +695,7 @@ impl Segment {
         offset: Offset,
         bytes_max: usize,
         limit: Offset,
+        slack_bytes: usize,
         ahead: Option<AheadRead>,
     ) -> Option<DirectlyRead> {
         // Offset first, then size, as in `locate`.
@@ -716,10 +721,9 @@ impl Segment {
                 if position >= size {
                     return None;
                 }
-                // What the batches wanted may span: from the index entry (up to an
-                // index interval before them), `bytes_max` of them, and a little more
-                // so the read covers a last batch's whole header.
-                let len = (bytes_max.saturating_add(DIRECT_SLACK_BYTES)).min((size - position) as usize);
+                // What the batches wanted may span: from the index entry (entries are
+                // at most an index interval and a batch apart), `bytes_max` of them.
+                let len = (bytes_max.saturating_add(slack_bytes)).min((size - position) as usize);
                 if self.mostly_cached(position, position + len as u32) {
                     return None;
                 }
@@ -741,7 +745,11 @@ impl Segment {
             expected = header.next_offset();
         };
         if first.next_offset() > limit {
-            return None;
+            return Some(DirectlyRead {
+                bytes: Bytes::new(),
+                next_offset: offset,
+                end_position: position,
+            });
         }
         let (mut end, mut next) = (position + first.batch_length, first.next_offset());
         // A batch the buffer holds only part of, or a damaged one, ends the read here;
