@@ -20,7 +20,7 @@ use crate::config::{Durability, FsyncMode, Settings, parse_lane_names};
 use crate::durability::Syncer;
 use crate::scheduler::{LanePolicy, WEIGHT_MAX, default_weights};
 use crate::storage::{
-    AppendOutcome, DirectReads, FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError, files,
+    AppendOutcome, DirectReadStats, DirectReads, FsyncPolicy, LaneLog, LogConfig, Reaper, StorageError, files,
 };
 
 /// A topic's settings, as stored.
@@ -527,6 +527,11 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// What direct reads have done since start; `None` with them off.
+    pub fn direct_read_stats(&self) -> Option<DirectReadStats> {
+        self.direct_reads.as_ref().map(|pool| pool.stats())
+    }
+
     /// Opens every topic in the data directory, recovering its lane logs.
     pub fn open(settings: &Settings, syncer: Arc<Syncer>, reaper: Arc<Reaper>) -> Result<Topics, TopicError> {
         let data_dir = settings.data_dir.join("topics");

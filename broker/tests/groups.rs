@@ -727,3 +727,82 @@ async fn with_cached_tail_bytes_what_a_group_has_not_committed_stays_in_the_page
     producer.close().await.unwrap();
     broker.stop().await;
 }
+
+/// Whether a file in `dir` can be read with `O_DIRECT` (tmpfs, for one, refuses it).
+fn reads_directly(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let path = dir.join("direct-probe");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .and_then(|file| {
+            // An aligned 4 KiB region inside an 8 KiB buffer.
+            let mut buffer = vec![0u8; 8192];
+            let start = buffer.as_ptr().align_offset(4096);
+            file.read_at(&mut buffer[start..start + 4096], 0)
+        });
+    std::fs::remove_file(&path).unwrap();
+    read.is_ok_and(|read| read == 4096)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_outside_groups_far_behind_the_cached_tail_gets_every_record_read_from_the_disk() {
+    const MIB: usize = 1 << 20;
+    const RECORDS: u32 = 1_200;
+    let dir = tempfile::tempdir().unwrap();
+    let from_disk = drops_clean_pages(dir.path()) && reads_directly(dir.path());
+    let broker = TestBroker::start(dir.path(), |settings| {
+        settings.cached_tail_bytes = MIB as u64;
+        settings.segment_bytes_max = 8 * MIB as u32;
+    })
+    .await;
+    let address = broker.address();
+    create_topic(&address, "orders", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(&address)).await.unwrap();
+    // 16 KiB values, each telling its number: about 19 MB over three segments, all but
+    // the last MiB dropped from the page cache after the fsync rounds.
+    let value = |i: u32| -> Vec<u8> {
+        let mut value = vec![(i % 251) as u8; 16 * 1024];
+        value[..4].copy_from_slice(&i.to_le_bytes());
+        value
+    };
+    for i in 0..RECORDS {
+        let record = ProducerRecord::new("orders", value(i))
+            .partition(PartitionId(0))
+            .lane(LaneSelector::Index(Lane(0)));
+        producer.send(record).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+    producer.close().await.unwrap();
+
+    let mut consumer = Consumer::connect(ConsumerConfig::new(&address)).await.unwrap();
+    consumer
+        .assign("orders", None, None, lanes_consumer::StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut next = 0u32;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while next < RECORDS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {next} of {RECORDS} records came back"
+        );
+        for record in consumer.poll().await.unwrap() {
+            assert_eq!(record.offset, Offset(u64::from(next)), "in order, none skipped");
+            assert!(record.value[..] == value(next)[..], "record {next} intact");
+            next += 1;
+        }
+    }
+    let stats = broker.broker.topics.direct_read_stats().unwrap();
+    if from_disk {
+        assert!(
+            stats.bytes >= 8 * MIB as u64,
+            "the first segment came from the disk: {stats:?}"
+        );
+    } else {
+        eprintln!("not checked: the temp dir's file system keeps pages or refuses O_DIRECT");
+    }
+    broker.stop().await;
+}
