@@ -40,8 +40,10 @@ use super::segment::Segment;
 /// it is not, the read fails and goes through the mapping.
 pub(crate) const DIRECT_ALIGN_BYTES: usize = 4096;
 
-/// Bytes of one buffer: a consumer's default share of a fetch per lane log (1 MiB)
-/// plus the page before its first batch and the one after its last.
+/// Bytes of one buffer: a consumer's default share of a fetch per lane log (1 MiB),
+/// plus the page before its first batch and the one after its last. (Buffers of two
+/// reads' worth, the second read taking its batches from the same buffer, consumed
+/// more slowly here: docs/BENCHMARKS.md, "Direct reads".)
 pub(crate) const DIRECT_BUFFER_BYTES: usize = (1 << 20) + 2 * DIRECT_ALIGN_BYTES;
 
 /// Threads that read ahead.
@@ -179,6 +181,7 @@ impl DirectReads {
             segment_base: segment.base_offset(),
             offset,
             position,
+            end: None,
             started: Instant::now(),
             state: Mutex::new(AheadState::Queued),
             done: Condvar::new(),
@@ -194,19 +197,26 @@ impl DirectReads {
             .get_or_init(|| self.start_read_ahead_threads());
         match jobs.try_send(job) {
             Ok(()) => {
-                self.read_ahead_pending
-                    .lock()
-                    .expect("read-ahead list lock poisoned")
-                    .push_back(Arc::downgrade(&ahead));
+                self.register(&ahead);
                 Some(ahead)
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
         }
     }
 
-    /// Gives back the buffers of read-aheads no reader took within
-    /// [`READ_AHEAD_UNTAKEN_MAX`] (their consumer went away, or reads elsewhere), so
-    /// they do not keep read-ahead's half of the pool forever.
+    /// Puts `ahead` on the list [`DirectReads::reclaim_untaken`] looks at, and looks.
+    fn register(&self, ahead: &Arc<ReadAhead>) {
+        self.read_ahead_pending
+            .lock()
+            .expect("read-ahead list lock poisoned")
+            .push_back(Arc::downgrade(ahead));
+        self.reclaim_untaken();
+    }
+
+    /// Gives back the buffers of read-aheads, and of buffers kept for a lane log's next
+    /// read, older than [`READ_AHEAD_UNTAKEN_MAX`] (their consumer went away, or reads
+    /// elsewhere), so they do not keep the pool forever. Entries of those already
+    /// dropped leave the list too: it holds those of about the last second.
     fn reclaim_untaken(&self) {
         let mut pending = self
             .read_ahead_pending
@@ -274,6 +284,7 @@ fn read_ahead_loop(jobs: &Mutex<Receiver<ReadAheadJob>>) {
             read,
             size_before,
             position,
+            offset: ahead.offset,
         }));
     }
 }
@@ -285,14 +296,16 @@ struct ReadAheadJob {
     ahead: Arc<ReadAhead>,
 }
 
-/// What a read-ahead read.
-#[derive(Debug)]
+/// A buffer of a segment's bytes read with `O_DIRECT`, and where its batches start.
+#[derive(Clone, Debug)]
 pub(crate) struct AheadRead {
     pub(crate) read: DirectRead,
     /// The segment's size before the read: the bytes past it may not be written yet.
     pub(crate) size_before: u32,
-    /// Where the batch the read was for starts.
+    /// Where a batch in it starts (the one the read was for)...
     pub(crate) position: u32,
+    /// ...and that batch's offset: batches from there on can be found in it.
+    pub(crate) offset: Offset,
 }
 
 #[derive(Debug)]
@@ -313,6 +326,8 @@ pub(crate) struct ReadAhead {
     /// The offset the batch at `position` starts with: the next read's.
     pub(crate) offset: Offset,
     pub(crate) position: u32,
+    /// For a buffer already read: the offset after its whole batches.
+    pub(crate) end: Option<Offset>,
     started: Instant,
     state: Mutex<AheadState>,
     done: Condvar,
@@ -369,6 +384,35 @@ impl ReadAhead {
         read
     }
 
+    /// A buffer already read, kept for the reads after the one that read it: a fetch
+    /// may send fewer batches than it read, and a buffer holds two reads' worth.
+    pub(crate) fn read(
+        pool: &DirectReads,
+        segment_base: Offset,
+        read: AheadRead,
+        end: Offset,
+    ) -> Arc<ReadAhead> {
+        let ahead = Arc::new(ReadAhead {
+            segment_base,
+            offset: read.offset,
+            position: read.position,
+            end: Some(end),
+            started: Instant::now(),
+            state: Mutex::new(AheadState::Done(Some(read))),
+            done: Condvar::new(),
+        });
+        pool.register(&ahead);
+        ahead
+    }
+
+    /// A copy of what it holds, if it is read (and not given up); it keeps it.
+    pub(crate) fn peek(&self) -> Option<AheadRead> {
+        match &*self.lock() {
+            AheadState::Done(read) => read.clone(),
+            _ => None,
+        }
+    }
+
     /// Whether another reader's read-ahead may replace this one.
     pub(crate) fn is_stale(&self) -> bool {
         self.started.elapsed() >= READ_AHEAD_KEPT
@@ -408,7 +452,7 @@ impl Drop for DirectBuffer {
 }
 
 /// Bytes read from a file at an aligned position.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct DirectRead {
     /// Where in the file `bytes` begin (a multiple of [`DIRECT_ALIGN_BYTES`]).
     pub(crate) position: u64,

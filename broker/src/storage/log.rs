@@ -15,7 +15,7 @@ use memmap2::Mmap;
 
 use super::checkpoint::{CheckpointFile, CleanPoint};
 use super::config::{FsyncPolicy, LogConfig};
-use super::direct_read::{AheadRead, DirectReads, ReadAhead};
+use super::direct_read::{AheadRead, DIRECT_BUFFER_BYTES, DirectReads, ReadAhead};
 use super::error::StorageError;
 use super::faults;
 use super::files::{
@@ -236,8 +236,8 @@ pub struct LaneLog {
     /// The lowest offset a consumer group has committed on this log (`NO_GROUP_FLOOR`
     /// if none has): [`LaneLog::drop_cached_behind`] keeps the pages from there on.
     group_floor: AtomicU64,
-    /// Bytes being read ahead for the next direct read (see [`super::direct_read`]).
-    read_ahead: Mutex<Option<Arc<ReadAhead>>>,
+    /// The buffers of direct reads (see [`super::direct_read`]).
+    read_ahead: Mutex<ReadAheads>,
     /// More than `unsynced_segments_max` rolled segments wait for an fsync: one is due.
     unsynced_over_bound: AtomicBool,
     /// How many of `Writer::rolls_deferred` a finished fsync of the directory covers.
@@ -248,6 +248,15 @@ pub struct LaneLog {
     corrupt_at: AtomicU64,
     corruption: Mutex<Option<Corruption>>,
     recovery: RecoveryReport,
+}
+
+/// A lane log's direct read buffers: the one its last direct read took its batches from
+/// (the next read may start inside it: a fetch can send fewer batches than it read, and
+/// a buffer holds two reads' worth), and the one after it, read ahead.
+#[derive(Debug, Default)]
+struct ReadAheads {
+    current: Option<Arc<ReadAhead>>,
+    next: Option<Arc<ReadAhead>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -348,7 +357,7 @@ impl LaneLog {
             sync_rounds: AtomicU64::new(0),
             writeback_starts: AtomicU64::new(0),
             group_floor: AtomicU64::new(NO_GROUP_FLOOR),
-            read_ahead: Mutex::new(None),
+            read_ahead: Mutex::new(ReadAheads::default()),
             unsynced_over_bound: AtomicBool::new(false),
             dir_synced_rolls: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -1124,12 +1133,17 @@ impl LaneLog {
             // After a failed fsync the disk may hold older bytes than the page cache.
             && !self.failed.load(Ordering::Acquire)
         {
-            let ahead = self.take_read_ahead(pool, &segment, offset);
             // An index entry comes after at most an index interval and a batch (which is
             // smaller than an interval, or it would have its own entry).
             let slack_bytes = (2 * self.config.index_interval_bytes as usize).max(DIRECT_SLACK_BYTES);
-            if let Some(read) = segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, ahead) {
-                self.read_ahead_after(pool, &segment, &read, bytes_max);
+            let read_direct = |ahead| segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, ahead);
+            let read = match self.take_read_ahead(pool, &segment, offset) {
+                // The buffer may end before the batch wanted does: read it then.
+                Some(ahead) => read_direct(Some(ahead)).or_else(|| read_direct(None)),
+                None => read_direct(None),
+            };
+            if let Some(read) = read {
+                self.read_ahead_after(pool, &segment, &read);
                 return Ok(ReadSlice {
                     bytes: read.bytes,
                     next_offset: read.next_offset,
@@ -1163,43 +1177,60 @@ impl LaneLog {
         }
     }
 
-    /// What was read ahead for a read of `offset` in `segment`, waiting for it if the
-    /// read is still running; `None` if nothing was read ahead for it.
+    /// A buffer holding the batch of `offset` in `segment`, or where it may be: the one
+    /// read ahead from it (waited for, if the read is running), or the one the last
+    /// direct read took its batches from, if it starts at or before it. `None` if
+    /// neither.
     fn take_read_ahead(&self, pool: &DirectReads, segment: &Segment, offset: Offset) -> Option<AheadRead> {
-        let wanted =
-            |ahead: &ReadAhead| ahead.segment_base == segment.base_offset() && ahead.offset == offset;
-        // Another reader's that is stale, or one this reader skipped past, goes too, so
-        // that its buffer goes back.
-        let ahead = lock(&self.read_ahead).take_if(|ahead| wanted(ahead) || ahead.is_stale())?;
-        if wanted(&ahead) {
-            ahead.take(pool)
-        } else {
-            ahead.give_up();
-            None
+        let base = segment.base_offset();
+        let mut slots = lock(&self.read_ahead);
+        if let Some(next) = slots
+            .next
+            .take_if(|next| next.segment_base == base && next.offset == offset)
+        {
+            drop(slots);
+            return next.take(pool);
         }
+        let holds = |current: &ReadAhead| {
+            current.segment_base == base
+                && current.offset <= offset
+                && current.end.is_some_and(|end| offset < end)
+        };
+        // One that cannot serve this read goes first: its buffer may be the one it needs.
+        let current = match slots.current.take_if(|current| !holds(current)) {
+            Some(_) => None,
+            None => slots.current.as_ref().and_then(|current| current.peek()),
+        };
+        // Another reader's read-ahead that is stale, or one this reader skipped past,
+        // goes, so that its buffer goes back.
+        if let Some(stale) = slots.next.take_if(|next| next.is_stale()) {
+            stale.give_up();
+        }
+        current
     }
 
-    /// After a direct read, reads the bytes after it ahead, unless another reader's
+    /// After a direct read: keeps its buffer for the next read, and has the bytes after
+    /// the buffer's whole batches read ahead, unless they are already, another reader's
     /// read-ahead is still fresh (two readers far apart on one lane log do not take
-    /// turns throwing each other's away) or the segment has nothing after it yet.
-    fn read_ahead_after(
-        &self,
-        pool: &Arc<DirectReads>,
-        segment: &Arc<Segment>,
-        read: &DirectlyRead,
-        bytes_max: usize,
-    ) {
-        if read.bytes.is_empty() || read.end_position >= segment.size() {
+    /// turns throwing each other's away), or the segment has nothing after them yet.
+    fn read_ahead_after(&self, pool: &Arc<DirectReads>, segment: &Arc<Segment>, read: &DirectlyRead) {
+        if read.bytes.is_empty() {
             return;
         }
-        let mut slot = lock(&self.read_ahead);
-        if slot.as_ref().is_some_and(|ahead| !ahead.is_stale()) {
+        let base = segment.base_offset();
+        let mut slots = lock(&self.read_ahead);
+        slots.current = Some(ReadAhead::read(pool, base, read.buffer.clone(), read.whole_next));
+        let wanted = |next: &ReadAhead| next.segment_base == base && next.offset == read.whole_next;
+        if read.whole_end >= segment.size()
+            || slots
+                .next
+                .as_ref()
+                .is_some_and(|next| wanted(next) || !next.is_stale())
+        {
             return;
         }
-        if let Some(replaced) = std::mem::replace(
-            &mut *slot,
-            pool.read_ahead(segment, read.end_position, read.next_offset, bytes_max),
-        ) {
+        let next = pool.read_ahead(segment, read.whole_end, read.whole_next, DIRECT_BUFFER_BYTES);
+        if let Some(replaced) = std::mem::replace(&mut slots.next, next) {
             replaced.give_up();
         }
     }
@@ -2133,14 +2164,7 @@ mod tests {
     /// for the read-ahead of the one before to finish.
     fn read_checked(log: &LaneLog, mut offset: Offset, end: Offset) {
         while offset < end {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while lock(&log.read_ahead)
-                .as_ref()
-                .is_some_and(|ahead| !ahead.is_finished())
-            {
-                assert!(Instant::now() < deadline, "read-ahead never finished");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            wait_for_read_ahead(log);
             let slice = log.read(offset, 1 << 20, end).unwrap();
             assert!(!slice.bytes.is_empty());
             for batch in lanes_protocol::Batches::new(slice.bytes.clone(), BatchLimits::default()) {
@@ -2183,6 +2207,49 @@ mod tests {
             stats.reads,
             "the window is read through the mapping"
         );
+    }
+
+    /// Waits for `log`'s read-ahead, if any, to finish.
+    fn wait_for_read_ahead(log: &LaneLog) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lock(&log.read_ahead)
+            .next
+            .as_ref()
+            .is_some_and(|ahead| !ahead.is_finished())
+        {
+            assert!(Instant::now() < deadline, "read-ahead never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_read_that_starts_inside_the_last_direct_read_takes_its_batches_from_its_buffer() {
+        // As when a fetch sends fewer batches than it read.
+        let Some((tail, pool)) = behind_the_window(4) else {
+            return;
+        };
+        let first_end = tail.segments()[0].next_offset();
+        let whole = tail.log.read(Offset(0), 1 << 20, first_end).unwrap();
+        wait_for_read_ahead(&tail.log);
+        let reads = pool.stats().reads;
+        let middle = Offset(whole.next_offset.0 / 2);
+        let again = tail.log.read(middle, 1 << 20, first_end).unwrap();
+        assert_eq!(pool.stats().reads, reads, "nothing read from the disk again");
+        let offsets = |bytes: Bytes| -> Vec<Offset> {
+            lanes_protocol::Batches::new(bytes, BatchLimits::default())
+                .map(|batch| batch.unwrap().base_offset())
+                .collect()
+        };
+        let expected: Vec<Offset> = offsets(whole.bytes.clone())
+            .into_iter()
+            .filter(|&offset| offset >= middle)
+            .collect();
+        assert_eq!(offsets(again.bytes.clone()), expected);
+        assert_eq!(again.next_offset, whole.next_offset);
+        assert!(whole.bytes.ends_with(&again.bytes), "the same bytes");
+        // From the end of the buffer on: the read-ahead.
+        tail.log.read(again.next_offset, 1 << 20, first_end).unwrap();
+        assert_eq!(pool.stats().read_ahead_taken, 1);
     }
 
     #[test]

@@ -117,12 +117,15 @@ fn validate_in(view: View<'_>, position: u32, header: &BatchHeader) -> Result<()
 
 /// What [`Segment::read_direct`] read.
 pub(crate) struct DirectlyRead {
-    /// Whole batches, as appended.
+    /// Whole batches, as appended (none if the first reaches past `limit`).
     pub(crate) bytes: Bytes,
     /// The offset after them.
     pub(crate) next_offset: Offset,
-    /// Where they end in the segment.
-    pub(crate) end_position: u32,
+    /// The buffer they are slices of, from the first of them on, for the next reads.
+    pub(crate) buffer: AheadRead,
+    /// Where the whole batches in the buffer end, and the offset there.
+    pub(crate) whole_end: u32,
+    pub(crate) whole_next: Offset,
 }
 
 /// A mapping that [`Segment::mapping`] can watch: it goes when the last `Bytes` does.
@@ -712,9 +715,12 @@ impl Segment {
                 (position, self.base_offset.plus(u64::from(relative)))
             });
         let (read, valid_end) = match ahead {
-            // Read ahead from the very batch wanted.
+            // Read before, from a batch at or before the one wanted.
             Some(ahead) => {
-                (position, expected) = (ahead.position, offset);
+                if ahead.offset > offset {
+                    return None;
+                }
+                (position, expected) = (ahead.position, ahead.offset);
                 (ahead.read, ahead.size_before)
             }
             None => {
@@ -723,7 +729,9 @@ impl Segment {
                 }
                 // What the batches wanted may span: from the index entry (entries are
                 // at most an index interval and a batch apart), `bytes_max` of them.
-                let len = (bytes_max.saturating_add(slack_bytes)).min((size - position) as usize);
+                let len = bytes_max
+                    .saturating_add(slack_bytes)
+                    .min((size - position) as usize);
                 if self.mostly_cached(position, position + len as u32) {
                     return None;
                 }
@@ -744,31 +752,41 @@ impl Segment {
             position += header.batch_length;
             expected = header.next_offset();
         };
-        if first.next_offset() > limit {
-            return Some(DirectlyRead {
-                bytes: Bytes::new(),
-                next_offset: offset,
-                end_position: position,
-            });
-        }
-        let (mut end, mut next) = (position + first.batch_length, first.next_offset());
-        // A batch the buffer holds only part of, or a damaged one, ends the read here;
-        // the next read starts with it.
-        while let Ok(header) = self.header_in(view, end, view_end, next) {
-            if header.next_offset() > limit || (end - position + header.batch_length) as usize > bytes_max {
-                break;
+        let (mut end, mut next) = (position, first.base_offset);
+        if first.next_offset() <= limit {
+            (end, next) = (position + first.batch_length, first.next_offset());
+            // A batch the buffer holds only part of, or a damaged one, ends the read
+            // here; the next read starts with it.
+            while let Ok(header) = self.header_in(view, end, view_end, next) {
+                if header.next_offset() > limit || (end - position + header.batch_length) as usize > bytes_max
+                {
+                    break;
+                }
+                end += header.batch_length;
+                next = header.next_offset();
             }
-            end += header.batch_length;
-            next = header.next_offset();
+            self.verify_in(view, position, end, first.base_offset).ok()?;
         }
-        self.verify_in(view, position, end, first.base_offset).ok()?;
+        // Where the whole batches the buffer holds end: the next buffer is read from there.
+        let (mut whole_end, mut whole_next) = (end, next);
+        while let Ok(header) = self.header_in(view, whole_end, view_end, whole_next) {
+            whole_end += header.batch_length;
+            whole_next = header.next_offset();
+        }
         let bytes = read
             .bytes
             .slice((position - view.start) as usize..(end - view.start) as usize);
         Some(DirectlyRead {
             bytes,
             next_offset: next,
-            end_position: end,
+            buffer: AheadRead {
+                read,
+                size_before: valid_end,
+                position,
+                offset: first.base_offset,
+            },
+            whole_end,
+            whole_next,
         })
     }
 
