@@ -121,8 +121,9 @@ settings! {
     /// with O_DIRECT (`direct_read_bytes_max`). 0 leaves the page cache to the kernel.
     cached_tail_bytes: u64 = 64 * MIB as u64, "LANES_CACHED_TAIL_BYTES";
     /// Buffers for reads of batches mostly gone from the page cache, which are read from
-    /// the disk with O_DIRECT instead of through it (bytes, over all lane logs, in 1 MiB
-    /// buffers); with every buffer lent, or 0, reads go through the page cache.
+    /// the disk with O_DIRECT instead of through it (bytes, over all lane logs, in
+    /// buffers of 1 MiB and 12 KiB); with every buffer lent, or 0, reads go through the
+    /// page cache.
     direct_read_bytes_max: u64 = 32 * MIB as u64, "LANES_DIRECT_READ_BYTES_MAX";
     /// A segment rolls before it would exceed this size (bytes).
     segment_bytes_max: u32 = 1024 * MIB, "LANES_SEGMENT_BYTES_MAX";

@@ -17,9 +17,12 @@
 //! disk idle while it sends what it read. So after each direct read the lane log asks
 //! for the bytes after it to be read ahead ([`DirectReads::read_ahead`]), on one of
 //! [`READ_AHEAD_THREADS`] threads, into a buffer the next read of the lane log takes
-//! ([`ReadAhead`]). Read-ahead takes a buffer only while more than half the pool is
-//! free, and one no reader takes within a second gives its buffer back, so readers
-//! that never come back cannot starve others.
+//! ([`ReadAhead`]). It also keeps the buffer it read from, for a next read that starts
+//! inside it (a fetch may send fewer batches than it read). Read-ahead takes a buffer
+//! only while more than half the pool is free. Read-ahead and kept buffers are given
+//! back once a second old, looked at whenever a lane log keeps or reads ahead a buffer,
+//! and once 100 ms old when a read finds no buffer free: readers that never come back
+//! cannot starve others.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -49,15 +52,15 @@ pub(crate) const DIRECT_BUFFER_BYTES: usize = (1 << 20) + 2 * DIRECT_ALIGN_BYTES
 /// Threads that read ahead.
 pub(crate) const READ_AHEAD_THREADS: usize = 2;
 
-/// How long a read waits for a running read-ahead it takes (one disk read: this is only
-/// a bound); past it, it reads itself.
-const READ_AHEAD_WAIT: Duration = Duration::from_secs(1);
+/// How long a read waits for a running read-ahead it takes (one disk read of 1 MiB: this
+/// is only a bound, as the wait holds a runtime thread); past it, it reads itself.
+const READ_AHEAD_WAIT: Duration = Duration::from_millis(200);
 
 /// A read-ahead no reader has taken for this long gives its buffer back.
 const READ_AHEAD_UNTAKEN_MAX: Duration = Duration::from_secs(1);
 
 /// A read-ahead not taken for this long may be replaced by another reader's.
-const READ_AHEAD_KEPT: Duration = Duration::from_millis(100);
+pub(crate) const READ_AHEAD_KEPT: Duration = Duration::from_millis(100);
 
 /// A bounded pool of aligned buffers for direct reads, shared by every lane log.
 #[derive(Debug)]
@@ -126,13 +129,22 @@ impl DirectReads {
     /// [`DirectReads::take`], but only while more than `kept` buffers would stay free
     /// (or unallocated) after it.
     fn take_leaving(self: &Arc<Self>, kept: usize) -> Option<DirectBuffer> {
+        let taken = self.try_take_leaving(kept).or_else(|| {
+            // Buffers kept for lane logs whose readers went quiet may be what is missing.
+            self.reclaim_older_than(READ_AHEAD_KEPT);
+            self.try_take_leaving(kept)
+        });
+        if taken.is_none() && kept == 0 {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::DIRECT_READ_BUFFERS_EXHAUSTED).increment(1);
+        }
+        taken
+    }
+
+    fn try_take_leaving(self: &Arc<Self>, kept: usize) -> Option<DirectBuffer> {
         let mut free = self.free.lock().expect("direct read pool lock poisoned");
         let unallocated = self.buffers_max - self.allocated.load(Ordering::Acquire);
         if free.len() + unallocated <= kept {
-            if kept == 0 {
-                self.exhausted.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::DIRECT_READ_BUFFERS_EXHAUSTED).increment(1);
-            }
             return None;
         }
         let reused = free.pop();
@@ -218,6 +230,11 @@ impl DirectReads {
     /// elsewhere), so they do not keep the pool forever. Entries of those already
     /// dropped leave the list too: it holds those of about the last second.
     fn reclaim_untaken(&self) {
+        self.reclaim_older_than(READ_AHEAD_UNTAKEN_MAX);
+    }
+
+    /// Gives back the buffers of read-aheads and kept buffers older than `age`.
+    fn reclaim_older_than(&self, age: Duration) {
         let mut pending = self
             .read_ahead_pending
             .lock()
@@ -226,7 +243,7 @@ impl DirectReads {
             match front.upgrade() {
                 // Taken (or its lane log gone): nothing to give back.
                 None => {}
-                Some(ahead) if ahead.started.elapsed() >= READ_AHEAD_UNTAKEN_MAX => ahead.give_up(),
+                Some(ahead) if ahead.started.elapsed() >= age => ahead.give_up(),
                 // The list is in start order: the rest are younger.
                 Some(_) => return,
             }
@@ -360,6 +377,8 @@ impl ReadAhead {
     /// Drops what it read, or will read.
     pub(crate) fn give_up(&self) {
         *self.lock() = AheadState::Over;
+        // A reader waiting for it reads itself.
+        self.done.notify_all();
     }
 
     /// What was read ahead. A read still queued is given up (the caller reads itself,

@@ -251,8 +251,8 @@ pub struct LaneLog {
 }
 
 /// A lane log's direct read buffers: the one its last direct read took its batches from
-/// (the next read may start inside it: a fetch can send fewer batches than it read, and
-/// a buffer holds two reads' worth), and the one after it, read ahead.
+/// (the next read may start inside it: a fetch can send fewer batches than it read), and
+/// the one after it, read ahead.
 #[derive(Debug, Default)]
 struct ReadAheads {
     current: Option<Arc<ReadAhead>>,
@@ -1143,7 +1143,7 @@ impl LaneLog {
                 None => read_direct(None),
             };
             if let Some(read) = read {
-                self.read_ahead_after(pool, &segment, &read);
+                self.read_ahead_after(pool, &segment, &read, bytes_max);
                 return Ok(ReadSlice {
                     bytes: read.bytes,
                     next_offset: read.next_offset,
@@ -1202,26 +1202,47 @@ impl LaneLog {
             None => slots.current.as_ref().and_then(|current| current.peek()),
         };
         // Another reader's read-ahead that is stale, or one this reader skipped past,
-        // goes, so that its buffer goes back.
-        if let Some(stale) = slots.next.take_if(|next| next.is_stale()) {
+        // goes, so that its buffer goes back; not the one that continues the buffer
+        // this read is served from.
+        let serving_end = current
+            .as_ref()
+            .and(slots.current.as_ref())
+            .and_then(|current| current.end);
+        let continues = |next: &ReadAhead| serving_end == Some(next.offset);
+        if let Some(stale) = slots.next.take_if(|next| next.is_stale() && !continues(next)) {
             stale.give_up();
         }
         current
     }
 
-    /// After a direct read: keeps its buffer for the next read, and has the bytes after
-    /// the buffer's whole batches read ahead, unless they are already, another reader's
-    /// read-ahead is still fresh (two readers far apart on one lane log do not take
-    /// turns throwing each other's away), or the segment has nothing after them yet.
-    fn read_ahead_after(&self, pool: &Arc<DirectReads>, segment: &Arc<Segment>, read: &DirectlyRead) {
+    /// After a direct read: keeps its buffer for the next read (a fetch may send fewer
+    /// batches than it read), and has the bytes after it read ahead, unless they are
+    /// already, another reader's read-ahead is still fresh (two readers far apart on
+    /// one lane log do not take turns throwing each other's away), or the segment has
+    /// nothing after them yet. Where the buffer holds at least half a read more whole
+    /// batches (a reader asking for less than a buffer), the next reads take those
+    /// too, and the read-ahead starts after them; otherwise right after this read.
+    fn read_ahead_after(
+        &self,
+        pool: &Arc<DirectReads>,
+        segment: &Arc<Segment>,
+        read: &DirectlyRead,
+        bytes_max: usize,
+    ) {
         if read.bytes.is_empty() {
             return;
         }
+        let (ahead_position, ahead_offset) = if (read.whole_end - read.end_position) as usize >= bytes_max / 2
+        {
+            (read.whole_end, read.whole_next)
+        } else {
+            (read.end_position, read.next_offset)
+        };
         let base = segment.base_offset();
         let mut slots = lock(&self.read_ahead);
-        slots.current = Some(ReadAhead::read(pool, base, read.buffer.clone(), read.whole_next));
-        let wanted = |next: &ReadAhead| next.segment_base == base && next.offset == read.whole_next;
-        if read.whole_end >= segment.size()
+        slots.current = Some(ReadAhead::read(pool, base, read.buffer.clone(), ahead_offset));
+        let wanted = |next: &ReadAhead| next.segment_base == base && next.offset == ahead_offset;
+        if ahead_position >= segment.size()
             || slots
                 .next
                 .as_ref()
@@ -1229,7 +1250,7 @@ impl LaneLog {
         {
             return;
         }
-        let next = pool.read_ahead(segment, read.whole_end, read.whole_next, DIRECT_BUFFER_BYTES);
+        let next = pool.read_ahead(segment, ahead_position, ahead_offset, DIRECT_BUFFER_BYTES);
         if let Some(replaced) = std::mem::replace(&mut slots.next, next) {
             replaced.give_up();
         }
@@ -2147,7 +2168,13 @@ mod tests {
     fn behind_the_window(buffers: u64) -> Option<(CachedTail, Arc<DirectReads>)> {
         use super::super::direct_read::{DIRECT_ALIGN_BYTES, DIRECT_BUFFER_BYTES};
         let pool = DirectReads::new(buffers * (DIRECT_BUFFER_BYTES + DIRECT_ALIGN_BYTES) as u64).unwrap();
-        let tail = CachedTail::open_reading(2 * MIB, 8 * MIB, Some(Arc::clone(&pool)))?;
+        Some((behind_the_window_of(&pool)?, pool))
+    }
+
+    /// The same, reading with `pool`.
+    fn behind_the_window_of(pool: &Arc<DirectReads>) -> Option<CachedTail> {
+        use super::super::direct_read::{DIRECT_ALIGN_BYTES, DIRECT_BUFFER_BYTES};
+        let tail = CachedTail::open_reading(2 * MIB, 8 * MIB, Some(Arc::clone(pool)))?;
         tail.append_until(12 * MIB);
         let first = &tail.segments()[0];
         assert_cached_from(first, first.size(), "dropped: behind the window");
@@ -2157,7 +2184,7 @@ mod tests {
             eprintln!("skipped: the temp dir's file system refuses O_DIRECT");
             return None;
         }
-        Some((tail, pool))
+        Some(tail)
     }
 
     /// Reads `offset..end` of the log, checking every batch. Before each read, waits
@@ -2246,10 +2273,42 @@ mod tests {
             .collect();
         assert_eq!(offsets(again.bytes.clone()), expected);
         assert_eq!(again.next_offset, whole.next_offset);
-        assert!(whole.bytes.ends_with(&again.bytes), "the same bytes");
+        let within = whole.bytes.as_ptr_range();
+        assert!(
+            within.contains(&again.bytes.as_ptr()) && again.bytes.as_ptr_range().end == within.end,
+            "slices of the same buffer"
+        );
         // From the end of the buffer on: the read-ahead.
         tail.log.read(again.next_offset, 1 << 20, first_end).unwrap();
         assert_eq!(pool.stats().read_ahead_taken, 1);
+    }
+
+    #[test]
+    fn a_buffer_kept_for_a_lane_log_whose_reader_went_quiet_goes_to_another_that_needs_it() {
+        // One buffer, kept by the first log after its read.
+        let Some((quiet, pool)) = behind_the_window(1) else {
+            return;
+        };
+        let Some(busy) = behind_the_window_of(&pool) else {
+            return;
+        };
+        drop(
+            quiet
+                .log
+                .read(Offset(0), 1 << 20, quiet.log.next_offset())
+                .unwrap(),
+        );
+        assert!(lock(&quiet.log.read_ahead).current.is_some());
+        assert_eq!(pool.stats().reads, 1);
+        // Once it is older than READ_AHEAD_KEPT, a read that finds no buffer takes it.
+        // (A read through the mapping would fault in the disk's read-around, and the
+        // reads after it would find their pages cached.)
+        std::thread::sleep(super::super::direct_read::READ_AHEAD_KEPT);
+        let first_end = busy.segments()[0].next_offset();
+        read_checked(&busy.log, Offset(0), first_end);
+        let stats = pool.stats();
+        assert!(stats.reads >= 8, "the busy log read from the disk: {stats:?}");
+        assert_eq!(stats.buffers_exhausted, 0, "{stats:?}");
     }
 
     #[test]
@@ -2277,8 +2336,10 @@ mod tests {
             stats.reads + 1,
             "`held` has the only buffer: {after:?}"
         );
-        // The first read through the mapping faults in what the disk reads around it,
-        // so the reads after it may find their pages cached and not ask for a buffer.
+        // The reads inside the held read's batches come from the buffer it kept; the
+        // first one past them finds no buffer and goes through the mapping, which
+        // faults in what the disk reads around it, so the reads after it may find
+        // their pages cached and not ask for a buffer.
         assert!(after.buffers_exhausted >= 1, "{after:?}");
         drop(held);
     }

@@ -121,6 +121,8 @@ pub(crate) struct DirectlyRead {
     pub(crate) bytes: Bytes,
     /// The offset after them.
     pub(crate) next_offset: Offset,
+    /// Where they end.
+    pub(crate) end_position: u32,
     /// The buffer they are slices of, from the first of them on, for the next reads.
     pub(crate) buffer: AheadRead,
     /// Where the whole batches in the buffer end, and the offset there.
@@ -752,7 +754,7 @@ impl Segment {
             position += header.batch_length;
             expected = header.next_offset();
         };
-        let (mut end, mut next) = (position, first.base_offset);
+        let (mut end, mut next) = (position, offset);
         if first.next_offset() <= limit {
             (end, next) = (position + first.batch_length, first.next_offset());
             // A batch the buffer holds only part of, or a damaged one, ends the read
@@ -767,8 +769,12 @@ impl Segment {
             }
             self.verify_in(view, position, end, first.base_offset).ok()?;
         }
-        // Where the whole batches the buffer holds end: the next buffer is read from there.
-        let (mut whole_end, mut whole_next) = (end, next);
+        // Where the whole batches the buffer holds end.
+        let (mut whole_end, mut whole_next) = if end == position {
+            (position, first.base_offset)
+        } else {
+            (end, next)
+        };
         while let Ok(header) = self.header_in(view, whole_end, view_end, whole_next) {
             whole_end += header.batch_length;
             whole_next = header.next_offset();
@@ -779,6 +785,7 @@ impl Segment {
         Some(DirectlyRead {
             bytes,
             next_offset: next,
+            end_position: end,
             buffer: AheadRead {
                 read,
                 size_before: valid_end,
