@@ -130,8 +130,9 @@ impl DirectReads {
     /// (or unallocated) after it.
     fn take_leaving(self: &Arc<Self>, kept: usize) -> Option<DirectBuffer> {
         let taken = self.try_take_leaving(kept).or_else(|| {
-            // Buffers kept for lane logs whose readers went quiet may be what is missing.
-            self.reclaim_older_than(READ_AHEAD_KEPT);
+            // For a read (not a read-ahead, which would take others' turns): buffers
+            // kept for lane logs whose readers went quiet may be what is missing.
+            (kept == 0).then(|| self.reclaim_older_than(READ_AHEAD_KEPT))?;
             self.try_take_leaving(kept)
         });
         if taken.is_none() && kept == 0 {
