@@ -336,7 +336,8 @@ enum AheadState {
     Over,
 }
 
-/// Bytes of a lane log read ahead, for the read that starts where they do.
+/// A buffer of a lane log's bytes: read ahead, for the read that starts where they do,
+/// or kept from the last direct read, for a read that starts inside it.
 #[derive(Debug)]
 pub(crate) struct ReadAhead {
     /// The segment read (its base offset).
@@ -344,7 +345,8 @@ pub(crate) struct ReadAhead {
     /// The offset the batch at `position` starts with: the next read's.
     pub(crate) offset: Offset,
     pub(crate) position: u32,
-    /// For a buffer already read: the offset after its whole batches.
+    /// For a kept buffer: the offset up to which it serves reads (where the read-ahead
+    /// after it starts).
     pub(crate) end: Option<Offset>,
     started: Instant,
     state: Mutex<AheadState>,
@@ -404,8 +406,8 @@ impl ReadAhead {
         read
     }
 
-    /// A buffer already read, kept for the reads after the one that read it: a fetch
-    /// may send fewer batches than it read, and a buffer holds two reads' worth.
+    /// A buffer already read, kept for the next read of its lane log, which may start
+    /// inside the batches just returned (a fetch may send fewer batches than it read).
     pub(crate) fn read(
         pool: &DirectReads,
         segment_base: Offset,
