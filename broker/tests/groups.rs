@@ -666,8 +666,8 @@ async fn with_cached_tail_bytes_what_a_group_has_not_committed_stays_in_the_page
         return;
     }
     // Pages more than 1 MiB behind the end go, after each fsync round (`fsync always`).
-    // No metrics export: its lag gauges read a batch at each committed offset, and the
-    // disk's read-around would bring back pages behind it.
+    // No metrics export: its lag gauges read the batch header at each committed offset,
+    // which brings back the page it is in if it was dropped.
     let broker = TestBroker::start(dir.path(), |settings| {
         settings.cached_tail_bytes = MIB as u64;
         settings.segment_bytes_max = 8 * MIB as u32;

@@ -510,7 +510,7 @@ fn read_into(
     let wanted = (position - aligned) as usize + len.min(DIRECT_BUFFER_BYTES);
     let read_len = wanted.div_ceil(DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES;
     let read_len = read_len.min(DIRECT_BUFFER_BYTES);
-    let file = open(path, expected)?;
+    let file = open_checked(path, expected, libc::O_DIRECT)?;
     let pool = Arc::clone(&buffer.pool);
     let start = buffer.start;
     let region = &mut buffer.vec[start..start + read_len];
@@ -535,10 +535,13 @@ fn read_into(
     })
 }
 
-fn open(path: &Path, expected: (u64, u64)) -> Option<File> {
+/// Opens `path` for reading with `flags`, if it is still the file of `expected`
+/// (device, inode): retention renames a file before recycling it, so a reader holding
+/// the old segment must not read whatever file has its name now.
+pub(crate) fn open_checked(path: &Path, expected: (u64, u64), flags: i32) -> Option<File> {
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(flags)
         .open(path)
         .ok()?;
     let metadata = file.metadata().ok()?;

@@ -1269,12 +1269,17 @@ impl LaneLog {
             return Ok(Backlog::default());
         }
         // (segment index, byte position) of the batch holding `offset`, or the end.
+        // Without reading the batches: a backlog far behind must not bring its pages
+        // back into the page cache (the lag gauges ask every few seconds).
         let place = |offset: Offset| -> Result<(usize, u64, Option<i64>), StorageError> {
             let index = segments
                 .partition_point(|s| s.base_offset() <= offset)
                 .saturating_sub(1);
             let segment = &segments[index];
-            match segment.locate(offset).map_err(|stop| self.corrupted(stop))? {
+            let located = segment
+                .locate_sparingly(offset)
+                .unwrap_or_else(|| segment.locate(offset));
+            match located.map_err(|stop| self.corrupted(stop))? {
                 Some((position, header)) => Ok((index, u64::from(position), Some(header.first_timestamp_ms))),
                 None => Ok((index, u64::from(segment.size()), None)),
             }
@@ -2342,6 +2347,33 @@ mod tests {
         // their pages cached and not ask for a buffer.
         assert!(after.buffers_exhausted >= 1, "{after:?}");
         drop(held);
+    }
+
+    #[test]
+    fn a_backlog_behind_the_cached_tail_is_measured_without_bringing_its_pages_back() {
+        let keep = 2 * MIB;
+        let Some(tail) = CachedTail::open(keep, 16 * MIB) else {
+            return;
+        };
+        tail.append_until(12 * MIB);
+        let segment = Arc::clone(&tail.segments()[0]);
+        let dropped_to = steps_below(segment.size() - keep);
+        assert_cached_from(&segment, dropped_to, "before");
+        let end = tail.log.next_offset();
+        let batch_bytes = CachedTail::batch().len() as u64;
+        let froms = [Offset(0), Offset(40)];
+        let backlogs = froms.map(|from| tail.log.backlog(from, end).unwrap());
+        // Read through the mapping, the headers' pages would bring the disk's read-ahead
+        // with them (hundreds of pages here); read on their own, a page each.
+        let resident = segment.resident_pages(0, dropped_to).unwrap();
+        assert!(resident <= 4, "{resident} pages back");
+        // The same figures as through the mapping.
+        for (from, backlog) in froms.into_iter().zip(backlogs) {
+            assert_eq!(backlog.records, end.0 - from.0);
+            assert_eq!(backlog.bytes, u64::from(segment.size()) - from.0 * batch_bytes);
+            let (_, header) = segment.locate(from).unwrap().unwrap();
+            assert_eq!(backlog.oldest_timestamp_ms, Some(header.first_timestamp_ms));
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 #![allow(unsafe_code)] // memmap2 mapping is unsafe; see the SAFETY comment.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
@@ -340,7 +341,6 @@ impl Segment {
     /// (`POSIX_FADV_DONTNEED`; it starts the writeback of dirty pages instead). Later
     /// reads fault them back in from the disk. Only a hint: failures are ignored.
     pub(crate) fn drop_cached(&self, file: &File, from: u32, to: Option<u32>) {
-        use std::os::fd::AsRawFd;
         // An empty range: to posix_fadvise, a length of 0 is the whole rest of the file.
         if to.is_some_and(|to| to <= from) {
             return;
@@ -558,8 +558,9 @@ impl Segment {
         if start + HEADER_BYTES > end {
             return Err(stop("truncated batch header"));
         }
-        let header =
-            BatchHeader::parse(view.range(position, end as u32)).map_err(|e| stop(&e.to_string()))?;
+        // The header alone: a view of a header read on its own holds no more.
+        let header = BatchHeader::parse(view.range(position, position + HEADER_BYTES as u32))
+            .map_err(|e| stop(&e.to_string()))?;
         if (header.batch_length as usize) < HEADER_BYTES || start + header.batch_length as usize > end {
             return Err(stop("batch length runs past the end of the segment"));
         }
@@ -608,15 +609,69 @@ impl Segment {
     /// Finds the batch containing `offset`: its position and header. `None` if the
     /// offset is at or past the end of the segment.
     pub(crate) fn locate(&self, offset: Offset) -> Result<Option<(u32, BatchHeader)>, ScanStop> {
+        self.locate_with(offset, &mut |position, end, expected| {
+            self.header_at(position, end, expected)
+        })
+    }
+
+    /// [`Segment::locate`], but where the pages of the headers it starts from are not
+    /// cached, it reads them with `pread` (no read-ahead) instead of through the
+    /// mapping: a fault on the mapping reads around it, up to the disk's read-ahead
+    /// (8 MiB here), which would bring back the pages `cached_tail_bytes` dropped. For
+    /// lookups that do not read the batches themselves, such as a group's backlog.
+    /// `None` if the file could not be read so (it was renamed for recycling, or an I/O
+    /// error): [`Segment::locate`] then.
+    pub(crate) fn locate_sparingly(
+        &self,
+        offset: Offset,
+    ) -> Option<Result<Option<(u32, BatchHeader)>, ScanStop>> {
+        let from = self.indexed_position_at_most(offset);
+        if self.mostly_cached(from, from.saturating_add(HEADER_BYTES as u32)) {
+            return Some(self.locate(offset));
+        }
+        let file = direct_read::open_checked(&self.log_path, self.file_id, 0)?;
+        // SAFETY: a plain system call on a descriptor `file` owns; no memory is passed.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let mut failed = false;
+        let located = self.locate_with(offset, &mut |position, end, expected| {
+            let mut header = [0u8; HEADER_BYTES];
+            // Past `end`, `header_in` refuses it without reading the view.
+            if position as usize + HEADER_BYTES <= end as usize
+                && let Err(error) = file.read_exact_at(&mut header, u64::from(position))
+            {
+                tracing::debug!(path = %self.log_path.display(), %error, "could not read a batch header");
+                failed = true;
+                return Err(ScanStop {
+                    position,
+                    offset: expected,
+                    reason: error.to_string(),
+                });
+            }
+            let view = View {
+                bytes: &header,
+                start: position,
+            };
+            self.header_in(view, position, end, expected)
+        });
+        (!failed).then_some(located)
+    }
+
+    /// [`Segment::locate`] with `header_at(position, end, expected)` reading each header
+    /// (as [`Segment::header_at`] does).
+    fn locate_with(
+        &self,
+        offset: Offset,
+        header_at: &mut dyn FnMut(u32, u32, Offset) -> Result<BatchHeader, ScanStop>,
+    ) -> Result<Option<(u32, BatchHeader)>, ScanStop> {
         // Offset first, then size: the bytes of every offset seen are within the size seen.
         let next = self.next_offset();
         let size = self.size();
         if offset >= next || offset < self.base_offset {
             return Ok(None);
         }
-        let (mut position, mut expected) = self.index_hint(self.relative(offset), size);
+        let (mut position, mut expected) = self.index_hint(self.relative(offset), size, header_at);
         loop {
-            let header = self.header_at(position, size, expected)?;
+            let header = header_at(position, size, expected)?;
             if header.last_offset() >= offset {
                 return Ok(Some((position, header)));
             }
@@ -642,13 +697,18 @@ impl Segment {
     /// Where to start scanning for `relative_offset`: the index entry at or below it,
     /// confirmed against the log. An entry that does not point at the batch it names
     /// is ignored (the index is damaged), and the scan starts at the segment start.
-    fn index_hint(&self, relative_offset: u32, size: u32) -> (u32, Offset) {
+    fn index_hint(
+        &self,
+        relative_offset: u32,
+        size: u32,
+        header_at: &mut dyn FnMut(u32, u32, Offset) -> Result<BatchHeader, ScanStop>,
+    ) -> (u32, Offset) {
         let start = (0, self.base_offset);
         let Some((relative, position)) = self.index().lookup(relative_offset) else {
             return start;
         };
         let expected = self.base_offset.plus(u64::from(relative));
-        match self.header_at(position, size, expected) {
+        match header_at(position, size, expected) {
             Ok(_) => (position, expected),
             Err(stop) => {
                 tracing::warn!(
