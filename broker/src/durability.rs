@@ -14,7 +14,7 @@
 //! [`LaneLog::start_writeback`](crate::storage::LaneLog::start_writeback)).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,6 +39,12 @@ struct Shared {
     ready: Condvar,
     /// The lane logs with `fsync = interval`, for the ticker.
     logs: Mutex<Vec<Weak<LogHandle>>>,
+    /// Signalled when a lane log joins `logs`, and on stop: the ticker sleeps on it
+    /// while `logs` is empty, so a broker without `interval` logs has no clock waking
+    /// it hundreds of times a second.
+    logs_changed: Condvar,
+    /// Ticks the ticker has made.
+    ticks: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -53,13 +59,16 @@ impl Syncer {
     /// (those with `fsync = interval`) whose fsync is due: twice per `interval`, so no
     /// append waits much more than it, and at least every 5 ms for topics whose own
     /// interval is shorter. Each lane log has its own policy (topics may override the
-    /// broker's), so the ticker always runs; with no interval logs it has nothing to do.
+    /// broker's), so the ticker always exists; while there are no interval logs it
+    /// sleeps until one is registered.
     pub fn start(threads: u32, interval: Duration) -> Arc<Syncer> {
         let tick = (interval / 2).clamp(Duration::from_millis(1), Duration::from_millis(5));
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
             logs: Mutex::new(Vec::new()),
+            logs_changed: Condvar::new(),
+            ticks: AtomicU64::new(0),
         });
         let mut handles: Vec<JoinHandle<()>> = (0..threads.max(1))
             .map(|i| {
@@ -92,6 +101,13 @@ impl Syncer {
             logs.retain(|weak| weak.strong_count() > 0);
         }
         logs.push(Arc::downgrade(handle));
+        self.shared.logs_changed.notify_all();
+    }
+
+    /// Ticks the ticker has made so far.
+    #[cfg(test)]
+    pub(crate) fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Ordering::Relaxed)
     }
 
     /// Queues `handle` for an fsync unless it is queued already.
@@ -118,6 +134,11 @@ impl Syncer {
             .expect("sync queue lock poisoned")
             .stopping = true;
         self.shared.ready.notify_all();
+        // Under the lock the ticker checks `stopping` under, so it cannot miss this.
+        {
+            let _logs = self.shared.logs.lock().expect("logs lock poisoned");
+            self.shared.logs_changed.notify_all();
+        }
         for thread in self.threads.lock().expect("threads lock poisoned").drain(..) {
             let _ = thread.join();
         }
@@ -189,11 +210,26 @@ fn sync_loop(shared: &Shared) {
 }
 
 fn tick_loop(shared: &Arc<Shared>, tick: Duration) {
+    let stopping = || shared.queue.lock().expect("sync queue lock poisoned").stopping;
     loop {
+        {
+            let mut logs = shared.logs.lock().expect("logs lock poisoned");
+            loop {
+                if stopping() {
+                    return;
+                }
+                logs.retain(|weak| weak.strong_count() > 0);
+                if !logs.is_empty() {
+                    break;
+                }
+                logs = shared.logs_changed.wait(logs).expect("logs lock poisoned");
+            }
+        }
         std::thread::sleep(tick);
-        if shared.queue.lock().expect("sync queue lock poisoned").stopping {
+        if stopping() {
             return;
         }
+        shared.ticks.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let due: Vec<Arc<LogHandle>> = shared
             .logs

@@ -803,6 +803,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_fsync_clock_ticks_only_while_a_lane_log_fsyncs_on_an_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start(1, Duration::from_millis(2));
+        let handle = |fsync| {
+            let config = LogConfig {
+                fsync,
+                ..LogConfig::default()
+            };
+            LogHandle::new(
+                LaneLog::open(dir.path(), config).unwrap(),
+                LaneCounters::new("orders", "bulk"),
+                Durability::Written,
+                Arc::clone(&syncer),
+            )
+        };
+        // Nothing to tick for: it would have ticked about 25 times by now.
+        let always = handle(FsyncPolicy::Always);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(syncer.ticks(), 0);
+        drop(always);
+        // An interval log wakes it, and its appends become durable by the clock alone.
+        let interval = handle(FsyncPolicy::Interval(Duration::from_millis(4)));
+        let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+        builder.push(0, None, b"order", &[]).unwrap();
+        interval
+            .append(&mut builder.finish(ProducerStamp::NONE).to_vec())
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while interval.log.durable_offset() < Offset(1) {
+            assert!(
+                Instant::now() < deadline,
+                "the clock never fsynced the interval log"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(syncer.ticks() > 0);
+        // Once it is gone, the clock sleeps again.
+        drop(interval);
+        let mut last = syncer.ticks();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = syncer.ticks();
+            if now == last {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the clock still ticks");
+            last = now;
+        }
+        syncer.stop();
+    }
+
+    #[test]
     fn a_log_past_its_bound_of_unsynced_segments_gets_an_fsync_round_whatever_its_policy() {
         let dir = tempfile::tempdir().unwrap();
         let config = LogConfig {
