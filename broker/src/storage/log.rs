@@ -1276,10 +1276,10 @@ impl LaneLog {
                 .partition_point(|s| s.base_offset() <= offset)
                 .saturating_sub(1);
             let segment = &segments[index];
-            let located = segment
+            match segment
                 .locate_sparingly(offset)
-                .unwrap_or_else(|| segment.locate(offset));
-            match located.map_err(|stop| self.corrupted(stop))? {
+                .map_err(|stop| self.corrupted(stop))?
+            {
                 Some((position, header)) => Ok((index, u64::from(position), Some(header.first_timestamp_ms))),
                 None => Ok((index, u64::from(segment.size()), None)),
             }
@@ -2355,24 +2355,39 @@ mod tests {
         let Some(tail) = CachedTail::open(keep, 16 * MIB) else {
             return;
         };
-        tail.append_until(12 * MIB);
+        // Small batches, dozens per index interval, each carrying its offset as its
+        // timestamp.
+        let small = |offset: u64| {
+            let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+            builder.push(offset as i64, None, &[5; 100], &[]).unwrap();
+            builder.finish(ProducerStamp::NONE).to_vec()
+        };
+        let batch_bytes = small(0).len() as u64;
+        while tail.log.stats().size_bytes < u64::from(6 * MIB) {
+            tail.log.append(&mut small(tail.log.next_offset().0)).unwrap();
+        }
+        tail.log.flush().unwrap();
+        tail.log.drop_cached_behind();
         let segment = Arc::clone(&tail.segments()[0]);
         let dropped_to = steps_below(segment.size() - keep);
         assert_cached_from(&segment, dropped_to, "before");
+        // Lookups close together, so that some find the pages of their index entry read
+        // by one before, and the header they look for on a page after it.
         let end = tail.log.next_offset();
-        let batch_bytes = CachedTail::batch().len() as u64;
-        let froms = [Offset(0), Offset(40)];
-        let backlogs = froms.map(|from| tail.log.backlog(from, end).unwrap());
+        let froms: Vec<Offset> = (0..60).map(|i| Offset(1_000 + 7 * i)).collect();
+        let backlogs: Vec<Backlog> = froms
+            .iter()
+            .map(|&from| tail.log.backlog(from, end).unwrap())
+            .collect();
         // Read through the mapping, the headers' pages would bring the disk's read-ahead
-        // with them (hundreds of pages here); read on their own, a page each.
+        // with them (hundreds of pages here); read on their own, a page each: the 70 KiB
+        // the lookups span, and the index entries' pages before them.
         let resident = segment.resident_pages(0, dropped_to).unwrap();
-        assert!(resident <= 4, "{resident} pages back");
-        // The same figures as through the mapping.
+        assert!(resident <= 24, "{resident} pages back");
         for (from, backlog) in froms.into_iter().zip(backlogs) {
             assert_eq!(backlog.records, end.0 - from.0);
             assert_eq!(backlog.bytes, u64::from(segment.size()) - from.0 * batch_bytes);
-            let (_, header) = segment.locate(from).unwrap().unwrap();
-            assert_eq!(backlog.oldest_timestamp_ms, Some(header.first_timestamp_ms));
+            assert_eq!(backlog.oldest_timestamp_ms, Some(from.0 as i64));
         }
     }
 

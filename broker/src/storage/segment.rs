@@ -44,6 +44,10 @@ pub(crate) const DIRECT_SLACK_BYTES: usize = 16 << 10;
 /// `cached_tail_bytes` drops in 2 MiB steps, so the first pages tell for the rest.
 const RESIDENCY_PAGES_MAX: usize = 32;
 
+/// Headers [`Segment::locate_sparingly`] reads one by one before it gives up: about 64
+/// index intervals of the smallest batches.
+const SPARING_HEADERS_MAX: u32 = 4096;
+
 /// The size of a memory page.
 pub(crate) fn page_bytes() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -614,38 +618,42 @@ impl Segment {
         })
     }
 
-    /// [`Segment::locate`], but where the pages of the headers it starts from are not
-    /// cached, it reads them with `pread` (no read-ahead) instead of through the
-    /// mapping: a fault on the mapping reads around it, up to the disk's read-ahead
-    /// (8 MiB here), which would bring back the pages `cached_tail_bytes` dropped. For
+    /// [`Segment::locate`], reading the headers with `pread` (no read-ahead) instead of
+    /// through the mapping: a fault on the mapping reads around it, up to the disk's
+    /// read-ahead (8 MiB here), which would bring back the pages `cached_tail_bytes`
+    /// dropped; a `pread` brings back the page it reads, or nothing if it is cached. For
     /// lookups that do not read the batches themselves, such as a group's backlog.
-    /// `None` if the file could not be read so (it was renamed for recycling, or an I/O
-    /// error): [`Segment::locate`] then.
-    pub(crate) fn locate_sparingly(
-        &self,
-        offset: Offset,
-    ) -> Option<Result<Option<(u32, BatchHeader)>, ScanStop>> {
-        let from = self.indexed_position_at_most(offset);
-        if self.mostly_cached(from, from.saturating_add(HEADER_BYTES as u32)) {
-            return Some(self.locate(offset));
-        }
-        let file = direct_read::open_checked(&self.log_path, self.file_id, 0)?;
+    /// Through the mapping after all if the file cannot be read so (it was renamed for
+    /// recycling, or an I/O error), or if the scan runs past
+    /// [`SPARING_HEADERS_MAX`] headers (a damaged index sends it from the segment
+    /// start, where the mapping's read-ahead is the faster way).
+    pub(crate) fn locate_sparingly(&self, offset: Offset) -> Result<Option<(u32, BatchHeader)>, ScanStop> {
+        let Some(file) = direct_read::open_checked(&self.log_path, self.file_id, 0) else {
+            return self.locate(offset);
+        };
         // SAFETY: a plain system call on a descriptor `file` owns; no memory is passed.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        let mut failed = false;
+        let mut headers_read = 0;
+        let mut given_up = false;
         let located = self.locate_with(offset, &mut |position, end, expected| {
+            let give_up = |reason: String| ScanStop {
+                position,
+                offset: expected,
+                reason,
+            };
+            headers_read += 1;
+            if given_up || headers_read > SPARING_HEADERS_MAX {
+                given_up = true;
+                return Err(give_up("too many headers to read one by one".into()));
+            }
             let mut header = [0u8; HEADER_BYTES];
             // Past `end`, `header_in` refuses it without reading the view.
             if position as usize + HEADER_BYTES <= end as usize
                 && let Err(error) = file.read_exact_at(&mut header, u64::from(position))
             {
                 tracing::debug!(path = %self.log_path.display(), %error, "could not read a batch header");
-                failed = true;
-                return Err(ScanStop {
-                    position,
-                    offset: expected,
-                    reason: error.to_string(),
-                });
+                given_up = true;
+                return Err(give_up(error.to_string()));
             }
             let view = View {
                 bytes: &header,
@@ -653,7 +661,7 @@ impl Segment {
             };
             self.header_in(view, position, end, expected)
         });
-        (!failed).then_some(located)
+        if given_up { self.locate(offset) } else { located }
     }
 
     /// [`Segment::locate`] with `header_at(position, end, expected)` reading each header
