@@ -1,6 +1,8 @@
 //! `e2e`: producers and a consumer group at once; latency from the moment a producer
 //! sends a record to the moment a consumer receives it, and a check that every record
-//! arrived once.
+//! arrived once. With `--catch-up-mb`, another consumer reads a filled topic from the
+//! start meanwhile, over and over: live latency beside a consumer catching up from the
+//! disk.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,17 +10,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
 use bytes::{BufMut, BytesMut};
-use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig};
+use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom};
 use lanes_producer::{Producer, ProducerRecord};
+
+use serde_json::json;
 
 use crate::latency::Latencies;
 use crate::machine::CpuTimes;
 use crate::pace::Ticks;
-use crate::report::{Common, Report, progress};
+use crate::produce::{self, Load, Sent};
+use crate::report::{AcksArg, Common, Report, progress};
 use crate::target::Target;
 
 const TOPIC: &str = "bench-e2e";
 const GROUP: &str = "lanes-bench-e2e";
+/// The topic the catching-up consumer reads.
+const CATCH_UP_TOPIC: &str = "bench-catch-up";
 /// Value layout: producer u32, sequence u64, send time (ns since the epoch) u64, padding.
 const HEADER_BYTES: usize = 20;
 
@@ -56,7 +63,9 @@ impl Seen {
     }
 }
 
-pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
+/// `catch_up_mb`: megabytes a consumer catching up reads meanwhile, over and over (0:
+/// none).
+pub async fn run(target: &Target, common: &Common, catch_up_mb: u64) -> anyhow::Result<Report> {
     target.fresh_topic(TOPIC, common.partitions, &[]).await?;
     let count = common.count_or_default();
     let duration = common.duration_s.map(Duration::from_secs);
@@ -105,6 +114,10 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         }));
     }
     wait_for_group(target, common.consumers.max(1), common.partitions).await?;
+    let catch_up = match catch_up_mb {
+        0 => None,
+        mb => Some(CatchUp::start(target, common, mb * 1_000_000, Arc::clone(&done)).await?),
+    };
 
     let started = Instant::now();
     let cpu = CpuTimes::read();
@@ -161,6 +174,15 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         consumer.await??;
     }
     bar.finish_and_clear();
+    let mut extra = serde_json::Map::new();
+    if let Some(catch_up) = catch_up {
+        let (bytes, laps) = catch_up.finish().await?;
+        extra.insert(
+            "catch_up_mb_per_s".into(),
+            json!((bytes as f64 / 1e6 / seconds).round()),
+        );
+        extra.insert("catch_up_laps".into(), json!(laps));
+    }
     let seen = seen.lock().expect("seen lock poisoned");
     Ok(Report {
         scenario: "e2e",
@@ -171,8 +193,72 @@ pub async fn run(target: &Target, common: &Common) -> anyhow::Result<Report> {
         lost: Some(total.saturating_sub(seen.distinct)),
         duplicates: Some(seen.duplicates),
         machine_cpu,
+        extra,
         ..Report::default()
     })
+}
+
+/// A consumer reading a filled topic from the start, again each time it reaches the end,
+/// as fast as it can, until the run is done.
+struct CatchUp {
+    task: tokio_util::task::AbortOnDropHandle<anyhow::Result<(u64, u64)>>,
+}
+
+impl CatchUp {
+    /// Fills [`CATCH_UP_TOPIC`] with `bytes` of records (acks written), then starts the
+    /// consumer. Pages behind the broker's cached tail are dropped as they are written
+    /// back, so it reads from the disk.
+    async fn start(
+        target: &Target,
+        common: &Common,
+        bytes: u64,
+        done: Arc<std::sync::atomic::AtomicBool>,
+    ) -> anyhow::Result<CatchUp> {
+        target.fresh_topic(CATCH_UP_TOPIC, common.partitions, &[]).await?;
+        let filling = Common {
+            acks: AcksArg::Written,
+            producers: common.producers.max(2),
+            rate: None,
+            ..common.clone()
+        };
+        let count = bytes.div_ceil(common.record_bytes.max(1) as u64);
+        let load = Load {
+            count: Some(count),
+            duration: None,
+            rate: None,
+            lanes: None,
+        };
+        let bar = progress(Some(count), "filling");
+        let filled = Arc::new(Sent::default());
+        produce::send(target, &filling, CATCH_UP_TOPIC, load, &filled, &bar).await?;
+        bar.finish_and_clear();
+        let total = filled.records.load(Ordering::Relaxed);
+        let mut config = ConsumerConfig::new(&target.address);
+        config.client_id = "lanes-bench-catch-up".into();
+        let mut consumer = Consumer::connect(config).await?;
+        let task = crate::spawn_scoped(async move {
+            let (mut bytes, mut laps) = (0u64, 0u64);
+            while !done.load(Ordering::Relaxed) {
+                consumer
+                    .assign(CATCH_UP_TOPIC, None, None, StartFrom::Earliest)
+                    .await?;
+                let mut read = 0;
+                while read < total && !done.load(Ordering::Relaxed) {
+                    let records = consumer.poll_timeout(Duration::from_millis(50)).await?;
+                    read += records.len() as u64;
+                    bytes += records.iter().map(|r| r.value.len() as u64).sum::<u64>();
+                }
+                laps += u64::from(read >= total);
+            }
+            Ok((bytes, laps))
+        });
+        Ok(CatchUp { task })
+    }
+
+    /// Bytes read and whole laps, once the run is done.
+    async fn finish(self) -> anyhow::Result<(u64, u64)> {
+        self.task.await?
+    }
 }
 
 /// Waits until the group's members hold every partition between them.

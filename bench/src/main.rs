@@ -47,6 +47,11 @@ enum Scenario {
     E2e {
         #[command(flatten)]
         common: Common,
+        /// Fill another topic with this many MB first; during the run one more consumer
+        /// reads it from the start, over and over, as fast as it can (a consumer
+        /// catching up from the disk beside the live traffic).
+        #[arg(long, default_value_t = 0)]
+        catch_up_mb: u64,
     },
     /// The order-fulfilment demo: order events in three service-class lanes, handled by
     /// a group of workers; checks order, loss and double effects; latency per lane.
@@ -205,9 +210,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target.stop().await?;
             print(report?, &common);
         }
-        Scenario::E2e { common } => {
+        Scenario::E2e { common, catch_up_mb } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = until_interrupted(e2e::run(&target, &common)).await;
+            let report = until_interrupted(e2e::run(&target, &common, catch_up_mb)).await;
             target.stop().await?;
             print(report?, &common);
         }

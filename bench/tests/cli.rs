@@ -91,6 +91,23 @@ fn produce_consume_and_e2e_report_the_common_fields() {
     }
 }
 
+/// The catching-up consumer reads its own topic: the e2e group still gets every record
+/// once, and nothing more.
+#[test]
+fn e2e_beside_a_consumer_catching_up_reports_what_it_read() {
+    let mut args = vec!["e2e", "--count", "20000", "--catch-up-mb", "4"];
+    args.extend(SMALL_RECORDS_JSON);
+    let report = run_json(&args);
+    assert_eq!(report["records"], 20000, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    for key in ["catch_up_mb_per_s", "catch_up_laps"] {
+        assert!(report[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {report}");
+    }
+    let plain = run_json(&["e2e", "--count", "1000", "--warmup-s", "0", "--json"]);
+    assert!(plain.get("catch_up_mb_per_s").is_none(), "{plain}");
+}
+
 /// The machine's CPU over the run, in shares of all of it, steal included.
 fn assert_machine_cpu(report: &serde_json::Value) {
     let cpu = report["machine_cpu_percent"]

@@ -41,6 +41,8 @@ pub const DIRECT_READS_READ_AHEAD: &str = "lanes_direct_reads_read_ahead_total";
 pub const DIRECT_READ_BUFFERS_EXHAUSTED: &str = "lanes_direct_read_buffers_exhausted_total";
 /// How long each fsync round took.
 pub const FSYNC_DURATION_SECONDS: &str = "lanes_fsync_duration_seconds";
+/// Histogram: how long a fetch waited for the disk, on a blocking thread.
+pub const FETCH_DISK_WAIT_SECONDS: &str = "lanes_fetch_disk_wait_seconds";
 /// Per lane log (summed over partitions): records appended but not yet fsynced, the
 /// distance from the end of the log to its durable watermark.
 pub const LOG_UNSYNCED_RECORDS: &str = "lanes_log_unsynced_records";
@@ -112,6 +114,11 @@ pub fn describe() {
         FSYNC_DURATION_SECONDS,
         Unit::Seconds,
         "How long each fsync round took."
+    );
+    describe_histogram!(
+        FETCH_DISK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Fetch reads that waited for the disk (a direct read, or a read-ahead still running: consumers catching up), on a blocking thread: how long."
     );
     describe_gauge!(
         LOG_UNSYNCED_RECORDS,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::select_all;
+use futures_util::future::{join_all, select_all};
 use lanes_protocol::api::encode_response;
 use lanes_protocol::messages::{FetchLane, FetchLaneResult, FetchRequest, FetchResponse, TopicItems};
 use lanes_protocol::record_batch::{count_records, peek_prefix};
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Broker;
 use crate::scheduler::{self, LaneDemand, LanePolicy};
+use crate::storage::READ_AHEAD_WAIT;
 use crate::topic::{LogHandle, Progress, Topic, storage_error_code};
 
 /// One requested lane log, resolved.
@@ -82,6 +83,21 @@ pub(super) async fn fetch(
         .filter_map(|(_, _, target)| target.handle.as_ref().ok().map(|h| h.subscribe()))
         .collect();
     loop {
+        // Bytes being read ahead from the disk are awaited here, without holding a
+        // runtime thread; what still needs the disk after that is read on a blocking
+        // thread (`read_lane`).
+        let pending: Vec<_> = topics
+            .iter()
+            .flat_map(|t| t.lanes())
+            .filter_map(|(_, _, target)| {
+                let handle = target.handle.as_ref().ok()?;
+                handle.log.read_ahead_pending(target.lane.offset)
+            })
+            .collect();
+        if !pending.is_empty() {
+            // Past the bound, the read waits (or reads itself) on a blocking thread.
+            let _ = tokio::time::timeout(READ_AHEAD_WAIT, join_all(pending)).await;
+        }
         let mut scheduled = {
             let credit = credit.lock().expect("lane credit lock poisoned");
             Schedule::new(&topics, &specs, &credit)
@@ -302,7 +318,17 @@ fn read_lane(target: &Target, bytes_max: usize) -> (FetchLaneResult, bool) {
     let visible = handle.visible_offset();
     let start = handle.log.start_offset();
     let bytes_max = (lane.bytes_max as usize).min(bytes_max).max(1);
-    match handle.log.read(lane.offset, bytes_max, visible) {
+    // A read from the disk (a consumer catching up) waits on a thread of its own, so
+    // that the other connections of this runtime worker do not wait with it
+    // (docs/BENCHMARKS.md, "A consumer catching up beside live traffic").
+    let read = handle.log.try_read(lane.offset, bytes_max, visible).transpose();
+    let read = read.unwrap_or_else(|| {
+        let started = std::time::Instant::now();
+        let read = super::blocking(|| handle.log.read(lane.offset, bytes_max, visible));
+        metrics::histogram!(crate::metrics::FETCH_DISK_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        read
+    });
+    match read {
         Ok(slice) => {
             let more = slice.next_offset < visible && !slice.bytes.is_empty();
             (records(lane, visible, start, slice.bytes), more)

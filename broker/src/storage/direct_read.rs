@@ -23,14 +23,21 @@
 //! back once a second old, looked at whenever a lane log keeps or reads ahead a buffer,
 //! and once 100 ms old when a read finds no buffer free: readers that never come back
 //! cannot starve others.
+//!
+//! A fetch runs on a runtime thread, which must not wait for the disk: it awaits a
+//! pending read-ahead ([`ReadAheadPending`]) and then reads with
+//! [`crate::storage::LaneLog::try_read`], which returns `None` rather than wait; the
+//! read that still needs the disk then runs on a blocking thread.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,8 +60,8 @@ pub(crate) const DIRECT_BUFFER_BYTES: usize = (1 << 20) + 2 * DIRECT_ALIGN_BYTES
 pub(crate) const READ_AHEAD_THREADS: usize = 2;
 
 /// How long a read waits for a running read-ahead it takes (one disk read of 1 MiB: this
-/// is only a bound, as the wait holds a runtime thread); past it, it reads itself.
-const READ_AHEAD_WAIT: Duration = Duration::from_millis(200);
+/// is only a bound); past it, it reads itself.
+pub const READ_AHEAD_WAIT: Duration = Duration::from_millis(200);
 
 /// A read-ahead no reader has taken for this long gives its buffer back.
 const READ_AHEAD_UNTAKEN_MAX: Duration = Duration::from_secs(1);
@@ -198,6 +205,7 @@ impl DirectReads {
             started: Instant::now(),
             state: Mutex::new(AheadState::Queued),
             done: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
         });
         let job = ReadAheadJob {
             segment: Arc::clone(segment),
@@ -336,6 +344,12 @@ enum AheadState {
     Over,
 }
 
+impl AheadState {
+    fn is_pending(&self) -> bool {
+        matches!(self, AheadState::Queued | AheadState::Running)
+    }
+}
+
 /// A buffer of a lane log's bytes: read ahead, for the read that starts where they do,
 /// or kept from the last direct read, for a read that starts inside it.
 #[derive(Debug)]
@@ -351,6 +365,31 @@ pub(crate) struct ReadAhead {
     started: Instant,
     state: Mutex<AheadState>,
     done: Condvar,
+    /// Tasks waiting for the read to finish ([`ReadAheadPending`]); registered under
+    /// `state`'s lock while it is queued or running, woken once it is over.
+    wakers: Mutex<Vec<Waker>>,
+}
+
+/// A future: a read-ahead that was queued or running has finished (or was given up). A
+/// fetch awaits it instead of holding a thread while the disk reads (see
+/// [`crate::storage::LaneLog::read_ahead_pending`]).
+#[derive(Debug)]
+pub struct ReadAheadPending(pub(crate) Arc<ReadAhead>);
+
+impl Future for ReadAheadPending {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let state = self.0.lock();
+        if !state.is_pending() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.0.wakers.lock().expect("read-ahead wakers lock poisoned");
+        if !wakers.iter().any(|waker| waker.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 impl ReadAhead {
@@ -374,14 +413,27 @@ impl ReadAhead {
             *state = AheadState::Done(read);
         }
         drop(state);
-        self.done.notify_all();
+        self.wake_all();
     }
 
     /// Drops what it read, or will read.
     pub(crate) fn give_up(&self) {
         *self.lock() = AheadState::Over;
         // A reader waiting for it reads itself.
+        self.wake_all();
+    }
+
+    /// Wakes the readers waiting for it; called once it is no longer running (a waker is
+    /// registered only while it runs, under the state's lock).
+    fn wake_all(&self) {
         self.done.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().expect("read-ahead wakers lock poisoned"));
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Whether its read is queued or running.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.lock().is_pending()
     }
 
     /// What was read ahead. A read still queued is given up (the caller reads itself,
@@ -422,6 +474,7 @@ impl ReadAhead {
             started: Instant::now(),
             state: Mutex::new(AheadState::Done(Some(read))),
             done: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
         });
         pool.register(&ahead);
         ahead
@@ -438,12 +491,6 @@ impl ReadAhead {
     /// Whether another reader's read-ahead may replace this one.
     pub(crate) fn is_stale(&self) -> bool {
         self.started.elapsed() >= READ_AHEAD_KEPT
-    }
-
-    /// Whether its read has finished (or will never run).
-    #[cfg(test)]
-    pub(crate) fn is_finished(&self) -> bool {
-        matches!(*self.lock(), AheadState::Done(_) | AheadState::Over)
     }
 }
 

@@ -15,7 +15,7 @@ use memmap2::Mmap;
 
 use super::checkpoint::{CheckpointFile, CleanPoint};
 use super::config::{FsyncPolicy, LogConfig};
-use super::direct_read::{AheadRead, DIRECT_BUFFER_BYTES, DirectReads, ReadAhead};
+use super::direct_read::{AheadRead, DIRECT_BUFFER_BYTES, DirectReads, ReadAhead, ReadAheadPending};
 use super::error::StorageError;
 use super::faults;
 use super::files::{
@@ -249,6 +249,10 @@ pub struct LaneLog {
     corruption: Mutex<Option<Corruption>>,
     recovery: RecoveryReport,
 }
+
+/// A read that does not wait for the disk would have to (see [`LaneLog::try_read`]).
+#[derive(Debug)]
+struct WouldWait;
 
 /// A lane log's direct read buffers: the one its last direct read took its batches from
 /// (the next read may start inside it: a fetch can send fewer batches than it read), and
@@ -1099,8 +1103,47 @@ impl LaneLog {
     /// Reads whole batches starting with the one that holds `offset`, up to `bytes_max`
     /// (but always at least one batch), from one segment, without copying. Only batches
     /// entirely below `limit` are returned: pass [`LaneLog::durable_offset`] or
-    /// [`LaneLog::next_offset`] for what readers may see.
+    /// [`LaneLog::next_offset`] for what readers may see. May wait for the disk (see
+    /// [`LaneLog::try_read`]).
     pub fn read(&self, offset: Offset, bytes_max: usize, limit: Offset) -> Result<ReadSlice, StorageError> {
+        let slice = self.read_waiting(offset, bytes_max, limit, true)?;
+        Ok(slice.expect("a read that may wait for the disk always ends"))
+    }
+
+    /// [`LaneLog::read`], or `None` where it would wait for the disk: a direct read of
+    /// bytes the page cache no longer holds, or a read-ahead still running. Then call
+    /// `read` on a thread that may block. Reads from the page cache (a consumer near the
+    /// tail) never wait; a page fault can still (a page the kernel just dropped).
+    pub fn try_read(
+        &self,
+        offset: Offset,
+        bytes_max: usize,
+        limit: Offset,
+    ) -> Result<Option<ReadSlice>, StorageError> {
+        self.read_waiting(offset, bytes_max, limit, false)
+    }
+
+    /// The read-ahead of the bytes from `offset` on, if one is queued or running: a fetch
+    /// awaits it before reading, so that [`LaneLog::try_read`] finds the bytes read
+    /// instead of leaving the read to a thread that may wait.
+    pub fn read_ahead_pending(&self, offset: Offset) -> Option<ReadAheadPending> {
+        let slots = lock(&self.read_ahead);
+        let next = slots
+            .next
+            .as_ref()
+            .filter(|next| next.offset == offset && next.is_pending())?;
+        Some(ReadAheadPending(Arc::clone(next)))
+    }
+
+    /// [`LaneLog::read`]; `None` only where it would wait for the disk and `may_wait` is
+    /// false.
+    fn read_waiting(
+        &self,
+        offset: Offset,
+        bytes_max: usize,
+        limit: Offset,
+        may_wait: bool,
+    ) -> Result<Option<ReadSlice>, StorageError> {
         let (start, end) = (self.start_offset(), self.next_offset());
         if offset < start || offset > end {
             return Err(StorageError::OffsetOutOfRange {
@@ -1114,10 +1157,10 @@ impl LaneLog {
             return Err(self.corrupt_error_at(corrupt_at));
         }
         let limit = limit.min(end).min(corrupt_at);
-        let empty = ReadSlice {
+        let empty = Some(ReadSlice {
             bytes: Bytes::new(),
             next_offset: offset,
-        };
+        });
         if offset >= limit {
             return Ok(empty);
         }
@@ -1136,18 +1179,25 @@ impl LaneLog {
             // An index entry comes after at most an index interval and a batch (which is
             // smaller than an interval, or it would have its own entry).
             let slack_bytes = (2 * self.config.index_interval_bytes as usize).max(DIRECT_SLACK_BYTES);
-            let read_direct = |ahead| segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, ahead);
-            let read = match self.take_read_ahead(pool, &segment, offset) {
-                // The buffer may end before the batch wanted does: read it then.
-                Some(ahead) => read_direct(Some(ahead)).or_else(|| read_direct(None)),
-                None => read_direct(None),
+            let Ok(ahead) = self.take_read_ahead(pool, &segment, offset, may_wait) else {
+                return Ok(None);
             };
+            // The buffer may end before the batch wanted does: read it then.
+            let mut read = ahead.and_then(|ahead| {
+                segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, Some(ahead))
+            });
+            if read.is_none() {
+                if !may_wait && segment.direct_span(offset, bytes_max, slack_bytes).is_some() {
+                    return Ok(None);
+                }
+                read = segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, None);
+            }
             if let Some(read) = read {
                 self.read_ahead_after(pool, &segment, &read, bytes_max);
-                return Ok(ReadSlice {
+                return Ok(Some(ReadSlice {
                     bytes: read.bytes,
                     next_offset: read.next_offset,
-                });
+                }));
             }
         }
         let located = segment.locate(offset).map_err(|stop| self.corrupted(stop))?;
@@ -1161,17 +1211,17 @@ impl LaneLog {
             .extent(position, &header, bytes_max, limit)
             .map_err(|stop| self.corrupted(stop))?;
         match segment.verify(position, end_position, header.base_offset) {
-            Ok(()) => Ok(ReadSlice {
+            Ok(()) => Ok(Some(ReadSlice {
                 bytes: segment.slice(position, end_position),
                 next_offset,
-            }),
+            })),
             Err(stop) if stop.position > position => {
                 let (good_end, good_next) = (stop.position, stop.offset);
                 self.corrupted(stop);
-                Ok(ReadSlice {
+                Ok(Some(ReadSlice {
                     bytes: segment.slice(position, good_end),
                     next_offset: good_next,
-                })
+                }))
             }
             Err(stop) => Err(self.corrupted(stop)),
         }
@@ -1179,17 +1229,30 @@ impl LaneLog {
 
     /// A buffer holding the batch of `offset` in `segment`, or where it may be: the one
     /// read ahead from it (waited for, if the read is running), or the one the last
-    /// direct read took its batches from, if it starts at or before it. `None` if
-    /// neither.
-    fn take_read_ahead(&self, pool: &DirectReads, segment: &Segment, offset: Offset) -> Option<AheadRead> {
+    /// direct read took its batches from, if it starts at or before it. `Ok(None)` if
+    /// neither; `Err`, leaving it in place, if the read ahead has not finished and
+    /// `may_wait` is false.
+    fn take_read_ahead(
+        &self,
+        pool: &DirectReads,
+        segment: &Segment,
+        offset: Offset,
+        may_wait: bool,
+    ) -> Result<Option<AheadRead>, WouldWait> {
         let base = segment.base_offset();
         let mut slots = lock(&self.read_ahead);
-        if let Some(next) = slots
-            .next
-            .take_if(|next| next.segment_base == base && next.offset == offset)
+        let wanted = |next: &ReadAhead| next.segment_base == base && next.offset == offset;
+        if !may_wait
+            && slots
+                .next
+                .as_deref()
+                .is_some_and(|next| wanted(next) && next.is_pending())
         {
+            return Err(WouldWait);
+        }
+        if let Some(next) = slots.next.take_if(|next| wanted(next)) {
             drop(slots);
-            return next.take(pool);
+            return Ok(next.take(pool));
         }
         let holds = |current: &ReadAhead| {
             current.segment_base == base
@@ -1212,7 +1275,7 @@ impl LaneLog {
         if let Some(stale) = slots.next.take_if(|next| next.is_stale() && !continues(next)) {
             stale.give_up();
         }
-        current
+        Ok(current)
     }
 
     /// After a direct read: keeps its buffer for the next read (a fetch may send fewer
@@ -2241,13 +2304,72 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_read_that_does_not_wait_for_the_disk_leaves_it_to_one_that_may() {
+        let Some((tail, pool)) = behind_the_window(4) else {
+            return;
+        };
+        let first_end = tail.segments()[0].next_offset();
+        assert!(
+            tail.log
+                .try_read(Offset(0), 1 << 20, first_end)
+                .unwrap()
+                .is_none(),
+            "dropped pages: a direct read"
+        );
+        assert_eq!(pool.stats().reads, 0, "nothing read meanwhile");
+        let read = tail.log.read(Offset(0), 1 << 20, first_end).unwrap();
+        assert_eq!(pool.stats().reads, 1);
+        let next = read.next_offset;
+        // The read-ahead of what follows runs on a thread of the pool: until it is done,
+        // `try_read` leaves it in place, and `read_ahead_pending` is a future that ends
+        // with it; then `try_read` takes it.
+        let slice = match tail.log.try_read(next, 1 << 20, first_end).unwrap() {
+            Some(slice) => slice,
+            None => {
+                let waiting = lock(&tail.log.read_ahead).next.as_ref().map(|next| next.offset);
+                assert_eq!(waiting, Some(next), "the read-ahead stays in place");
+                if let Some(pending) = tail.log.read_ahead_pending(next) {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    let waited = runtime
+                        .block_on(async { tokio::time::timeout(Duration::from_secs(30), pending).await });
+                    waited.expect("the read-ahead ends");
+                }
+                assert!(tail.log.read_ahead_pending(next).is_none());
+                let slice = tail.log.try_read(next, 1 << 20, first_end).unwrap();
+                slice.expect("read ahead: taken without waiting")
+            }
+        };
+        let batch = lanes_protocol::Batches::new(slice.bytes, BatchLimits::default()).next();
+        assert_eq!(batch.unwrap().unwrap().base_offset(), next);
+        let stats = pool.stats();
+        assert_eq!(stats.read_ahead_taken, 1, "{stats:?}");
+        wait_for_read_ahead(&tail.log);
+        let slice = tail.log.try_read(Offset(0), 1 << 20, first_end).unwrap();
+        assert!(slice.is_none(), "behind the buffers kept: the disk again");
+
+        // The window's pages are cached: `try_read` reads them.
+        let end = tail.log.next_offset();
+        let near_end = Offset(end.0 - 10);
+        let slice = tail
+            .log
+            .try_read(near_end, 1 << 20, end)
+            .unwrap()
+            .expect("cached");
+        assert_eq!(slice.next_offset, end);
+        assert_eq!(slice.bytes, tail.log.read(near_end, 1 << 20, end).unwrap().bytes);
+    }
+
     /// Waits for `log`'s read-ahead, if any, to finish.
     fn wait_for_read_ahead(log: &LaneLog) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while lock(&log.read_ahead)
             .next
             .as_ref()
-            .is_some_and(|ahead| !ahead.is_finished())
+            .is_some_and(|ahead| ahead.is_pending())
         {
             assert!(Instant::now() < deadline, "read-ahead never finished");
             std::thread::sleep(Duration::from_millis(1));

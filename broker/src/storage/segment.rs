@@ -120,6 +120,16 @@ fn validate_in(view: View<'_>, position: u32, header: &BatchHeader) -> Result<()
     })
 }
 
+/// Where a direct read starts (a batch, from the index), how much it reads, and the
+/// segment's size when it was looked at (bytes past it may not be written yet).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DirectSpan {
+    position: u32,
+    offset: Offset,
+    len: usize,
+    size: u32,
+}
+
 /// What [`Segment::read_direct`] read.
 pub(crate) struct DirectlyRead {
     /// Whole batches, as appended (none if the first reaches past `limit`).
@@ -754,6 +764,47 @@ impl Segment {
         Ok((end, next))
     }
 
+    /// What a direct read of the batch holding `offset` and `bytes_max` after it would
+    /// read from the disk; `None` if those bytes are mostly in the page cache (read them
+    /// through the mapping), or the segment does not hold `offset`.
+    pub(crate) fn direct_span(
+        &self,
+        offset: Offset,
+        bytes_max: usize,
+        slack_bytes: usize,
+    ) -> Option<DirectSpan> {
+        // Offset first, then size, as in `locate`.
+        let next = self.next_offset();
+        let size = self.size();
+        if offset >= next || offset < self.base_offset {
+            return None;
+        }
+        // From the index alone: reading the log to confirm the entry would fault it in.
+        let (position, offset) = self
+            .index()
+            .lookup(self.relative(offset))
+            .map_or((0, self.base_offset), |(relative, position)| {
+                (position, self.base_offset.plus(u64::from(relative)))
+            });
+        if position >= size {
+            return None;
+        }
+        // What the batches wanted may span: from the index entry (entries are at most an
+        // index interval and a batch apart), `bytes_max` of them.
+        let len = bytes_max
+            .saturating_add(slack_bytes)
+            .min((size - position) as usize);
+        if self.mostly_cached(position, position + len as u32) {
+            return None;
+        }
+        Some(DirectSpan {
+            position,
+            offset,
+            len,
+            size,
+        })
+    }
+
     /// Reads what [`Segment::locate`], [`Segment::extent`], [`Segment::slice`] and
     /// [`Segment::verify`] would (the batch holding `offset` and the batches after it,
     /// up to `bytes_max` and below `limit`), but from the disk with `O_DIRECT`, when
@@ -771,42 +822,24 @@ impl Segment {
         slack_bytes: usize,
         ahead: Option<AheadRead>,
     ) -> Option<DirectlyRead> {
-        // Offset first, then size, as in `locate`.
-        let next = self.next_offset();
-        let size = self.size();
-        if offset >= next || offset < self.base_offset {
-            return None;
-        }
-        // From the index alone: reading the log to confirm the entry would fault it in.
-        let (mut position, mut expected) = self
-            .index()
-            .lookup(self.relative(offset))
-            .map_or((0, self.base_offset), |(relative, position)| {
-                (position, self.base_offset.plus(u64::from(relative)))
-            });
-        let (read, valid_end) = match ahead {
+        let (read, valid_end, mut position, mut expected) = match ahead {
             // Read before, from a batch at or before the one wanted.
             Some(ahead) => {
-                if ahead.offset > offset {
+                if offset >= self.next_offset() || offset < ahead.offset {
                     return None;
                 }
-                (position, expected) = (ahead.position, ahead.offset);
-                (ahead.read, ahead.size_before)
+                (ahead.read, ahead.size_before, ahead.position, ahead.offset)
             }
             None => {
-                if position >= size {
-                    return None;
-                }
-                // What the batches wanted may span: from the index entry (entries are
-                // at most an index interval and a batch apart), `bytes_max` of them.
-                let len = bytes_max
-                    .saturating_add(slack_bytes)
-                    .min((size - position) as usize);
-                if self.mostly_cached(position, position + len as u32) {
-                    return None;
-                }
-                let read = direct_read::read(pool, &self.log_path, self.file_id, u64::from(position), len)?;
-                (read, size)
+                let span = self.direct_span(offset, bytes_max, slack_bytes)?;
+                let read = direct_read::read(
+                    pool,
+                    &self.log_path,
+                    self.file_id,
+                    u64::from(span.position),
+                    span.len,
+                )?;
+                (read, span.size, span.position, span.offset)
             }
         };
         let view = View {
