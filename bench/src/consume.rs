@@ -15,8 +15,8 @@ use crate::machine::CpuTimes;
 
 /// How long consumers wait for anything new before counting the rest as lost.
 const IDLE: Duration = Duration::from_secs(10);
-use crate::produce::{self, Load, Sent};
-use crate::report::{AcksArg, Common, Report, progress};
+use crate::produce;
+use crate::report::{Common, Report, progress};
 use crate::target::Target;
 
 const TOPIC: &str = "bench-consume";
@@ -26,23 +26,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
     let Some(count) = common.count_or_default() else {
         bail!("consume drains a filled topic: give --count, not --duration-s");
     };
-    let filling = Common {
-        acks: AcksArg::Written,
-        producers: common.producers.max(2),
-        rate: None,
-        ..common.clone()
-    };
-    let load = Load {
-        count: Some(count),
-        duration: None,
-        rate: None,
-        lanes: None,
-    };
-    let bar = progress(Some(count), "filling");
-    let filled = Arc::new(Sent::default());
-    produce::send(target, &filling, TOPIC, load, &filled, &bar).await?;
-    bar.finish_and_clear();
-    let total = filled.records.load(Ordering::Relaxed);
+    let total = produce::fill(target, common, TOPIC, count).await?;
 
     let read = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     // Latency here is how long each poll that returned records took.

@@ -18,8 +18,8 @@ use serde_json::json;
 use crate::latency::Latencies;
 use crate::machine::CpuTimes;
 use crate::pace::Ticks;
-use crate::produce::{self, Load, Sent};
-use crate::report::{AcksArg, Common, Report, progress};
+use crate::produce;
+use crate::report::{Common, Report, progress};
 use crate::target::Target;
 
 const TOPIC: &str = "bench-e2e";
@@ -215,24 +215,8 @@ impl CatchUp {
         done: Arc<std::sync::atomic::AtomicBool>,
     ) -> anyhow::Result<CatchUp> {
         target.fresh_topic(CATCH_UP_TOPIC, common.partitions, &[]).await?;
-        let filling = Common {
-            acks: AcksArg::Written,
-            producers: common.producers.max(2),
-            rate: None,
-            ..common.clone()
-        };
         let count = bytes.div_ceil(common.record_bytes.max(1) as u64);
-        let load = Load {
-            count: Some(count),
-            duration: None,
-            rate: None,
-            lanes: None,
-        };
-        let bar = progress(Some(count), "filling");
-        let filled = Arc::new(Sent::default());
-        produce::send(target, &filling, CATCH_UP_TOPIC, load, &filled, &bar).await?;
-        bar.finish_and_clear();
-        let total = filled.records.load(Ordering::Relaxed);
+        let total = produce::fill(target, common, CATCH_UP_TOPIC, count).await?;
         let mut config = ConsumerConfig::new(&target.address);
         config.client_id = "lanes-bench-catch-up".into();
         let mut consumer = Consumer::connect(config).await?;

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::latency::{Latencies, LocalLatencies};
 use crate::machine::CpuTimes;
 use crate::pace::Ticks;
-use crate::report::{Common, Report, progress};
+use crate::report::{AcksArg, Common, Report, progress};
 use crate::target::Target;
 
 const TOPIC: &str = "bench-produce";
@@ -102,6 +102,28 @@ pub async fn run(target: &Target, common: &Common, lanes: u8) -> anyhow::Result<
         report.extra.insert("send_delay_ms".into(), delays);
     }
     Ok(report)
+}
+
+/// Fills `topic` with `count` records as fast as it can (acks written, at least two
+/// producers), with a progress bar; returns the records acknowledged.
+pub async fn fill(target: &Target, common: &Common, topic: &str, count: u64) -> anyhow::Result<u64> {
+    let filling = Common {
+        acks: AcksArg::Written,
+        producers: common.producers.max(2),
+        rate: None,
+        ..common.clone()
+    };
+    let load = Load {
+        count: Some(count),
+        duration: None,
+        rate: None,
+        lanes: None,
+    };
+    let bar = progress(Some(count), "filling");
+    let filled = Arc::new(Sent::default());
+    send(target, &filling, topic, load, &filled, &bar).await?;
+    bar.finish_and_clear();
+    Ok(filled.records.load(Ordering::Relaxed))
 }
 
 /// Runs the producers until the load is sent and acknowledged.
