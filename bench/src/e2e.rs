@@ -182,6 +182,7 @@ pub async fn run(target: &Target, common: &Common, catch_up_mb: u64) -> anyhow::
             json!((bytes as f64 / 1e6 / seconds).round()),
         );
         extra.insert("catch_up_laps".into(), json!(laps));
+        extra.insert("catch_up_bytes".into(), json!(bytes));
     }
     let seen = seen.lock().expect("seen lock poisoned");
     Ok(Report {
@@ -222,12 +223,26 @@ impl CatchUp {
         let mut consumer = Consumer::connect(config).await?;
         let task = crate::spawn_scoped(async move {
             let (mut bytes, mut laps) = (0u64, 0u64);
-            while !done.load(Ordering::Relaxed) {
+            // Once the run is done, it stops, but not before it has read anything (a
+            // short run may end before its first fetch): within a minute, or it fails.
+            let mut stop_by = None;
+            let mut stops = |bytes: u64| {
+                if !done.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                let by = *stop_by.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
+                match (bytes > 0, Instant::now() < by) {
+                    (true, _) => Ok(true),
+                    (false, true) => Ok(false),
+                    (false, false) => Err(anyhow::anyhow!("the catching-up consumer read nothing")),
+                }
+            };
+            while !stops(bytes)? {
                 consumer
                     .assign(CATCH_UP_TOPIC, None, None, StartFrom::Earliest)
                     .await?;
                 let mut read = 0;
-                while read < total && !done.load(Ordering::Relaxed) {
+                while read < total && !stops(bytes)? {
                     let records = consumer.poll_timeout(Duration::from_millis(50)).await?;
                     read += records.len() as u64;
                     bytes += records.iter().map(|r| r.value.len() as u64).sum::<u64>();

@@ -118,7 +118,7 @@ pub fn describe() {
     describe_histogram!(
         FETCH_DISK_WAIT_SECONDS,
         Unit::Seconds,
-        "Fetch reads that waited for the disk (a direct read, or a read-ahead still running: consumers catching up), on a blocking thread: how long."
+        "Fetch reads that waited for the disk on a blocking thread (a direct read with no read-ahead for it, or one still pending after 200 ms): how long."
     );
     describe_gauge!(
         LOG_UNSYNCED_RECORDS,

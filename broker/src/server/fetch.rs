@@ -91,7 +91,7 @@ pub(super) async fn fetch(
             .flat_map(|t| t.lanes())
             .filter_map(|(_, _, target)| {
                 let handle = target.handle.as_ref().ok()?;
-                handle.log.read_ahead_pending(target.lane.offset)
+                handle.log.read_ahead_done(target.lane.offset)
             })
             .collect();
         if !pending.is_empty() {

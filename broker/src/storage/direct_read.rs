@@ -25,7 +25,7 @@
 //! cannot starve others.
 //!
 //! A fetch runs on a runtime thread, which must not wait for the disk: it awaits a
-//! pending read-ahead ([`ReadAheadPending`]) and then reads with
+//! pending read-ahead ([`ReadAheadDone`]) and then reads with
 //! [`crate::storage::LaneLog::try_read`], which returns `None` rather than wait; the
 //! read that still needs the disk then runs on a blocking thread.
 
@@ -61,7 +61,10 @@ pub(crate) const READ_AHEAD_THREADS: usize = 2;
 
 /// How long a read waits for a running read-ahead it takes (one disk read of 1 MiB: this
 /// is only a bound); past it, it reads itself.
-pub const READ_AHEAD_WAIT: Duration = Duration::from_millis(200);
+pub(crate) const READ_AHEAD_WAIT: Duration = Duration::from_millis(200);
+
+/// Tasks one read-ahead keeps to wake ([`ReadAheadDone`]).
+const READ_AHEAD_WAKERS_MAX: usize = 64;
 
 /// A read-ahead no reader has taken for this long gives its buffer back.
 const READ_AHEAD_UNTAKEN_MAX: Duration = Duration::from_secs(1);
@@ -365,18 +368,18 @@ pub(crate) struct ReadAhead {
     started: Instant,
     state: Mutex<AheadState>,
     done: Condvar,
-    /// Tasks waiting for the read to finish ([`ReadAheadPending`]); registered under
+    /// Tasks waiting for the read to finish ([`ReadAheadDone`]); registered under
     /// `state`'s lock while it is queued or running, woken once it is over.
     wakers: Mutex<Vec<Waker>>,
 }
 
 /// A future: a read-ahead that was queued or running has finished (or was given up). A
 /// fetch awaits it instead of holding a thread while the disk reads (see
-/// [`crate::storage::LaneLog::read_ahead_pending`]).
+/// [`crate::storage::LaneLog::read_ahead_done`]).
 #[derive(Debug)]
-pub struct ReadAheadPending(pub(crate) Arc<ReadAhead>);
+pub(crate) struct ReadAheadDone(pub(crate) Arc<ReadAhead>);
 
-impl Future for ReadAheadPending {
+impl Future for ReadAheadDone {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -386,6 +389,12 @@ impl Future for ReadAheadPending {
         }
         let mut wakers = self.0.wakers.lock().expect("read-ahead wakers lock poisoned");
         if !wakers.iter().any(|waker| waker.will_wake(cx.waker())) {
+            // Wakers of fetches that gave up waiting stay until the read is over; past
+            // the bound they are woken early (a waker may wake its task spuriously), and
+            // the fetches still waiting register again.
+            if wakers.len() >= READ_AHEAD_WAKERS_MAX {
+                wakers.drain(..).for_each(Waker::wake);
+            }
             wakers.push(cx.waker().clone());
         }
         Poll::Pending
@@ -423,8 +432,8 @@ impl ReadAhead {
         self.wake_all();
     }
 
-    /// Wakes the readers waiting for it; called once it is no longer running (a waker is
-    /// registered only while it runs, under the state's lock).
+    /// Wakes the readers waiting for it; called once it is no longer queued or running
+    /// (a waker is registered only while it is, under the state's lock).
     fn wake_all(&self) {
         self.done.notify_all();
         let wakers = std::mem::take(&mut *self.wakers.lock().expect("read-ahead wakers lock poisoned"));
@@ -438,7 +447,8 @@ impl ReadAhead {
 
     /// What was read ahead. A read still queued is given up (the caller reads itself,
     /// rather than wait behind other jobs); one running is waited for, up to
-    /// [`READ_AHEAD_WAIT`].
+    /// [`READ_AHEAD_WAIT`]. (A fetch awaits either first, without a thread:
+    /// [`ReadAheadDone`].)
     pub(crate) fn take(&self, pool: &DirectReads) -> Option<AheadRead> {
         let state = self.lock();
         let (mut state, _) = self
@@ -447,9 +457,18 @@ impl ReadAhead {
                 matches!(state, AheadState::Running)
             })
             .expect("read-ahead lock poisoned");
-        let read = match std::mem::replace(&mut *state, AheadState::Over) {
+        let taken = std::mem::replace(&mut *state, AheadState::Over);
+        drop(state);
+        let read = match taken {
             AheadState::Done(read) => read,
-            _ => None,
+            // Given up: a read-ahead thread skips it, or drops what it reads; nobody
+            // else waits for it.
+            pending => {
+                if pending.is_pending() {
+                    self.wake_all();
+                }
+                None
+            }
         };
         if read.is_some() {
             pool.read_ahead_taken.fetch_add(1, Ordering::Relaxed);
@@ -629,5 +648,93 @@ mod tests {
         // Not the file expected: never read.
         assert!(read(&pool, &path, (id.0, id.1 + 1), 0, 10).is_none());
         assert!(DirectReads::new(DIRECT_BUFFER_BYTES as u64).is_none());
+    }
+
+    /// Counts its wakes.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn queued() -> Arc<ReadAhead> {
+        Arc::new(ReadAhead {
+            segment_base: Offset(0),
+            offset: Offset(0),
+            position: 0,
+            end: None,
+            started: Instant::now(),
+            state: Mutex::new(AheadState::Queued),
+            done: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Polls a `ReadAheadDone` of `ahead` once with `wakes`' waker.
+    fn poll_with(ahead: &Arc<ReadAhead>, wakes: &Arc<Wakes>) -> Poll<()> {
+        let waker = Waker::from(Arc::clone(wakes));
+        let mut done = ReadAheadDone(Arc::clone(ahead));
+        Pin::new(&mut done).poll(&mut Context::from_waker(&waker))
+    }
+
+    /// Polls a `ReadAheadDone` of `ahead` once, as a new task; its wakes are counted in
+    /// what it returns.
+    fn poll_once(ahead: &Arc<ReadAhead>) -> (Poll<()>, Arc<Wakes>) {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        (poll_with(ahead, &wakes), wakes)
+    }
+
+    #[test]
+    fn a_task_awaiting_a_read_ahead_is_woken_however_it_ends() {
+        let pool = DirectReads::new((DIRECT_BUFFER_BYTES + DIRECT_ALIGN_BYTES) as u64).unwrap();
+        type End = fn(&ReadAhead, &DirectReads);
+        let ends: [(&str, End); 4] = [
+            ("read", |ahead, _| {
+                assert!(ahead.start());
+                ahead.finish(None);
+            }),
+            ("given up", |ahead, _| ahead.give_up()),
+            ("taken while queued", |ahead, pool| {
+                assert!(ahead.take(pool).is_none())
+            }),
+            ("skipped by its thread after being taken", |ahead, pool| {
+                assert!(ahead.take(pool).is_none());
+                assert!(!ahead.start());
+            }),
+        ];
+        for (how, end) in ends {
+            let ahead = queued();
+            let (polled, wakes) = poll_once(&ahead);
+            assert!(polled.is_pending(), "{how}");
+            // Polled again by the same task: its waker is kept once.
+            assert!(poll_with(&ahead, &wakes).is_pending());
+            assert_eq!(ahead.wakers.lock().unwrap().len(), 1, "{how}");
+            // Another task waits too.
+            let (_, other) = poll_once(&ahead);
+            end(&ahead, &pool);
+            assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "{how}");
+            assert_eq!(other.0.load(Ordering::SeqCst), 1, "{how}");
+            assert!(poll_once(&ahead).0.is_ready(), "{how}");
+            assert!(ahead.wakers.lock().unwrap().is_empty(), "{how}");
+        }
+        // Running, then done.
+        let ahead = queued();
+        assert!(ahead.start());
+        let (polled, wakes) = poll_once(&ahead);
+        assert!(polled.is_pending());
+        ahead.finish(None);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        // Past the bound, the wakers kept are woken early: they poll again if they
+        // still wait.
+        let ahead = queued();
+        let kept: Vec<Arc<Wakes>> = (0..=READ_AHEAD_WAKERS_MAX).map(|_| poll_once(&ahead).1).collect();
+        assert_eq!(ahead.wakers.lock().unwrap().len(), 1);
+        assert!(
+            kept[..READ_AHEAD_WAKERS_MAX]
+                .iter()
+                .all(|w| w.0.load(Ordering::SeqCst) == 1)
+        );
     }
 }

@@ -15,7 +15,7 @@ use memmap2::Mmap;
 
 use super::checkpoint::{CheckpointFile, CleanPoint};
 use super::config::{FsyncPolicy, LogConfig};
-use super::direct_read::{AheadRead, DIRECT_BUFFER_BYTES, DirectReads, ReadAhead, ReadAheadPending};
+use super::direct_read::{AheadRead, DIRECT_BUFFER_BYTES, DirectReads, ReadAhead, ReadAheadDone};
 use super::error::StorageError;
 use super::faults;
 use super::files::{
@@ -25,7 +25,7 @@ use super::files::{
 use super::producer_state::{ProducerStateTable, SequenceCheck};
 use super::reaper::Doomed;
 use super::recovery::{self, Corruption, RecoveryReport};
-use super::segment::{DIRECT_SLACK_BYTES, DirectlyRead, ScanStop, Segment, page_bytes};
+use super::segment::{DIRECT_SLACK_BYTES, DirectSource, DirectlyRead, ScanStop, Segment, page_bytes};
 
 const CHECKPOINT_FILE: &str = "checkpoint";
 /// How far ahead of the active segment's end [`LaneLog::start_writeback`] allocates its
@@ -1126,13 +1126,13 @@ impl LaneLog {
     /// The read-ahead of the bytes from `offset` on, if one is queued or running: a fetch
     /// awaits it before reading, so that [`LaneLog::try_read`] finds the bytes read
     /// instead of leaving the read to a thread that may wait.
-    pub fn read_ahead_pending(&self, offset: Offset) -> Option<ReadAheadPending> {
+    pub(crate) fn read_ahead_done(&self, offset: Offset) -> Option<ReadAheadDone> {
         let slots = lock(&self.read_ahead);
         let next = slots
             .next
             .as_ref()
             .filter(|next| next.offset == offset && next.is_pending())?;
-        Some(ReadAheadPending(Arc::clone(next)))
+        Some(ReadAheadDone(Arc::clone(next)))
     }
 
     /// [`LaneLog::read`]; `None` only where it would wait for the disk and `may_wait` is
@@ -1182,15 +1182,17 @@ impl LaneLog {
             let Ok(ahead) = self.take_read_ahead(pool, &segment, offset, may_wait) else {
                 return Ok(None);
             };
-            // The buffer may end before the batch wanted does: read it then.
-            let mut read = ahead.and_then(|ahead| {
-                segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, Some(ahead))
-            });
-            if read.is_none() {
-                if !may_wait && segment.direct_span(offset, bytes_max, slack_bytes).is_some() {
+            let read_direct = |from| segment.read_direct(pool, offset, bytes_max, limit, from);
+            let mut read = ahead.and_then(|ahead| read_direct(DirectSource::Ahead(ahead)));
+            // None read ahead, or the buffer ends before the batch wanted does: read it
+            // from the disk, unless the page cache mostly holds it.
+            if read.is_none()
+                && let Some(span) = segment.direct_span(offset, bytes_max, slack_bytes)
+            {
+                if !may_wait {
                     return Ok(None);
                 }
-                read = segment.read_direct(pool, offset, bytes_max, limit, slack_bytes, None);
+                read = read_direct(DirectSource::Disk(span));
             }
             if let Some(read) = read {
                 self.read_ahead_after(pool, &segment, &read, bytes_max);
@@ -2322,14 +2324,14 @@ mod tests {
         assert_eq!(pool.stats().reads, 1);
         let next = read.next_offset;
         // The read-ahead of what follows runs on a thread of the pool: until it is done,
-        // `try_read` leaves it in place, and `read_ahead_pending` is a future that ends
+        // `try_read` leaves it in place, and `read_ahead_done` is a future that ends
         // with it; then `try_read` takes it.
         let slice = match tail.log.try_read(next, 1 << 20, first_end).unwrap() {
             Some(slice) => slice,
             None => {
                 let waiting = lock(&tail.log.read_ahead).next.as_ref().map(|next| next.offset);
                 assert_eq!(waiting, Some(next), "the read-ahead stays in place");
-                if let Some(pending) = tail.log.read_ahead_pending(next) {
+                if let Some(pending) = tail.log.read_ahead_done(next) {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_time()
                         .build()
@@ -2338,7 +2340,7 @@ mod tests {
                         .block_on(async { tokio::time::timeout(Duration::from_secs(30), pending).await });
                     waited.expect("the read-ahead ends");
                 }
-                assert!(tail.log.read_ahead_pending(next).is_none());
+                assert!(tail.log.read_ahead_done(next).is_none());
                 let slice = tail.log.try_read(next, 1 << 20, first_end).unwrap();
                 slice.expect("read ahead: taken without waiting")
             }

@@ -27,7 +27,8 @@ pub mod recovery;
 mod segment;
 
 pub use config::{FsyncPolicy, LogConfig};
-pub use direct_read::{DirectReadStats, DirectReads, READ_AHEAD_WAIT, ReadAheadPending};
+pub(crate) use direct_read::READ_AHEAD_WAIT;
+pub use direct_read::{DirectReadStats, DirectReads};
 pub use error::StorageError;
 pub use log::{AppendOutcome, Backlog, LaneLog, LogStats, ReadSlice, RetentionOutcome};
 pub use producer_state::SEQUENCES_REMEMBERED;

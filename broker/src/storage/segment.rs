@@ -130,6 +130,14 @@ pub(crate) struct DirectSpan {
     size: u32,
 }
 
+/// Where [`Segment::read_direct`] takes its bytes from.
+pub(crate) enum DirectSource {
+    /// A buffer read ahead (or kept from the last direct read).
+    Ahead(AheadRead),
+    /// The disk.
+    Disk(DirectSpan),
+}
+
 /// What [`Segment::read_direct`] read.
 pub(crate) struct DirectlyRead {
     /// Whole batches, as appended (none if the first reaches past `limit`).
@@ -807,31 +815,29 @@ impl Segment {
 
     /// Reads what [`Segment::locate`], [`Segment::extent`], [`Segment::slice`] and
     /// [`Segment::verify`] would (the batch holding `offset` and the batches after it,
-    /// up to `bytes_max` and below `limit`), but from the disk with `O_DIRECT`, when
-    /// most of those bytes are not in the page cache: faulting them in through the
-    /// mapping would read them into new page-cache pages, slowly (see
-    /// [`direct_read`]). `ahead`: bytes read ahead from where the batch holding
-    /// `offset` starts, used instead of reading. `None` when the bytes are cached, or the direct read cannot be done or
-    /// finds anything amiss (read through the mapping then, which also reports damage).
+    /// up to `bytes_max` and below `limit`), but from a buffer of our own, for bytes mostly
+    /// gone from the page cache: faulting them in through the mapping would read them
+    /// into new page-cache pages, slowly (see [`direct_read`]). `from`: bytes read ahead
+    /// from a batch at or before the one wanted, or where to read them from the disk
+    /// with `O_DIRECT` ([`Segment::direct_span`]). `None` when the direct read cannot be
+    /// done or finds anything amiss (read through the mapping then, which also reports
+    /// damage), or the buffer read ahead does not hold the batch.
     pub(crate) fn read_direct(
         &self,
         pool: &Arc<DirectReads>,
         offset: Offset,
         bytes_max: usize,
         limit: Offset,
-        slack_bytes: usize,
-        ahead: Option<AheadRead>,
+        from: DirectSource,
     ) -> Option<DirectlyRead> {
-        let (read, valid_end, mut position, mut expected) = match ahead {
-            // Read before, from a batch at or before the one wanted.
-            Some(ahead) => {
+        let (read, valid_end, mut position, mut expected) = match from {
+            DirectSource::Ahead(ahead) => {
                 if offset >= self.next_offset() || offset < ahead.offset {
                     return None;
                 }
                 (ahead.read, ahead.size_before, ahead.position, ahead.offset)
             }
-            None => {
-                let span = self.direct_span(offset, bytes_max, slack_bytes)?;
+            DirectSource::Disk(span) => {
                 let read = direct_read::read(
                     pool,
                     &self.log_path,
