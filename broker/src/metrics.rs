@@ -118,7 +118,7 @@ pub fn describe() {
     describe_histogram!(
         FETCH_DISK_WAIT_SECONDS,
         Unit::Seconds,
-        "Fetch reads that waited for the disk on a blocking thread (a direct read with no read-ahead for it, or one still pending after 200 ms): how long."
+        "Fetch reads that waited for the disk on a blocking thread (a direct read with no read-ahead for it or only a queued one, or one still running after 200 ms): how long."
     );
     describe_gauge!(
         LOG_UNSYNCED_RECORDS,

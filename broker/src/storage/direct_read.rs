@@ -25,9 +25,10 @@
 //! cannot starve others.
 //!
 //! A fetch runs on a runtime thread, which must not wait for the disk: it awaits a
-//! pending read-ahead ([`ReadAheadDone`]) and then reads with
+//! running read-ahead ([`ReadAheadDone`]) and then reads with
 //! [`crate::storage::LaneLog::try_read`], which returns `None` rather than wait; the
-//! read that still needs the disk then runs on a blocking thread.
+//! read that still needs the disk then runs on a blocking thread (and gives up a
+//! read-ahead still queued, as before).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -445,9 +446,14 @@ impl ReadAhead {
         self.lock().is_pending()
     }
 
+    /// Whether a read-ahead thread is reading it.
+    pub(crate) fn is_running(&self) -> bool {
+        matches!(*self.lock(), AheadState::Running)
+    }
+
     /// What was read ahead. A read still queued is given up (the caller reads itself,
     /// rather than wait behind other jobs); one running is waited for, up to
-    /// [`READ_AHEAD_WAIT`]. (A fetch awaits either first, without a thread:
+    /// [`READ_AHEAD_WAIT`]. (A fetch awaits a running one first, without a thread:
     /// [`ReadAheadDone`].)
     pub(crate) fn take(&self, pool: &DirectReads) -> Option<AheadRead> {
         let state = self.lock();

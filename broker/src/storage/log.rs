@@ -1123,15 +1123,17 @@ impl LaneLog {
         self.read_waiting(offset, bytes_max, limit, false)
     }
 
-    /// The read-ahead of the bytes from `offset` on, if one is queued or running: a fetch
-    /// awaits it before reading, so that [`LaneLog::try_read`] finds the bytes read
-    /// instead of leaving the read to a thread that may wait.
+    /// The read-ahead of the bytes from `offset` on, if a read-ahead thread is reading it:
+    /// a fetch awaits it before reading, so that [`LaneLog::try_read`] finds the bytes
+    /// read instead of leaving the read to a thread that may wait. (One still queued is
+    /// not waited for: the read gives it up and reads itself, rather than wait behind
+    /// other lane logs' jobs.)
     pub(crate) fn read_ahead_done(&self, offset: Offset) -> Option<ReadAheadDone> {
         let slots = lock(&self.read_ahead);
         let next = slots
             .next
             .as_ref()
-            .filter(|next| next.offset == offset && next.is_pending())?;
+            .filter(|next| next.offset == offset && next.is_running())?;
         Some(ReadAheadDone(Arc::clone(next)))
     }
 
@@ -2324,21 +2326,25 @@ mod tests {
         assert_eq!(pool.stats().reads, 1);
         let next = read.next_offset;
         // The read-ahead of what follows runs on a thread of the pool: until it is done,
-        // `try_read` leaves it in place, and `read_ahead_done` is a future that ends
-        // with it; then `try_read` takes it.
+        // `try_read` leaves it in place, and while it runs `read_ahead_done` is a future
+        // that ends with it; then `try_read` takes it.
         let slice = match tail.log.try_read(next, 1 << 20, first_end).unwrap() {
             Some(slice) => slice,
             None => {
                 let waiting = lock(&tail.log.read_ahead).next.as_ref().map(|next| next.offset);
                 assert_eq!(waiting, Some(next), "the read-ahead stays in place");
-                if let Some(pending) = tail.log.read_ahead_done(next) {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_time()
-                        .build()
-                        .unwrap();
-                    let waited = runtime
-                        .block_on(async { tokio::time::timeout(Duration::from_secs(30), pending).await });
-                    waited.expect("the read-ahead ends");
+                match tail.log.read_ahead_done(next) {
+                    Some(running) => {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_time()
+                            .build()
+                            .unwrap();
+                        let waited = runtime
+                            .block_on(async { tokio::time::timeout(Duration::from_secs(30), running).await });
+                        waited.expect("the read-ahead ends");
+                    }
+                    // Still queued (not awaited), or done meanwhile.
+                    None => wait_for_read_ahead(&tail.log),
                 }
                 assert!(tail.log.read_ahead_done(next).is_none());
                 let slice = tail.log.try_read(next, 1 << 20, first_end).unwrap();
