@@ -1111,7 +1111,7 @@ impl LaneLog {
     }
 
     /// [`LaneLog::read`], or `None` where it would wait for the disk: a direct read of
-    /// bytes the page cache no longer holds, or a read-ahead still running. Then call
+    /// bytes the page cache no longer holds, or a read-ahead still queued or running. Then call
     /// `read` on a thread that may block. Reads from the page cache (a consumer near the
     /// tail) never wait; a page fault can still (a page the kernel just dropped).
     pub fn try_read(
