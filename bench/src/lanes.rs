@@ -43,6 +43,8 @@ pub struct LanesConfig {
     pub handler: Duration,
     /// Records the worker handles at once.
     pub concurrency: usize,
+    /// Of those, the slots only express records may take (`None`: the worker's default).
+    pub urgent_slots_reserved: Option<usize>,
 }
 
 /// What the scenario measured.
@@ -249,6 +251,7 @@ async fn run_phase(
         }
     };
     let mut worker_config = WorkerConfig::new(&target.address, group.clone(), &[topic.as_str()]);
+    worker_config.urgent_slots_reserved = config.urgent_slots_reserved;
     worker_config.consumer.client_id = format!("lanes-bench-{}", phase.name);
     let worker = Worker::connect(worker_config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -447,6 +450,7 @@ impl LanesReport {
             "window_s": self.config.window.as_secs_f64(),
             "handler_us": self.config.handler.as_micros() as u64,
             "concurrency": self.config.concurrency,
+            "urgent_slots_reserved": self.urgent_slots(),
             "express_p50_ms_idle": round(self.idle.p50_ms),
             "express_p99_ms_idle": round(self.idle.p99_ms),
             "express_p50_ms_backlog": round(self.backlog.p50_ms),
@@ -474,6 +478,13 @@ impl LanesReport {
         object
     }
 
+    /// The slots the worker kept for express records.
+    pub fn urgent_slots(&self) -> usize {
+        let mut config = WorkerConfig::new("", "", &[]);
+        config.urgent_slots_reserved = self.config.urgent_slots_reserved;
+        config.urgent_slots(self.config.concurrency)
+    }
+
     /// The human-readable table.
     pub fn table(&self) -> String {
         let row = |name: &str, s: &Summary| {
@@ -483,11 +494,12 @@ impl LanesReport {
             )
         };
         let mut out = format!(
-            "lanes: express latency (ms), {} bulk records of backlog, {} express/s, handler {} µs × {}\n\n",
+            "lanes: express latency (ms), {} bulk records of backlog, {} express/s, handler {} µs × {} ({} kept for express)\n\n",
             self.config.backlog,
             self.config.express_rate,
             self.config.handler.as_micros(),
-            self.config.concurrency
+            self.config.concurrency,
+            self.urgent_slots()
         );
         out += &format!(
             "{:<28} {:>10} {:>10} {:>10} {:>10} {:>8}\n",

@@ -76,6 +76,10 @@ enum Scenario {
         /// Stop one worker without a goodbye after this many seconds.
         #[arg(long)]
         kill_worker_after_s: Option<f64>,
+        /// Of each worker's slots, those only express events may take (default: a
+        /// sixteenth of --concurrency).
+        #[arg(long)]
+        urgent_slots_reserved: Option<usize>,
     },
     /// Priority under backlog: express latency idle, behind a bulk backlog, and on a
     /// one-lane topic (FIFO); bulk's share while express is saturated.
@@ -97,6 +101,10 @@ enum Scenario {
         /// Records the worker handles at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Of the worker's slots, those only express records may take (default: a
+        /// sixteenth of --concurrency).
+        #[arg(long)]
+        urgent_slots_reserved: Option<usize>,
     },
 }
 
@@ -224,11 +232,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             call_ms,
             cancel_one_in,
             kill_worker_after_s,
+            urgent_slots_reserved,
         } => {
             let config = OrdersConfig {
                 orders,
                 workers,
                 concurrency,
+                urgent_slots_reserved,
                 call: Duration::from_millis(call_ms),
                 cancel_one_in,
                 kill_worker_after: kill_worker_after_s.map(Duration::from_secs_f64),
@@ -245,8 +255,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             window_s,
             handler_us,
             concurrency,
+            urgent_slots_reserved,
         } => {
             let config = LanesConfig {
+                urgent_slots_reserved,
                 backlog,
                 record_bytes: common.record_bytes,
                 partitions: common.partitions,

@@ -42,6 +42,8 @@ pub struct OrdersConfig {
     pub workers: usize,
     /// Events each worker handles at once.
     pub concurrency: usize,
+    /// Of those, the slots only express events may take (`None`: the worker's default).
+    pub urgent_slots_reserved: Option<usize>,
     /// What a payment or warehouse call costs (a sleep).
     pub call: Duration,
     /// One order in this many is cancelled after it is placed.
@@ -164,6 +166,7 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
         worker_config.consumer.client_id = format!("fulfilment-{index}");
         worker_config.group.session_timeout = Duration::from_secs(3);
         worker_config.retries_max = 0; // an out-of-order event is a bug: show it
+        worker_config.urgent_slots_reserved = config.urgent_slots_reserved;
         let worker = Worker::connect(worker_config).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = crate::spawn_scoped(worker.run_until(handler.clone(), config.concurrency, async move {

@@ -359,3 +359,104 @@ async fn a_second_worker_takes_a_share_without_losing_records() {
     assert_eq!(total as usize, RECORDS, "everything handled is committed");
     broker.stop().await;
 }
+
+/// Bulk handlers that do not finish fill every slot they may take; an express record
+/// still starts, in the slot kept for the first lane (a sixteenth of 16: one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
+    const CONCURRENCY: usize = 16;
+    const BULK: usize = 2 * CONCURRENCY;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 1).await;
+    let producer = Producer::connect(ProducerConfig::new(&address)).await.unwrap();
+    for order in 0..BULK {
+        let record = ProducerRecord::new("orders", "bulk")
+            .key(format!("bulk-{order}"))
+            .lane(LaneSelector::Index(Lane(2)));
+        producer.send(record).await.unwrap().wait().await.unwrap();
+    }
+
+    let bulk_running = Arc::new(AtomicUsize::new(0));
+    let bulk_running_max = Arc::new(AtomicUsize::new(0));
+    let bulk_handled = Arc::new(AtomicUsize::new(0));
+    let (express_done, express_seen) = tokio::sync::watch::channel(false);
+    let mut express_waited = express_done.subscribe();
+    let express_done = Arc::new(express_done);
+    let handler = {
+        let (bulk_running, bulk_running_max, bulk_handled) = (
+            Arc::clone(&bulk_running),
+            Arc::clone(&bulk_running_max),
+            Arc::clone(&bulk_handled),
+        );
+        move |record: ConsumerRecord| {
+            let (bulk_running, bulk_running_max, bulk_handled) = (
+                Arc::clone(&bulk_running),
+                Arc::clone(&bulk_running_max),
+                Arc::clone(&bulk_handled),
+            );
+            let (express_done, mut express_seen) = (Arc::clone(&express_done), express_seen.clone());
+            async move {
+                if record.lane == Lane(0) {
+                    express_done.send_replace(true);
+                    return Ok::<(), String>(());
+                }
+                // A slow bulk order: done only once the express one is (or at the
+                // deadline, so that a failing run ends).
+                let now = bulk_running.fetch_add(1, Ordering::SeqCst) + 1;
+                bulk_running_max.fetch_max(now, Ordering::SeqCst);
+                let _ = tokio::time::timeout(DEADLINE, express_seen.wait_for(|done| *done)).await;
+                bulk_running.fetch_sub(1, Ordering::SeqCst);
+                bulk_handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    };
+    let worker = Worker::connect(WorkerConfig::new(&address, "fulfilment", &["orders"]))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run_until(handler, CONCURRENCY, async move {
+        let _ = stopped.await;
+    }));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while bulk_running.load(Ordering::SeqCst) < CONCURRENCY - 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bulk records did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let express = ProducerRecord::new("orders", "express")
+        .key("express-0")
+        .lane(LaneSelector::Index(Lane(0)));
+    producer.send(express).await.unwrap().wait().await.unwrap();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(DEADLINE, express_waited.wait_for(|done| *done))
+        .await
+        .expect("the express record was handled")
+        .unwrap();
+    // Had a bulk handler finished first, the express record would have waited the
+    // whole deadline for it.
+    assert!(started.elapsed() < DEADLINE / 2);
+    assert_eq!(
+        bulk_running_max.load(Ordering::SeqCst),
+        CONCURRENCY - 1,
+        "bulk took the slot kept for express"
+    );
+
+    while bulk_handled.load(Ordering::SeqCst) < BULK {
+        assert!(
+            tokio::time::Instant::now() < deadline + DEADLINE,
+            "bulk did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(()).unwrap();
+    let stats = running.await.unwrap().unwrap();
+    assert_eq!(stats.handled as usize, BULK + 1);
+    producer.close().await.unwrap();
+    broker.stop().await;
+}

@@ -21,6 +21,10 @@
 //!   most urgent under `strict`, in proportion to the lane weights under `weighted` (so
 //!   an express record waits for at most a few bulk ones, and a saturated express lane
 //!   still leaves bulk its share).
+//! - A few slots are kept for the first lane (lane 0, the most urgent):
+//!   `urgent_slots_reserved`. The other lanes' records never hold them, so while a
+//!   bulk backlog fills every other slot with slow handlers, an express record still
+//!   starts at once instead of waiting for one of them to finish.
 //! - A failing handler is retried `retries_max` times with doubling backoff; then the
 //!   record goes to `<topic>.dlq` (same key, value and headers, plus `lanes.dlq.*`
 //!   headers with the error and the original coordinates) and counts as done.
@@ -65,6 +69,12 @@ pub struct WorkerConfig {
     pub commit_interval: Duration,
     /// Per lane: records received and not yet done; that lane pauses beyond it.
     pub lane_buffered_records_max: usize,
+    /// Handler slots that only records of the first lane (lane 0, the most urgent) may
+    /// take, out of the `concurrency` given to [`Worker::run`]. `None`: a sixteenth of
+    /// it (4 of 64; none below 16). At most `concurrency - 1`. While the first lane has
+    /// nothing to run, the other lanes' throughput is that much lower where the
+    /// handlers are the bottleneck.
+    pub urgent_slots_reserved: Option<usize>,
 }
 
 impl WorkerConfig {
@@ -79,7 +89,16 @@ impl WorkerConfig {
             retry_backoff_max: Duration::from_secs(5),
             commit_interval: Duration::from_secs(1),
             lane_buffered_records_max: 4096,
+            urgent_slots_reserved: None,
         }
+    }
+
+    /// The slots kept for the first lane when [`Worker::run`] is given `concurrency`.
+    pub fn urgent_slots(&self, concurrency: usize) -> usize {
+        let concurrency = concurrency.max(1);
+        self.urgent_slots_reserved
+            .unwrap_or(concurrency / 16)
+            .min(concurrency - 1)
     }
 }
 
@@ -159,13 +178,11 @@ impl Worker {
         E: Display + Send + 'static,
     {
         let concurrency = concurrency.max(1);
+        let reserved = self.config.urgent_slots(concurrency);
         let handler = Arc::new(handler);
         let (stop, stopped) = watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut scheduler = Scheduler {
-            weights: self.lane_weights().await,
-            ..Scheduler::default()
-        };
+        let mut scheduler = Scheduler::new(self.lane_weights().await, concurrency - reserved);
         let mut tasks: JoinSet<Done> = JoinSet::new();
         let mut stats = WorkerStats::default();
         let mut failure: Option<ConsumeError> = None;
@@ -527,6 +544,10 @@ struct Scheduler {
     running: HashMap<TopicPartition, usize>,
     /// Per lane: records received and not done (waiting, ready or running).
     buffered: [usize; LANES_MAX],
+    /// Per lane: records whose handler runs.
+    running_lanes: [usize; LANES_MAX],
+    /// Slots the lanes after the first may hold at once: the rest are kept for it.
+    later_lanes_slots_max: usize,
     incarnations: u64,
     /// Lane weights (most urgent first; at least 1) for weighted dispatch; `None`: strict.
     weights: Option<[u32; LANES_MAX]>,
@@ -550,6 +571,14 @@ fn log_of(record: &ConsumerRecord) -> LogKey {
 }
 
 impl Scheduler {
+    fn new(weights: Option<[u32; LANES_MAX]>, later_lanes_slots_max: usize) -> Scheduler {
+        Scheduler {
+            weights,
+            later_lanes_slots_max,
+            ..Scheduler::default()
+        }
+    }
+
     fn add(&mut self, record: ConsumerRecord, releasing: &BTreeSet<TopicPartition>) {
         if releasing.contains(&partition_of(&record)) {
             return;
@@ -582,16 +611,18 @@ impl Scheduler {
         }
     }
 
-    /// The next record to start, most urgent lane first.
     /// The next record to start: from the most urgent lane with ready records under
     /// `strict`; under `weighted`, from the lanes with ready records in proportion to
     /// their weights (smooth weighted round robin), so a saturated express lane leaves
-    /// bulk its share, as the broker's fetches do.
+    /// bulk its share, as the broker's fetches do. Lanes after the first only while they
+    /// hold fewer than `later_lanes_slots_max` slots.
     fn next_ready(&mut self) -> Option<(ConsumerRecord, u64)> {
+        let later_lanes_full = self.running_lanes[1..].iter().sum::<usize>() >= self.later_lanes_slots_max;
+        let startable = |l: usize| !self.ready[l].is_empty() && (l == 0 || !later_lanes_full);
         let lane = match &self.weights {
-            None => self.ready.iter().position(|queue| !queue.is_empty())?,
+            None => (0..LANES_MAX).find(|&l| startable(l))?,
             Some(weights) => {
-                let ready: Vec<usize> = (0..LANES_MAX).filter(|&l| !self.ready[l].is_empty()).collect();
+                let ready: Vec<usize> = (0..LANES_MAX).filter(|&l| startable(l)).collect();
                 let total: i64 = ready.iter().map(|&l| i64::from(weights[l])).sum();
                 for &l in &ready {
                     self.current[l] += i64::from(weights[l]);
@@ -604,6 +635,7 @@ impl Scheduler {
             }
         };
         let (record, incarnation) = self.ready[lane].pop_front()?;
+        self.running_lanes[lane] += 1;
         *self.running.entry(partition_of(&record)).or_default() += 1;
         if let Some(key) = &record.key
             && let Some(queue) = self.keys.get_mut(&(log_of(&record), key.clone()))
@@ -623,6 +655,7 @@ impl Scheduler {
             }
         }
         self.buffered[record.lane.0 as usize] -= 1;
+        self.running_lanes[record.lane.0 as usize] -= 1;
         let log = log_of(&record);
         if let Some(progress) = self.logs.get_mut(&log)
             && progress.incarnation == done.incarnation
@@ -709,5 +742,69 @@ impl Scheduler {
             .map(|(log, progress)| (log.clone(), progress.done_below()))
             .filter(|(log, offset)| consumer.committed.get(log) != Some(offset))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lanes_protocol::PartitionId;
+
+    use super::*;
+
+    fn record(lane: u8, offset: u64) -> ConsumerRecord {
+        ConsumerRecord {
+            topic: Arc::from("orders"),
+            partition: PartitionId(0),
+            lane: Lane(lane),
+            offset: Offset(offset),
+            timestamp_ms: 0,
+            key: Some(Bytes::from(format!("order-{lane}-{offset}"))),
+            value: Bytes::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn handled((record, incarnation): (ConsumerRecord, u64)) -> Done {
+        Done {
+            record,
+            incarnation,
+            outcome: Outcome::Handled { retries: 0 },
+        }
+    }
+
+    #[test]
+    fn later_lanes_never_take_the_slots_kept_for_the_first() {
+        let mut weighted = [1u32; LANES_MAX];
+        weighted[..3].copy_from_slice(&[16, 4, 1]);
+        for weights in [None, Some(weighted)] {
+            let mut scheduler = Scheduler::new(weights, 3);
+            let none = BTreeSet::new();
+            for offset in 0..10 {
+                scheduler.add(record(2, offset), &none);
+                scheduler.add(record(1, offset), &none);
+            }
+            // The later lanes take 3 slots between them, then none while those run.
+            let mut started: Vec<_> = std::iter::from_fn(|| scheduler.next_ready()).collect();
+            assert_eq!(started.len(), 3, "{weights:?}");
+            assert!(started.iter().all(|(record, _)| record.lane != Lane(0)));
+            // The first lane still starts, as many as arrive.
+            for offset in 0..2 {
+                scheduler.add(record(0, offset), &none);
+                let (express, _) = scheduler.next_ready().expect("an express record starts");
+                assert_eq!(express.lane, Lane(0));
+            }
+            assert!(scheduler.next_ready().is_none());
+            // One of them done frees its slot for the next.
+            scheduler.complete(handled(started.remove(0)));
+            let next = scheduler.next_ready().expect("a later lane's record starts");
+            assert_ne!(next.0.lane, Lane(0));
+            assert!(scheduler.next_ready().is_none());
+            // An express record done frees nothing for them.
+            scheduler.add(record(0, 2), &none);
+            let express = scheduler.next_ready().expect("an express record starts");
+            scheduler.complete(handled(express));
+            assert!(scheduler.next_ready().is_none());
+            assert_eq!(scheduler.running_lanes[0], 2);
+        }
     }
 }
