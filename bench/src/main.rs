@@ -77,7 +77,7 @@ enum Scenario {
         #[arg(long)]
         kill_worker_after_s: Option<f64>,
         /// Of each worker's slots, those only express events may take (default: a
-        /// sixteenth of --concurrency).
+        /// sixteenth of --concurrency; none below 16).
         #[arg(long)]
         urgent_slots_reserved: Option<usize>,
     },
@@ -102,7 +102,7 @@ enum Scenario {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
         /// Of the worker's slots, those only express records may take (default: a
-        /// sixteenth of --concurrency).
+        /// sixteenth of --concurrency; none below 16).
         #[arg(long)]
         urgent_slots_reserved: Option<usize>,
     },

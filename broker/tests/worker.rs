@@ -361,7 +361,7 @@ async fn a_second_worker_takes_a_share_without_losing_records() {
 }
 
 /// Bulk handlers that do not finish fill every slot they may take; an express record
-/// still starts, in the slot kept for the first lane (a sixteenth of 16: one).
+/// still starts, in the slot kept for the first lane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
     const CONCURRENCY: usize = 16;
@@ -413,9 +413,9 @@ async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
             }
         }
     };
-    let worker = Worker::connect(WorkerConfig::new(&address, "fulfilment", &["orders"]))
-        .await
-        .unwrap();
+    let mut config = WorkerConfig::new(&address, "fulfilment", &["orders"]);
+    config.urgent_slots_reserved = Some(1);
+    let worker = Worker::connect(config).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(worker.run_until(handler, CONCURRENCY, async move {
         let _ = stopped.await;

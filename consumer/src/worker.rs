@@ -24,7 +24,8 @@
 //! - A few slots are kept for the first lane (lane 0, the most urgent):
 //!   `urgent_slots_reserved`. The other lanes' records never hold them, so while a
 //!   bulk backlog fills every other slot with slow handlers, an express record still
-//!   starts at once instead of waiting for one of them to finish.
+//!   starts at once instead of waiting for one of them to finish (as long as fewer
+//!   express records run than slots are kept).
 //! - A failing handler is retried `retries_max` times with doubling backoff; then the
 //!   record goes to `<topic>.dlq` (same key, value and headers, plus `lanes.dlq.*`
 //!   headers with the error and the original coordinates) and counts as done.
@@ -783,12 +784,17 @@ mod tests {
                 scheduler.add(record(2, offset), &none);
                 scheduler.add(record(1, offset), &none);
             }
-            // The later lanes take 3 slots between them, then none while those run.
+            scheduler.add(record(0, 0), &none);
+            // The later lanes take 3 slots between them, then none while those run; the
+            // express record running beside them does not count against them.
             let mut started: Vec<_> = std::iter::from_fn(|| scheduler.next_ready()).collect();
-            assert_eq!(started.len(), 3, "{weights:?}");
-            assert!(started.iter().all(|(record, _)| record.lane != Lane(0)));
+            assert_eq!(started.len(), 4, "{weights:?}");
+            let express = started.iter().position(|(record, _)| record.lane == Lane(0));
+            scheduler.complete(handled(
+                started.remove(express.expect("the express record started")),
+            ));
             // The first lane still starts, as many as arrive.
-            for offset in 0..2 {
+            for offset in 1..3 {
                 scheduler.add(record(0, offset), &none);
                 let (express, _) = scheduler.next_ready().expect("an express record starts");
                 assert_eq!(express.lane, Lane(0));
@@ -800,11 +806,50 @@ mod tests {
             assert_ne!(next.0.lane, Lane(0));
             assert!(scheduler.next_ready().is_none());
             // An express record done frees nothing for them.
-            scheduler.add(record(0, 2), &none);
+            scheduler.add(record(0, 3), &none);
             let express = scheduler.next_ready().expect("an express record starts");
             scheduler.complete(handled(express));
             assert!(scheduler.next_ready().is_none());
             assert_eq!(scheduler.running_lanes[0], 2);
         }
+    }
+
+    #[test]
+    fn a_slot_is_freed_however_its_record_ends() {
+        let mut scheduler = Scheduler::new(None, 1);
+        let none = BTreeSet::new();
+        let partition = TopicPartition {
+            topic: Arc::from("orders"),
+            partition: PartitionId(0),
+        };
+        for offset in 0..4 {
+            scheduler.add(record(2, offset), &none);
+        }
+        // The worker stops: the running record is abandoned, and the slot is free.
+        let first = scheduler.next_ready().expect("a bulk record starts");
+        assert!(scheduler.next_ready().is_none());
+        scheduler.complete(Done {
+            record: first.0,
+            incarnation: first.1,
+            outcome: Outcome::Abandoned,
+        });
+        assert_eq!(scheduler.running_lanes, [0; LANES_MAX]);
+        // The partition moves away while a record runs: the queued ones go, the running
+        // one still ends, and frees its slot for what comes after.
+        let second = scheduler.next_ready().expect("a bulk record starts");
+        scheduler.drop_queued(&BTreeSet::from([partition.clone()]));
+        scheduler.forget(std::slice::from_ref(&partition));
+        scheduler.complete(Done {
+            record: second.0,
+            incarnation: second.1,
+            outcome: Outcome::Failed(ConsumeError::Connection("gone".into())),
+        });
+        assert_eq!(scheduler.running_lanes, [0; LANES_MAX]);
+        assert!(
+            scheduler.next_ready().is_none(),
+            "the dropped records do not start"
+        );
+        scheduler.add(record(2, 10), &none);
+        assert!(scheduler.next_ready().is_some(), "the slot is free again");
     }
 }
