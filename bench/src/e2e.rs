@@ -113,7 +113,9 @@ pub async fn run(target: &Target, common: &Common, catch_up_mb: u64) -> anyhow::
             Ok::<(), anyhow::Error>(())
         }));
     }
-    wait_for_group(target, common.consumers.max(1), common.partitions).await?;
+    target
+        .settled_group(GROUP, common.consumers.max(1), common.partitions)
+        .await?;
     let catch_up = match catch_up_mb {
         0 => None,
         mb => Some(CatchUp::start(target, common, mb * 1_000_000, Arc::clone(&done)).await?),
@@ -257,31 +259,5 @@ impl CatchUp {
     /// Bytes read and whole laps, once the run is done.
     async fn finish(self) -> anyhow::Result<(u64, u64)> {
         self.task.await?
-    }
-}
-
-/// Waits until the group's members hold every partition between them.
-async fn wait_for_group(target: &Target, members: usize, partitions: u32) -> anyhow::Result<()> {
-    let client = target.client().await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let request = lanes_protocol::messages::DescribeGroupRequest { group: GROUP.into() };
-    loop {
-        if let Ok(group) = client.request(&request).await
-            && group.state == "stable"
-            && group.members.len() == members
-            && group
-                .members
-                .iter()
-                .flat_map(|m| &m.owned)
-                .map(|t| t.partitions.len())
-                .sum::<usize>()
-                == partitions as usize
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the consumer group did not settle");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -21,7 +21,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use lanes_consumer::{ConsumerRecord, Worker, WorkerConfig};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::Lane;
-use lanes_protocol::messages::DescribeGroupRequest;
 use serde_json::{Value, json};
 
 use crate::latency::{Latencies, Summary, round};
@@ -258,7 +257,7 @@ async fn run_phase(
     let running = crate::spawn_scoped(worker.run_until(handler, config.concurrency, async move {
         let _ = stopped.await;
     }));
-    wait_for_assignment(target, &group, config.partitions).await?;
+    target.settled_group(&group, 1, config.partitions).await?;
     // Warm up: the pipeline is full (and, with both lanes filled, both flow) before
     // anything is measured.
     let prefilled = phase.prefill_express + phase.prefill_bulk;
@@ -384,32 +383,6 @@ async fn send_express(
     }
     producer.close().await?;
     Ok(sent)
-}
-
-/// Waits until the group's single member holds every partition.
-async fn wait_for_assignment(target: &Target, group: &str, partitions: u32) -> anyhow::Result<()> {
-    let client = target.client().await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(described) = client
-            .request(&DescribeGroupRequest { group: group.into() })
-            .await
-            && described.state == "stable"
-            && described.members.len() == 1
-            && described.members[0]
-                .owned
-                .iter()
-                .map(|t| t.partitions.len())
-                .sum::<usize>()
-                == partitions as usize
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the worker did not get the partitions of group {group}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn wait_until(limit: Duration, condition: impl Fn() -> bool) -> anyhow::Result<()> {

@@ -174,6 +174,10 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
         }));
         workers.push((stop, task));
     }
+    // The demo shows the group at work, not the rebalance that spreads it.
+    target
+        .settled_group(GROUP, workers.len(), common.partitions)
+        .await?;
 
     // The shop: each producer places its share of the orders, events in order.
     let started = Instant::now();

@@ -1,14 +1,15 @@
 //! The broker a scenario runs against: an embedded one (the default) or a running one.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
 use lanes_broker::config::{FsyncMode, SettingsArgs};
 use lanes_broker::{Broker, Settings};
 use lanes_protocol::ErrorCode;
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
-use lanes_protocol::messages::{CreateTopicRequest, DeleteTopicRequest};
+use lanes_protocol::messages::{CreateTopicRequest, DeleteTopicRequest, DescribeGroupRequest};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -110,6 +111,38 @@ impl Target {
         Client::connect(&self.address, config)
             .await
             .with_context(|| format!("connecting to {}", self.address))
+    }
+
+    /// Waits until `group` is stable with `members` members that hold all `partitions`
+    /// between them, each its share (at least `partitions / members`): a scenario
+    /// measures the group at work, not the rebalance that spreads it (a member that
+    /// joins gets its partitions within a heartbeat or two).
+    pub async fn settled_group(&self, group: &str, members: usize, partitions: u32) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let request = DescribeGroupRequest { group: group.into() };
+        let share = partitions as usize / members.max(1);
+        loop {
+            if let Ok(described) = client.request(&request).await
+                && described.state == "stable"
+                && described.members.len() == members
+            {
+                let held: Vec<usize> = described
+                    .members
+                    .iter()
+                    .map(|m| m.owned.iter().map(|t| t.partitions.len()).sum())
+                    .collect();
+                if held.iter().sum::<usize>() == partitions as usize && held.iter().all(|h| *h >= share) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "consumer group {group} did not settle: {members} members holding {partitions} partitions"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Creates `name` afresh (deleting an old one of that name on a running broker).
