@@ -361,7 +361,8 @@ async fn a_second_worker_takes_a_share_without_losing_records() {
 }
 
 /// Bulk handlers that do not finish fill every slot they may take; an express record
-/// still starts, in the slot kept for the first lane.
+/// still starts, in the slot kept for the first lane (kept since an express record
+/// before them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
     const CONCURRENCY: usize = 16;
@@ -371,17 +372,17 @@ async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
     let address = broker.address();
     create_topic(&address, "orders", 1).await;
     let producer = Producer::connect(ProducerConfig::new(&address)).await.unwrap();
-    for order in 0..BULK {
-        let record = ProducerRecord::new("orders", "bulk")
-            .key(format!("bulk-{order}"))
-            .lane(LaneSelector::Index(Lane(2)));
-        producer.send(record).await.unwrap().wait().await.unwrap();
-    }
+    let express = |n: usize| {
+        ProducerRecord::new("orders", "express")
+            .key(format!("express-{n}"))
+            .lane(LaneSelector::Index(Lane(0)))
+    };
 
     let bulk_running = Arc::new(AtomicUsize::new(0));
     let bulk_running_max = Arc::new(AtomicUsize::new(0));
     let bulk_handled = Arc::new(AtomicUsize::new(0));
-    let (express_done, express_seen) = tokio::sync::watch::channel(false);
+    // Express records handled.
+    let (express_done, express_seen) = tokio::sync::watch::channel(0usize);
     let mut express_waited = express_done.subscribe();
     let express_done = Arc::new(express_done);
     let handler = {
@@ -399,14 +400,14 @@ async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
             let (express_done, mut express_seen) = (Arc::clone(&express_done), express_seen.clone());
             async move {
                 if record.lane == Lane(0) {
-                    express_done.send_replace(true);
+                    express_done.send_modify(|done| *done += 1);
                     return Ok::<(), String>(());
                 }
-                // A slow bulk order: done only once the express one is (or at the
-                // deadline, so that a failing run ends).
+                // A slow bulk order: done only once the second express one is (or at
+                // the deadline, so that a failing run ends).
                 let now = bulk_running.fetch_add(1, Ordering::SeqCst) + 1;
                 bulk_running_max.fetch_max(now, Ordering::SeqCst);
-                let _ = tokio::time::timeout(DEADLINE, express_seen.wait_for(|done| *done)).await;
+                let _ = tokio::time::timeout(DEADLINE, express_seen.wait_for(|done| *done >= 2)).await;
                 bulk_running.fetch_sub(1, Ordering::SeqCst);
                 bulk_handled.fetch_add(1, Ordering::SeqCst);
                 Ok(())
@@ -420,6 +421,18 @@ async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
     let running = tokio::spawn(worker.run_until(handler, CONCURRENCY, async move {
         let _ = stopped.await;
     }));
+    // The first express record: from now on the worker keeps a slot for its lane.
+    producer.send(express(0)).await.unwrap().wait().await.unwrap();
+    tokio::time::timeout(DEADLINE, express_waited.wait_for(|done| *done >= 1))
+        .await
+        .expect("the first express record was handled")
+        .unwrap();
+    for order in 0..BULK {
+        let record = ProducerRecord::new("orders", "bulk")
+            .key(format!("bulk-{order}"))
+            .lane(LaneSelector::Index(Lane(2)));
+        producer.send(record).await.unwrap();
+    }
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while bulk_running.load(Ordering::SeqCst) < CONCURRENCY - 1 {
         assert!(
@@ -429,12 +442,9 @@ async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let express = ProducerRecord::new("orders", "express")
-        .key("express-0")
-        .lane(LaneSelector::Index(Lane(0)));
-    producer.send(express).await.unwrap().wait().await.unwrap();
+    producer.send(express(1)).await.unwrap().wait().await.unwrap();
     let started = tokio::time::Instant::now();
-    tokio::time::timeout(DEADLINE, express_waited.wait_for(|done| *done))
+    tokio::time::timeout(DEADLINE, express_waited.wait_for(|done| *done >= 2))
         .await
         .expect("the express record was handled")
         .unwrap();
@@ -456,7 +466,7 @@ async fn an_express_record_starts_while_bulk_holds_every_other_slot() {
     }
     stop.send(()).unwrap();
     let stats = running.await.unwrap().unwrap();
-    assert_eq!(stats.handled as usize, BULK + 1);
+    assert_eq!(stats.handled as usize, BULK + 2);
     producer.close().await.unwrap();
     broker.stop().await;
 }

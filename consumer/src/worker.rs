@@ -22,10 +22,10 @@
 //!   an express record waits for at most a few bulk ones, and a saturated express lane
 //!   still leaves bulk its share).
 //! - A few slots are kept for the first lane (lane 0, the most urgent):
-//!   `urgent_slots_reserved`. The other lanes' records never hold them, so while a
-//!   bulk backlog fills every other slot with slow handlers, an express record still
-//!   starts at once instead of waiting for one of them to finish (as long as fewer
-//!   express records run than slots are kept).
+//!   `urgent_slots_reserved`, from its first record on. The other lanes' records never
+//!   hold them, so while a bulk backlog fills every other slot with slow handlers, an
+//!   express record still starts at once instead of waiting for one of them to finish
+//!   (as long as fewer express records run than slots are kept).
 //! - A failing handler is retried `retries_max` times with doubling backoff; then the
 //!   record goes to `<topic>.dlq` (same key, value and headers, plus `lanes.dlq.*`
 //!   headers with the error and the original coordinates) and counts as done.
@@ -72,9 +72,10 @@ pub struct WorkerConfig {
     pub lane_buffered_records_max: usize,
     /// Handler slots that only records of the first lane (lane 0, the most urgent) may
     /// take, out of the `concurrency` given to [`Worker::run`]. `None`: a sixteenth of
-    /// it (4 of 64; none below 16). At most `concurrency - 1`. While the first lane has
-    /// nothing to run, the other lanes' throughput is that much lower where the
-    /// handlers are the bottleneck.
+    /// it (4 of 64; none below 16). At most `concurrency - 1`. Kept from the first lane's
+    /// first record on (a worker whose topics never use lane 0 keeps none): from then
+    /// on, while the first lane has nothing to run, the other lanes' throughput is that
+    /// much lower where the handlers are the bottleneck.
     pub urgent_slots_reserved: Option<usize>,
 }
 
@@ -549,6 +550,9 @@ struct Scheduler {
     running_lanes: [usize; LANES_MAX],
     /// Slots the lanes after the first may hold at once: the rest are kept for it.
     later_lanes_slots_max: usize,
+    /// The first lane has had a record: only then are slots kept for it, so a worker
+    /// whose topic never uses it (unlabelled records go to `standard`) loses nothing.
+    first_lane_used: bool,
     incarnations: u64,
     /// Lane weights (most urgent first; at least 1) for weighted dispatch; `None`: strict.
     weights: Option<[u32; LANES_MAX]>,
@@ -581,6 +585,7 @@ impl Scheduler {
     }
 
     fn add(&mut self, record: ConsumerRecord, releasing: &BTreeSet<TopicPartition>) {
+        self.first_lane_used |= record.lane == Lane(0);
         if releasing.contains(&partition_of(&record)) {
             return;
         }
@@ -616,9 +621,10 @@ impl Scheduler {
     /// `strict`; under `weighted`, from the lanes with ready records in proportion to
     /// their weights (smooth weighted round robin), so a saturated express lane leaves
     /// bulk its share, as the broker's fetches do. Lanes after the first only while they
-    /// hold fewer than `later_lanes_slots_max` slots.
+    /// hold fewer than `later_lanes_slots_max` slots, once the first lane has had records.
     fn next_ready(&mut self) -> Option<(ConsumerRecord, u64)> {
-        let later_lanes_full = self.running_lanes[1..].iter().sum::<usize>() >= self.later_lanes_slots_max;
+        let later_lanes_full = self.first_lane_used
+            && self.running_lanes[1..].iter().sum::<usize>() >= self.later_lanes_slots_max;
         let startable = |l: usize| !self.ready[l].is_empty() && (l == 0 || !later_lanes_full);
         let lane = match &self.weights {
             None => (0..LANES_MAX).find(|&l| startable(l))?,
@@ -815,9 +821,20 @@ mod tests {
     }
 
     #[test]
+    fn no_slot_is_kept_for_a_first_lane_that_has_had_no_record() {
+        let mut scheduler = Scheduler::new(None, 3);
+        let none = BTreeSet::new();
+        for offset in 0..10 {
+            scheduler.add(record(1, offset), &none);
+        }
+        assert_eq!(std::iter::from_fn(|| scheduler.next_ready()).count(), 10);
+    }
+
+    #[test]
     fn a_slot_is_freed_however_its_record_ends() {
         let mut scheduler = Scheduler::new(None, 1);
         let none = BTreeSet::new();
+        scheduler.first_lane_used = true;
         let partition = TopicPartition {
             topic: Arc::from("orders"),
             partition: PartitionId(0),
