@@ -13,9 +13,9 @@ use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, TopicPartition};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
 use lanes_protocol::messages::{
-    Assignment, CommitLane, DescribeGroupRequest, HeartbeatRequest, JoinGroupRequest, ListGroupsRequest,
-    ListOffsetsLane, ListOffsetsRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, PartitionItems,
-    TopicItems, TopicPartitions,
+    Assignment, CommitLane, DescribeGroupRequest, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
+    ListGroupsRequest, ListOffsetsLane, ListOffsetsRequest, OffsetCommitRequest, OffsetFetchRequest,
+    OffsetSpec, PartitionItems, TopicItems, TopicPartitions,
 };
 use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
 use server_support::{TestBroker, create_topic};
@@ -304,6 +304,7 @@ async fn heartbeat(client: &Client, member: &str, owned: &[u32]) -> Result<(Vec<
             group: "fulfilment".into(),
             member_id: member.into(),
             owned: assignment(owned),
+            wait_ms_max: 0,
         })
         .await
         .map(|beat| (partitions_of(&beat.assignment), beat.pending))
@@ -406,6 +407,85 @@ async fn a_former_owner_cannot_commit() {
         Some(ErrorCode::UnknownMember)
     );
     broker.stop().await;
+}
+
+fn beat(member: &str, owned: &[u32], wait_ms_max: u32) -> HeartbeatRequest {
+    HeartbeatRequest {
+        group: "fulfilment".into(),
+        member_id: member.into(),
+        owned: assignment(owned),
+        wait_ms_max,
+    }
+}
+
+/// Far below the 30 s a held heartbeat may wait (half the 60 s session), far above a
+/// round trip on a busy machine.
+const HELD_ANSWER_DEADLINE: Duration = Duration::from_secs(20);
+
+async fn within_deadline<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(HELD_ANSWER_DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the held heartbeat did not answer when the group changed"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_with_nothing_new_is_held_until_the_group_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 2).await;
+    // One connection: the broker runs its requests in the order sent, so each held
+    // heartbeat below is held before the change queued behind it arrives.
+    let client = client(&address).await;
+    let (a, a_holds) = join(&client, "a", 60_000).await;
+    assert_eq!(a_holds, vec![0, 1]);
+
+    // Nothing changes: held for the whole wait, then the same answer.
+    let started = std::time::Instant::now();
+    let held = client.request(&beat(&a, &[0, 1], 300)).await.unwrap();
+    assert_eq!((partitions_of(&held.assignment), held.pending), (vec![0, 1], 0));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "answered after {:?}, before its wait",
+        started.elapsed()
+    );
+
+    // b joins: a's held heartbeat hears at once that partition 1 moves.
+    let (b, held) = within_deadline("a, on b's join", async {
+        let held = client.queue(&beat(&a, &[0, 1], 60_000)).await.unwrap();
+        let (b, b_holds) = join(&client, "b", 60_000).await;
+        assert!(b_holds.is_empty(), "partition 1 is still a's");
+        (b, held.wait().await.unwrap())
+    })
+    .await;
+    assert_eq!((partitions_of(&held.assignment), held.pending), (vec![0], 0));
+
+    // b waits for partition 1, held until a lets it go.
+    let held = within_deadline("b, on a's release", async {
+        let held = client.queue(&beat(&b, &[], 60_000)).await.unwrap();
+        heartbeat(&client, &a, &[0]).await.unwrap();
+        held.wait().await.unwrap()
+    })
+    .await;
+    assert_eq!((partitions_of(&held.assignment), held.pending), (vec![1], 0));
+
+    // a leaves: b's held heartbeat gets partition 0 at once.
+    let held = within_deadline("b, on a's leave", async {
+        let held = client.queue(&beat(&b, &[1], 60_000)).await.unwrap();
+        let leave = LeaveGroupRequest {
+            group: "fulfilment".into(),
+            member_id: a.clone(),
+        };
+        client.request(&leave).await.unwrap();
+        held.wait().await.unwrap()
+    })
+    .await;
+    assert_eq!((partitions_of(&held.assignment), held.pending), (vec![0, 1], 0));
+
+    // A held heartbeat does not hold up the broker's shutdown.
+    let held = client.queue(&beat(&b, &[0, 1], 60_000)).await.unwrap();
+    within_deadline("shutdown", broker.stop()).await;
+    drop(held);
 }
 
 async fn wait_until_member_gone(client: &Client, member: &str) {
@@ -559,6 +639,7 @@ async fn bad_group_requests_get_clear_errors() {
             group: "nope".into(),
             member_id: "m".into(),
             owned: vec![],
+            wait_ms_max: 0,
         })
         .await;
     assert_eq!(code(beat), Some(ErrorCode::UnknownMember));

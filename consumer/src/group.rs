@@ -8,8 +8,16 @@
 //! answer are being moved to another member, so it commits and releases them, and the
 //! next heartbeat (sent at once) tells the broker they are free.
 //!
-//! Group traffic uses its own connection, so a heartbeat never queues behind a long-poll
-//! fetch; it reconnects when the connection is lost.
+//! Heartbeats are long polls: while the answer would be what the member already holds,
+//! the broker holds the heartbeat until the group changes (for at most a heartbeat
+//! interval), so a move reaches the member in a round trip. The task sends the next one
+//! as soon as an answer is in, except while the consumer is giving partitions up: then
+//! it waits for the release (or the interval), since until then the broker would answer
+//! the same at once.
+//!
+//! Heartbeats use a connection of their own, so a held heartbeat never delays a commit
+//! or a leave, and never queues behind a long-poll fetch; commits, offset fetches and
+//! leaves share another. Both reconnect when the connection is lost.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,6 +89,7 @@ pub(crate) struct Membership {
 #[derive(Debug)]
 pub(crate) struct GroupHandle {
     pub(crate) config: GroupConfig,
+    /// Commits, offset fetches and the leave; heartbeats have a connection of their own.
     pub(crate) link: Arc<Link>,
     pub(crate) shared: Arc<Mutex<Membership>>,
     /// Ticks whenever the membership changes.
@@ -93,19 +102,18 @@ pub(crate) struct GroupHandle {
 
 impl GroupHandle {
     pub(crate) fn start(config: GroupConfig, broker: &str, client_id: &str) -> GroupHandle {
-        let link = Arc::new(Link::new(
-            broker,
-            ClientConfig {
-                client_id: client_id.to_owned(),
-                request_timeout: Duration::from_secs(30),
-                ..ClientConfig::default()
-            },
-        ));
+        let client_config = ClientConfig {
+            client_id: client_id.to_owned(),
+            request_timeout: Duration::from_secs(30),
+            ..ClientConfig::default()
+        };
+        let link = Arc::new(Link::new(broker, client_config.clone()));
+        let heartbeat_link = Link::new(broker, client_config);
         let shared = Arc::new(Mutex::new(Membership::default()));
         let (changes, changed) = watch::channel(0);
         let wake = Arc::new(Notify::new());
         let task = tokio::spawn(heartbeats(
-            Arc::clone(&link),
+            heartbeat_link,
             config.clone(),
             client_id.to_owned(),
             Arc::clone(&shared),
@@ -167,12 +175,10 @@ pub(crate) fn to_assignment<'a>(partitions: impl IntoIterator<Item = &'a TopicPa
 
 /// Pause after a failed heartbeat or join.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
-/// Heartbeat period while partitions are on their way to this member.
-const PENDING_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Joins, then heartbeats until the consumer goes. Rejoins after losing the membership.
 async fn heartbeats(
-    link: Arc<Link>,
+    link: Link,
     config: GroupConfig,
     client_id: String,
     shared: Arc<Mutex<Membership>>,
@@ -216,14 +222,15 @@ async fn heartbeats(
                     group: config.group.clone(),
                     member_id,
                     owned,
+                    wait_ms_max: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
                 };
                 link.request(&request)
                     .await
                     .map(|beat| (None, beat.generation, beat.assignment, beat.pending))
             }
         };
-        let pending = match result {
-            Ok((joined_as, generation, assignment, pending)) => {
+        let giving_up = match result {
+            Ok((joined_as, generation, assignment, _pending)) => {
                 last_ok = Instant::now();
                 let mut membership = lock(&shared);
                 if let Some(member_id) = joined_as {
@@ -231,9 +238,10 @@ async fn heartbeats(
                 }
                 membership.generation = generation;
                 membership.answer = to_set(&assignment);
+                let giving_up = !membership.held.is_subset(&membership.answer);
                 drop(membership);
                 notify();
-                pending
+                giving_up
             }
             Err(error) if error.code() == Some(ErrorCode::UnknownMember) => {
                 tracing::warn!(group = %config.group, "the group dropped this member; joining again");
@@ -264,10 +272,11 @@ async fn heartbeats(
                 continue;
             }
         };
-        let delay = if pending > 0 { PENDING_HEARTBEAT } else { interval };
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = wake.notified() => {}
+        if giving_up {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = wake.notified() => {}
+            }
         }
     }
 }

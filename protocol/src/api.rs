@@ -84,6 +84,8 @@ impl ApiKey {
         match self {
             // Version 1 adds the broker's `batch_bytes_max` to the answer.
             ApiKey::ApiVersions => (0, 1),
+            // Version 1 adds `wait_ms_max`: the long-poll heartbeat.
+            ApiKey::Heartbeat => (0, 1),
             _ => (0, 0),
         }
     }
@@ -203,7 +205,9 @@ pub fn decode_request(frame: BytesMut) -> Result<(RequestHeader, Request), Reque
         ApiKey::ListOffsets => ListOffsetsRequest::decode(&mut reader).map(Request::ListOffsets),
         ApiKey::InitProducerId => InitProducerIdRequest::decode(&mut reader).map(Request::InitProducerId),
         ApiKey::JoinGroup => JoinGroupRequest::decode(&mut reader).map(Request::JoinGroup),
-        ApiKey::Heartbeat => HeartbeatRequest::decode(&mut reader).map(Request::Heartbeat),
+        ApiKey::Heartbeat => {
+            HeartbeatRequest::decode(&mut reader, header.api_version).map(Request::Heartbeat)
+        }
         ApiKey::LeaveGroup => LeaveGroupRequest::decode(&mut reader).map(Request::LeaveGroup),
         ApiKey::OffsetCommit => OffsetCommitRequest::decode(&mut reader).map(Request::OffsetCommit),
         ApiKey::OffsetFetch => OffsetFetchRequest::decode(&mut reader).map(Request::OffsetFetch),
@@ -420,6 +424,7 @@ mod tests {
             group: "fulfilment".into(),
             member_id: "m-1".into(),
             owned: partitions.clone(),
+            wait_ms_max: 1000,
         };
         request_roundtrip(&heartbeat, |r| {
             assert!(matches!(r, Request::Heartbeat(h) if h == heartbeat))
@@ -483,6 +488,34 @@ mod tests {
                 .unwrap_err()
                 .answer()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_version_0_heartbeat_does_not_wait_and_has_no_wait_field() {
+        let heartbeat = crate::messages::HeartbeatRequest {
+            group: "fulfilment".into(),
+            member_id: "m-1".into(),
+            owned: Vec::new(),
+            wait_ms_max: 5000,
+        };
+        let mut frame = payload(encode_request(4, "c", &heartbeat));
+        assert_eq!(&frame[2..4], &1u16.to_be_bytes(), "sent as version 1");
+        frame[2..4].copy_from_slice(&0u16.to_be_bytes());
+        // Version 0 ends before `wait_ms_max`: its 4 bytes are trailing bytes there.
+        let error = decode_request(frame.clone()).unwrap_err();
+        assert_eq!(error.answer().unwrap().1, ErrorCode::MalformedRequest);
+        frame.truncate(frame.len() - 4);
+        let (_, decoded) = decode_request(frame).unwrap();
+        let Request::Heartbeat(decoded) = decoded else {
+            panic!("decoded as {decoded:?}");
+        };
+        assert_eq!(
+            decoded,
+            crate::messages::HeartbeatRequest {
+                wait_ms_max: 0,
+                ..heartbeat
+            }
         );
     }
 

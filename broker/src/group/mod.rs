@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use lanes_protocol::messages::{
     Assignment, CommitLaneResult, CommittedLane, DescribeGroupResponse, GroupMember, GroupSummary,
     HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LaneLag, OffsetCommitRequest,
@@ -99,6 +101,47 @@ struct Group {
     /// When the last member left (or the broker started, for a group known only by its
     /// offsets).
     empty_since: Option<Instant>,
+    changes: Changes,
+}
+
+/// Ticks whenever a group's target or owners change, or a member goes: the heartbeats
+/// the broker holds ([`Beat::Hold`]) wake on it and answer again.
+#[derive(Debug)]
+struct Changes(watch::Sender<u64>);
+
+impl Default for Changes {
+    fn default() -> Changes {
+        Changes(watch::channel(0).0)
+    }
+}
+
+impl Changes {
+    fn tick(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Which run of a heartbeat [`Coordinator::heartbeat`] is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BeatRun {
+    /// The heartbeat just arrived: the member is alive.
+    Arrived,
+    /// A held heartbeat, after the group changed: may be held again.
+    Changed,
+    /// A held heartbeat whose wait is over (or the broker is shutting down): answered.
+    Over,
+}
+
+/// The coordinator's answer to a heartbeat.
+#[derive(Debug)]
+pub enum Beat {
+    Answer(HeartbeatResponse),
+    /// Nothing new for the member: hold the heartbeat until `changes` ticks or `wait`
+    /// passes, then ask again.
+    Hold {
+        changes: watch::Receiver<u64>,
+        wait: Duration,
+    },
 }
 
 impl Group {
@@ -115,7 +158,11 @@ impl Group {
             }
         }
         // A deleted topic's partitions are held by nobody.
+        let owners_before = self.owners.len();
         self.owners.retain(|p, _| universe.contains(p));
+        if self.owners.len() != owners_before {
+            self.changes.tick();
+        }
         let members = self
             .members
             .iter()
@@ -125,6 +172,7 @@ impl Group {
         if target != self.target {
             self.target = target;
             self.generation = self.generation.wrapping_add(1);
+            self.changes.tick();
             metrics::counter!(crate::metrics::GROUP_REBALANCES, "group" => name.to_owned()).increment(1);
             tracing::info!(group = %name, generation = self.generation, members = self.members.len(),
                 partitions = self.target.len(), "group rebalanced");
@@ -134,6 +182,7 @@ impl Group {
     fn remove_member(&mut self, member: &str, now: Instant) {
         self.members.remove(member);
         self.owners.retain(|_, owner| owner != member);
+        self.changes.tick();
         if self.members.is_empty() {
             self.empty_since = Some(now);
         }
@@ -144,6 +193,7 @@ impl Group {
     fn answer(&mut self, member: &str) -> (Assignment, u32) {
         let mut holds = Vec::new();
         let mut pending = 0;
+        let mut granted = false;
         for (partition, target) in &self.target {
             if target != member {
                 continue;
@@ -152,10 +202,14 @@ impl Group {
                 None => {
                     self.owners.insert(partition.clone(), member.to_owned());
                     holds.push(partition);
+                    granted = true;
                 }
                 Some(owner) if owner == member => holds.push(partition),
                 Some(_) => pending += 1,
             }
+        }
+        if granted {
+            self.changes.tick();
         }
         (to_assignment(holds), pending)
     }
@@ -366,12 +420,24 @@ impl Coordinator {
     }
 
     /// Keeps a member's session alive, takes back what it released and answers with
-    /// what it may hold now.
-    pub fn heartbeat(&self, request: &HeartbeatRequest) -> Result<HeartbeatResponse, GroupError> {
+    /// what it may hold now. With the request's `wait_ms_max` above 0, a heartbeat with
+    /// nothing new to answer (the answer is what the member reports holding, while the
+    /// member waits for nothing or for partitions others still hold) is [`Beat::Hold`]:
+    /// the caller asks again once the group changes ([`BeatRun::Changed`]) or the wait
+    /// is over ([`BeatRun::Over`]), so the member hears of a move at once.
+    ///
+    /// Only the heartbeat's arrival keeps the session alive: a member that dies while its
+    /// heartbeat is held times out a session after it sent it, as it would have without
+    /// the hold. The wait is at most half the session, so a live member's next heartbeat
+    /// arrives in time.
+    pub fn heartbeat(&self, request: &HeartbeatRequest, run: BeatRun) -> Result<Beat, GroupError> {
         let mut groups = self.groups();
         let group = member_group(&mut groups, &request.group, &request.member_id)?;
         let member = group.members.get_mut(&request.member_id).expect("checked");
-        member.deadline = Instant::now() + member.session;
+        if run == BeatRun::Arrived {
+            member.deadline = Instant::now() + member.session;
+        }
+        let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(member.session / 2);
         let holds = from_assignment(&request.owned);
         let released: Vec<TopicPartition> = group
             .owners
@@ -379,15 +445,24 @@ impl Coordinator {
             .filter(|(p, owner)| **owner == request.member_id && !holds.contains(*p))
             .map(|(p, _)| p.clone())
             .collect();
+        if !released.is_empty() {
+            group.changes.tick();
+        }
         for partition in released {
             group.owners.remove(&partition);
         }
         let (assignment, pending) = group.answer(&request.member_id);
-        Ok(HeartbeatResponse {
+        if run != BeatRun::Over && !wait.is_zero() && from_assignment(&assignment) == holds {
+            return Ok(Beat::Hold {
+                changes: group.changes.0.subscribe(),
+                wait,
+            });
+        }
+        Ok(Beat::Answer(HeartbeatResponse {
             generation: group.generation,
             assignment,
             pending,
-        })
+        }))
     }
 
     /// Removes a member; its partitions can go to others at once.

@@ -93,7 +93,7 @@ pub(super) fn dispatch(
         Request::ListOffsets(request) => ready(admin::list_offsets(broker, id, request)),
         Request::InitProducerId(_) => ready(admin::init_producer_id(broker, id)),
         Request::JoinGroup(request) => ready(group::join(broker, id, &request)),
-        Request::Heartbeat(request) => ready(group::heartbeat(broker, id, &request)),
+        Request::Heartbeat(request) => group::heartbeat(broker, id, request, shutdown.clone()),
         Request::LeaveGroup(request) => ready(group::leave(broker, id, &request)),
         Request::OffsetCommit(request) => ready(group::offset_commit(broker, id, request)),
         Request::OffsetFetch(request) => ready(group::offset_fetch(broker, id, &request)),

@@ -11,8 +11,11 @@ use lanes_protocol::messages::{
     ListGroupsResponse, OffsetCommitRequest, OffsetFetchRequest,
 };
 
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::{ResponseFuture, ready};
 use super::{Broker, blocking};
-use crate::group::GroupError;
+use crate::group::{Beat, BeatRun, GroupError};
 
 fn reply<T: lanes_protocol::ResponseBody>(
     api: &'static str,
@@ -37,8 +40,47 @@ pub(super) fn join(broker: &Arc<Broker>, id: u32, request: &JoinGroupRequest) ->
     )
 }
 
-pub(super) fn heartbeat(broker: &Arc<Broker>, id: u32, request: &HeartbeatRequest) -> Vec<Bytes> {
-    reply("heartbeat", id, broker.groups.heartbeat(request))
+/// Answers a heartbeat, or holds it while the coordinator has nothing new for the member
+/// (see [`Coordinator::heartbeat`]): until the group changes, the wait is over or the
+/// broker shuts down.
+///
+/// [`Coordinator::heartbeat`]: crate::group::Coordinator::heartbeat
+pub(super) fn heartbeat(
+    broker: &Arc<Broker>,
+    id: u32,
+    request: HeartbeatRequest,
+    shutdown: CancellationToken,
+) -> ResponseFuture {
+    let (mut changes, wait) = match broker.groups.heartbeat(&request, BeatRun::Arrived) {
+        Ok(Beat::Hold { changes, wait }) => (changes, wait),
+        beat => return ready(answer_beat(id, beat)),
+    };
+    let broker = Arc::clone(broker);
+    Box::pin(async move {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let run = tokio::select! {
+                changed = changes.changed() => match changed {
+                    Ok(()) => BeatRun::Changed,
+                    Err(_) => BeatRun::Over, // the group is gone
+                },
+                () = tokio::time::sleep_until(until) => BeatRun::Over,
+                () = shutdown.cancelled() => BeatRun::Over,
+            };
+            match broker.groups.heartbeat(&request, run) {
+                Ok(Beat::Hold { changes: again, .. }) => changes = again,
+                beat => return Some(answer_beat(id, beat)),
+            }
+        }
+    })
+}
+
+fn answer_beat(id: u32, beat: Result<Beat, GroupError>) -> Vec<Bytes> {
+    let response = beat.map(|beat| match beat {
+        Beat::Answer(response) => response,
+        Beat::Hold { .. } => unreachable!("a heartbeat is held only when asked to"),
+    });
+    reply("heartbeat", id, response)
 }
 
 pub(super) fn leave(broker: &Arc<Broker>, id: u32, request: &LeaveGroupRequest) -> Vec<Bytes> {

@@ -120,35 +120,49 @@ impl ResponseBody for JoinGroupResponse {
 }
 
 /// Heartbeat (9). Request: `group string, member_id string, owned` (an assignment: the
-/// partitions the member holds now). Response: `generation u32, assignment` (the
-/// partitions it should hold now), `pending u32` (how many more it will get once their
-/// previous owners release them: heartbeat again soon). Errors: `UNKNOWN_MEMBER` (join
-/// again).
+/// partitions the member holds now), and from version 1 `wait_ms_max u32`. Response:
+/// `generation u32, assignment` (the partitions it should hold now), `pending u32` (how
+/// many more it will get once their previous owners release them). Errors:
+/// `UNKNOWN_MEMBER` (join again).
+///
+/// With `wait_ms_max` above 0, a heartbeat with nothing new to answer (the assignment
+/// is what the member reports holding) is held by the broker until the group changes or
+/// that long passes (at most half the member's session): a long poll, so a member
+/// learns of a move at once instead of at its next heartbeat. Version 0 means 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeartbeatRequest {
     pub group: String,
     pub member_id: String,
     pub owned: Assignment,
+    pub wait_ms_max: u32,
 }
 
 impl HeartbeatRequest {
-    pub(crate) fn decode(reader: &mut Reader) -> Result<HeartbeatRequest, DecodeError> {
+    pub(crate) fn decode(reader: &mut Reader, api_version: u16) -> Result<HeartbeatRequest, DecodeError> {
         Ok(HeartbeatRequest {
             group: reader.string("group", GROUP_NAME_BYTES_MAX)?,
             member_id: reader.string("member_id", MEMBER_ID_BYTES_MAX)?,
             owned: get_assignment(reader)?,
+            wait_ms_max: if api_version >= 1 {
+                reader.u32("wait_ms_max")?
+            } else {
+                0
+            },
         })
     }
 }
 
 impl RequestBody for HeartbeatRequest {
     const API_KEY: ApiKey = ApiKey::Heartbeat;
+    // Version 1 adds `wait_ms_max`.
+    const API_VERSION: u16 = 1;
     type Response = HeartbeatResponse;
 
     fn encode(&self, writer: &mut Writer) {
         writer.string(&self.group);
         writer.string(&self.member_id);
         put_assignment(writer, &self.owned);
+        writer.u32(self.wait_ms_max);
     }
 }
 
