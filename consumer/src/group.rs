@@ -17,14 +17,18 @@
 //!
 //! Heartbeats use a connection of their own, so a held heartbeat never delays a commit
 //! or a leave, and never queues behind a long-poll fetch; commits, offset fetches and
-//! leaves share another. Both reconnect when the connection is lost.
+//! leaves share another, besides the fetcher's. Both
+//! reconnect when the connection is lost. Against a broker from before long polls
+//! (Heartbeat version 0 only), the task heartbeats every interval as before.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lanes_protocol::client::{ClientConfig, ClientError};
-use lanes_protocol::messages::{Assignment, HeartbeatRequest, JoinGroupRequest, TopicPartitions};
+use lanes_protocol::messages::{
+    Assignment, HeartbeatRequest, HeartbeatRequestV0, JoinGroupRequest, TopicPartitions,
+};
 use lanes_protocol::{ErrorCode, PartitionId};
 use tokio::sync::{Notify, watch};
 
@@ -175,6 +179,9 @@ pub(crate) fn to_assignment<'a>(partitions: impl IntoIterator<Item = &'a TopicPa
 
 /// Pause after a failed heartbeat or join.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Against a broker without long-poll heartbeats (Heartbeat version 0): the heartbeat
+/// period while partitions are on their way to this member.
+const PENDING_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Joins, then heartbeats until the consumer goes. Rejoins after losing the membership.
 async fn heartbeats(
@@ -188,6 +195,9 @@ async fn heartbeats(
     let session_ms = u32::try_from(config.session_timeout.as_millis()).unwrap_or(u32::MAX);
     let mut interval = config.session_timeout / 3;
     let mut last_ok = Instant::now();
+    // Until a broker refuses Heartbeat version 1 (one from before long polls): then
+    // version 0 every interval, as such a broker expects, until the consumer restarts.
+    let mut long_polls = true;
     let notify = || changes.send_modify(|n| *n += 1);
     loop {
         let member_id = lock(&shared).member_id.clone();
@@ -224,13 +234,16 @@ async fn heartbeats(
                     owned,
                     wait_ms_max: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
                 };
-                link.request(&request)
-                    .await
-                    .map(|beat| (None, beat.generation, beat.assignment, beat.pending))
+                let beat = if long_polls {
+                    link.request(&request).await
+                } else {
+                    link.request(&HeartbeatRequestV0(request)).await
+                };
+                beat.map(|beat| (None, beat.generation, beat.assignment, beat.pending))
             }
         };
-        let giving_up = match result {
-            Ok((joined_as, generation, assignment, _pending)) => {
+        let (giving_up, pending) = match result {
+            Ok((joined_as, generation, assignment, pending)) => {
                 last_ok = Instant::now();
                 let mut membership = lock(&shared);
                 if let Some(member_id) = joined_as {
@@ -241,7 +254,12 @@ async fn heartbeats(
                 let giving_up = !membership.held.is_subset(&membership.answer);
                 drop(membership);
                 notify();
-                giving_up
+                (giving_up, pending)
+            }
+            Err(error) if long_polls && error.code() == Some(ErrorCode::UnsupportedVersion) => {
+                tracing::info!(group = %config.group, "the broker has no long-poll heartbeats; heartbeating every interval");
+                long_polls = false;
+                continue;
             }
             Err(error) if error.code() == Some(ErrorCode::UnknownMember) => {
                 tracing::warn!(group = %config.group, "the group dropped this member; joining again");
@@ -272,9 +290,15 @@ async fn heartbeats(
                 continue;
             }
         };
-        if giving_up {
+        let delay = if !long_polls {
+            Some(if pending > 0 { PENDING_HEARTBEAT } else { interval })
+        } else {
+            // The broker answered at once and would again until the release.
+            giving_up.then_some(interval)
+        };
+        if let Some(delay) = delay {
             tokio::select! {
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = wake.notified() => {}
             }
         }

@@ -499,6 +499,12 @@ mod tests {
             owned: Vec::new(),
             wait_ms_max: 5000,
         };
+        let v0 = payload(encode_request(
+            4,
+            "c",
+            &crate::messages::HeartbeatRequestV0(heartbeat.clone()),
+        ));
+        assert_eq!(&v0[2..4], &0u16.to_be_bytes(), "sent as version 0");
         let mut frame = payload(encode_request(4, "c", &heartbeat));
         assert_eq!(&frame[2..4], &1u16.to_be_bytes(), "sent as version 1");
         frame[2..4].copy_from_slice(&0u16.to_be_bytes());
@@ -506,6 +512,7 @@ mod tests {
         let error = decode_request(frame.clone()).unwrap_err();
         assert_eq!(error.answer().unwrap().1, ErrorCode::MalformedRequest);
         frame.truncate(frame.len() - 4);
+        assert_eq!(frame, v0, "version 0 is version 1 without `wait_ms_max`");
         let (_, decoded) = decode_request(frame).unwrap();
         let Request::Heartbeat(decoded) = decoded else {
             panic!("decoded as {decoded:?}");

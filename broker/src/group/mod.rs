@@ -193,7 +193,6 @@ impl Group {
     fn answer(&mut self, member: &str) -> (Assignment, u32) {
         let mut holds = Vec::new();
         let mut pending = 0;
-        let mut granted = false;
         for (partition, target) in &self.target {
             if target != member {
                 continue;
@@ -202,15 +201,13 @@ impl Group {
                 None => {
                     self.owners.insert(partition.clone(), member.to_owned());
                     holds.push(partition);
-                    granted = true;
                 }
                 Some(owner) if owner == member => holds.push(partition),
                 Some(_) => pending += 1,
             }
         }
-        if granted {
-            self.changes.tick();
-        }
+        // No tick for a grant: it changes no other member's answer (the partition's
+        // target is this member).
         (to_assignment(holds), pending)
     }
 
@@ -434,22 +431,26 @@ impl Coordinator {
         let mut groups = self.groups();
         let group = member_group(&mut groups, &request.group, &request.member_id)?;
         let member = group.members.get_mut(&request.member_id).expect("checked");
-        if run == BeatRun::Arrived {
-            member.deadline = Instant::now() + member.session;
-        }
         let wait = Duration::from_millis(u64::from(request.wait_ms_max)).min(member.session / 2);
         let holds = from_assignment(&request.owned);
-        let released: Vec<TopicPartition> = group
-            .owners
-            .iter()
-            .filter(|(p, owner)| **owner == request.member_id && !holds.contains(*p))
-            .map(|(p, _)| p.clone())
-            .collect();
-        if !released.is_empty() {
-            group.changes.tick();
-        }
-        for partition in released {
-            group.owners.remove(&partition);
+        // Only an arriving heartbeat says what the member holds now. A held one may be
+        // stale (its connection lost, the member heartbeating on another since): on a
+        // re-run, it releases nothing, and where the member holds more than it says,
+        // the answer differs and goes out at once.
+        if run == BeatRun::Arrived {
+            member.deadline = Instant::now() + member.session;
+            let released: Vec<TopicPartition> = group
+                .owners
+                .iter()
+                .filter(|(p, owner)| **owner == request.member_id && !holds.contains(*p))
+                .map(|(p, _)| p.clone())
+                .collect();
+            if !released.is_empty() {
+                group.changes.tick();
+            }
+            for partition in released {
+                group.owners.remove(&partition);
+            }
         }
         let (assignment, pending) = group.answer(&request.member_id);
         if run != BeatRun::Over && !wait.is_zero() && from_assignment(&assignment) == holds {
@@ -829,7 +830,11 @@ impl Coordinator {
         {
             let mut groups = self.groups();
             for group in groups.values_mut() {
+                let owners_before = group.owners.len();
                 group.owners.retain(|p, _| p.topic != topic);
+                if group.owners.len() != owners_before {
+                    group.changes.tick();
+                }
             }
             self.offsets.forget_topic(topic)?;
         }
@@ -847,8 +852,9 @@ fn unix_now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Members heartbeat three times per session, and at least once a second so that
-/// moves (which wait for heartbeats) take about a second.
+/// Members heartbeat three times per session, and at least once a second. Moves do not
+/// wait for it: a held heartbeat answers as soon as the group changes (see
+/// [`Coordinator::heartbeat`]); this is how long one is held at most.
 fn heartbeat_interval_ms(session: Duration) -> u32 {
     (session.as_millis() / 3).clamp(1, 1000) as u32
 }

@@ -166,6 +166,22 @@ impl RequestBody for HeartbeatRequest {
     }
 }
 
+/// Heartbeat at version 0, for a broker that refuses version 1: the same request
+/// without `wait_ms_max`, answered at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeartbeatRequestV0(pub HeartbeatRequest);
+
+impl RequestBody for HeartbeatRequestV0 {
+    const API_KEY: ApiKey = ApiKey::Heartbeat;
+    type Response = HeartbeatResponse;
+
+    fn encode(&self, writer: &mut Writer) {
+        writer.string(&self.0.group);
+        writer.string(&self.0.member_id);
+        put_assignment(writer, &self.0.owned);
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeartbeatResponse {
     pub generation: u32,

@@ -22,10 +22,10 @@ pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
 pub use fetch::{FetchLane, FetchLaneResult, FetchRequest, FetchResponse};
 pub use group::{
     Assignment, CommitLane, CommitLaneResult, CommittedLane, DescribeGroupRequest, DescribeGroupResponse,
-    GROUP_NAME_BYTES_MAX, GroupMember, GroupSummary, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
-    JoinGroupResponse, LaneLag, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
-    MEMBER_ID_BYTES_MAX, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
-    TopicPartitions,
+    GROUP_NAME_BYTES_MAX, GroupMember, GroupSummary, HeartbeatRequest, HeartbeatRequestV0, HeartbeatResponse,
+    JoinGroupRequest, JoinGroupResponse, LaneLag, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
+    ListGroupsResponse, MEMBER_ID_BYTES_MAX, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+    OffsetFetchResponse, TopicPartitions,
 };
 pub use init_producer_id::{InitProducerIdRequest, InitProducerIdResponse};
 pub use list_offsets::{
