@@ -897,6 +897,50 @@ mod tests {
     }
 
     #[test]
+    fn only_a_heartbeats_arrival_keeps_the_session_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            data_dir: dir.path().to_path_buf(),
+            ..Settings::default()
+        };
+        let broker = crate::server::Broker::open(settings).unwrap();
+        let (groups, topics) = (&broker.groups, &broker.topics);
+        let joined = groups
+            .join(
+                topics,
+                &JoinGroupRequest {
+                    group: "g".into(),
+                    member_id: String::new(),
+                    client_id: "c".into(),
+                    topics: vec!["orders".into()],
+                    session_timeout_ms: 1000,
+                },
+            )
+            .unwrap();
+        let request = HeartbeatRequest {
+            group: "g".into(),
+            member_id: joined.member_id,
+            owned: joined.assignment,
+            wait_ms_max: 400,
+        };
+        // Nothing new: held. Its arrival renews the session.
+        let beat = groups.heartbeat(&request, BeatRun::Arrived).unwrap();
+        assert!(matches!(beat, Beat::Hold { wait, .. } if wait == Duration::from_millis(400)));
+        let arrived_by = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        // The held heartbeat's wait ends: answered, and the session is not renewed, so
+        // a member that died meanwhile times out a session after its heartbeat arrived.
+        let beat = groups.heartbeat(&request, BeatRun::Over).unwrap();
+        assert!(matches!(beat, Beat::Answer(_)));
+        groups.tick(topics, arrived_by + Duration::from_millis(1000));
+        assert!(matches!(
+            groups.heartbeat(&request, BeatRun::Arrived),
+            Err(GroupError::UnknownMember { .. })
+        ));
+        broker.close().unwrap();
+    }
+
+    #[test]
     fn assignments_group_partitions_by_topic() {
         let partitions: BTreeSet<TopicPartition> = [("a", 1), ("a", 3), ("b", 0)]
             .into_iter()
