@@ -17,9 +17,9 @@
 //!
 //! Heartbeats use a connection of their own, so a held heartbeat never delays a commit
 //! or a leave, and never queues behind a long-poll fetch; commits, offset fetches and
-//! leaves share another, besides the fetcher's. Both
-//! reconnect when the connection is lost. Against a broker from before long polls
-//! (Heartbeat version 0 only), the task heartbeats every interval as before.
+//! leaves share another, besides the fetcher's. Both reconnect when the connection is
+//! lost. Against a broker from before long polls (Heartbeat version 0 only), the task
+//! heartbeats every interval as before.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
