@@ -519,6 +519,98 @@ async fn dropping_a_producer_ends_its_pending_deliveries() {
     broker.stop().await;
 }
 
+/// `send` refuses a record for a missing topic, partition or lane, or too large for a
+/// batch, at once, also while the buffer is full; and records sent through a buffer
+/// smaller than a batch each wait for room and all arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_refuses_what_the_topic_lacks_at_once_and_otherwise_waits_for_room() {
+    use lanes_producer::ProduceError;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    create_topic(&broker.address(), "t", 1).await;
+    let mut config = ProducerConfig::new(broker.address());
+    config.create_topics = None;
+    config.buffer_bytes_max = 8 * 1024;
+    config.batch_bytes_max = 4 * 1024;
+    let producer = Producer::connect(config).await.unwrap();
+    // Records of 3,071 bytes in the buffer: more than is left once it is full below.
+    let value = "x".repeat(3000);
+    let refusals = async |producer: &Producer| {
+        let missing = producer.send(ProducerRecord::new("missing", value.clone())).await;
+        assert!(
+            matches!(missing, Err(ProduceError::UnknownTopic(_))),
+            "{missing:?}"
+        );
+        let partition = producer.send(record("t", 1, 0, value.clone())).await;
+        assert!(
+            matches!(
+                partition,
+                Err(ProduceError::UnknownPartition { partition: 1, .. })
+            ),
+            "{partition:?}"
+        );
+        let lane = ProducerRecord::new("t", value.clone()).lane(LaneSelector::Name("nope".into()));
+        let lane = producer.send(lane).await;
+        assert!(matches!(lane, Err(ProduceError::UnknownLane { .. })), "{lane:?}");
+        let large = producer.send(record("t", 0, 0, vec![0u8; 5000])).await;
+        assert!(
+            matches!(large, Err(ProduceError::RecordTooLarge { .. })),
+            "{large:?}"
+        );
+    };
+    refusals(&producer).await;
+
+    let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..300 {
+        let value = format!("{i:05}{}", "x".repeat(995));
+        deliveries.push(producer.send(record("t", 0, 0, value.clone())).await.unwrap());
+        sent.entry((0, 0)).or_default().push(value);
+    }
+    for delivery in deliveries {
+        delivery.wait().await.unwrap();
+    }
+    producer.close().await.unwrap();
+    assert_stored_as_sent(&read_all(&broker.address(), "t", None).await, &sent);
+    broker.stop().await;
+
+    // A buffer kept full: durable acks from a broker that does not fsync for an hour.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |s| {
+        s.fsync = lanes_broker::config::FsyncMode::Interval;
+        s.fsync_interval_ms = 3_600_000;
+    })
+    .await;
+    create_topic(&broker.address(), "t", 1).await;
+    let mut config = ProducerConfig::new(broker.address());
+    config.create_topics = None;
+    config.buffer_bytes_max = 8 * 1024;
+    config.batch_bytes_max = 4 * 1024;
+    let producer = Producer::connect(config).await.unwrap();
+    // 7 records of 1,071 bytes leave 695 of the 8,192.
+    let mut pending = Vec::new();
+    for _ in 0..7 {
+        pending.push(producer.send(record("t", 0, 0, vec![1u8; 1000])).await.unwrap());
+    }
+    // Their produce requests reach the broker and wait there for durability: a topic
+    // lookup must not wait behind them.
+    let topic = broker.broker.topics.get("t").unwrap();
+    let log = &topic.log(PartitionId(0), Lane(0)).unwrap().log;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while log.next_offset().0 < 7 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the records were not written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(20), refusals(&producer))
+        .await
+        .expect("refused at once");
+    drop(producer);
+    broker.stop().await;
+}
+
 /// A TCP proxy to `broker` that passes every request and every response except those
 /// to Produce requests, which it swallows: produce requests stay in flight for ever.
 async fn produce_blackhole_proxy(broker: SocketAddr) -> SocketAddr {

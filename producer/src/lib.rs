@@ -37,7 +37,7 @@ use lanes_protocol::client::{Client, ClientConfig, ClientError};
 use lanes_protocol::messages::{Acks, CreateTopicRequest, InitProducerIdRequest, MetadataRequest};
 use lanes_protocol::partitioner::partition_for_key;
 use lanes_protocol::{BatchLimits, BuildError, ErrorCode, Lane, PartitionId, RecordBatchBuilder};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc, oneshot};
 
 use record::{Abandon, BatchResult};
 pub use record::{Delivery, LaneSelector, ProducerRecord, RecordMetadata};
@@ -150,7 +150,8 @@ pub(crate) struct TopicInfo {
     pub(crate) name: Arc<str>,
     pub(crate) partitions: u32,
     pub(crate) lanes: Vec<String>,
-    /// Records without a key: the partition they started on, and the bytes sent since.
+    /// Records without a key: the partition they started on, and the bytes sent since
+    /// (changed only under the accumulator lock, which holds the producer's topics).
     keyless_first: u32,
     keyless_bytes: AtomicU64,
 }
@@ -176,6 +177,18 @@ impl TopicInfo {
         }
     }
 
+    /// Fails as `send` would for a record's explicit partition or its lane.
+    fn check(&self, record: &ProducerRecord) -> Result<(), ProduceError> {
+        self.lane(&record.lane)?;
+        match record.partition {
+            Some(partition) if partition.0 >= self.partitions => Err(ProduceError::UnknownPartition {
+                topic: self.name.to_string(),
+                partition: partition.0,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// `record_bytes` is the record's encoded size, counted towards `batch_bytes_max`
     /// when the record has no key.
     fn partition(
@@ -196,9 +209,11 @@ impl TopicInfo {
             // the next. Round robin per record would cut every burst of sends into one
             // small batch per partition: more requests and appends, smaller writes.
             (None, None) => {
-                let sent_bytes = self
-                    .keyless_bytes
-                    .fetch_add(record_bytes as u64, Ordering::Relaxed);
+                // A load and a store, not an atomic add: callers hold the accumulator
+                // lock, and `send` runs this for every record.
+                let sent_bytes = self.keyless_bytes.load(Ordering::Relaxed);
+                self.keyless_bytes
+                    .store(sent_bytes + record_bytes as u64, Ordering::Relaxed);
                 let turn = sent_bytes / u64::from(batch_bytes_max.max(1));
                 let partition = (u64::from(self.keyless_first) + turn) % u64::from(self.partitions.max(1));
                 Ok(PartitionId(partition as u32))
@@ -227,8 +242,6 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Producer {
     shared: Arc<Shared>,
-    /// Topics already looked up: every `send` reads it, so a plain lock and a fast hash.
-    topics: Mutex<foldhash::HashMap<String, Arc<TopicInfo>>>,
     /// Held while a topic is looked up or created, so that happens once per topic.
     topic_lookup: tokio::sync::Mutex<()>,
     /// For metadata and topic creation; replaced when its connection is lost.
@@ -267,16 +280,20 @@ impl Producer {
             abandon: Arc::new(Abandon::default()),
             config,
         });
+        // Batches go on a connection of their own: answers come in request order on a
+        // connection, so a topic lookup behind produce requests waiting for durability
+        // would wait with them, up to `durability_timeout`.
+        let sending = Client::connect(&shared.config.broker, client_config(&shared.config)).await?;
+        keep_to_broker_limit(&shared.batch_bytes_max, &shared.config, &sending);
         let (commands, receiver) = mpsc::channel(16);
         let task = tokio::spawn(sender::run(
             Arc::clone(&shared),
-            Arc::clone(&admin),
+            Arc::new(sending),
             producer,
             receiver,
         ));
         Ok(Producer {
             shared,
-            topics: Mutex::new(foldhash::HashMap::default()),
             topic_lookup: tokio::sync::Mutex::new(()),
             admin: tokio::sync::Mutex::new(admin),
             commands,
@@ -286,15 +303,12 @@ impl Producer {
 
     /// Buffers a record for sending; waits while the buffer is full. The returned
     /// [`Delivery`] resolves when the broker has acknowledged it.
-    pub async fn send(&self, record: ProducerRecord) -> Result<Delivery, ProduceError> {
+    pub async fn send(&self, mut record: ProducerRecord) -> Result<Delivery, ProduceError> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ProduceError::Closed);
         }
-        let topic = self.topic(&record.topic).await?;
-        let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
         let reserve = record.encoded_len_max();
-        let partition = topic.partition(&record, reserve, batch_bytes_max)?;
-        let lane = topic.lane(&record.lane)?;
+        let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
         if reserve + lanes_protocol::record_batch::HEADER_BYTES > batch_bytes_max as usize {
             return Err(ProduceError::RecordTooLarge {
                 record_bytes: reserve,
@@ -302,85 +316,142 @@ impl Producer {
             });
         }
         let permits = u32::try_from(reserve).expect("bounded by batch_bytes_max");
-        self.shared
-            .buffer
-            .acquire_many(permits)
-            .await
-            .map_err(|_| ProduceError::Closed)?
-            .forget();
+        // The common case takes one lock and awaits nothing: room in the buffer now and
+        // the topic known. Every send pays this path, so it is kept to a few atomics.
+        let mut room = match self.shared.buffer.try_acquire_many(permits) {
+            Ok(held) => {
+                held.forget();
+                true
+            }
+            Err(TryAcquireError::Closed) => return Err(ProduceError::Closed),
+            Err(TryAcquireError::NoPermits) => false,
+        };
+        loop {
+            if room {
+                match self.append(record, reserve)? {
+                    Ok(delivery) => return Ok(delivery),
+                    Err(unknown_topic) => {
+                        record = unknown_topic;
+                        self.shared.buffer.add_permits(reserve);
+                    }
+                }
+            }
+            // The topic first, so a record for an unknown topic, partition or lane fails
+            // without waiting for room.
+            let topic = self.topic(&record.topic).await?;
+            topic.check(&record)?;
+            self.shared
+                .buffer
+                .acquire_many(permits)
+                .await
+                .map_err(|_| ProduceError::Closed)?
+                .forget();
+            room = true;
+        }
+    }
+
+    /// Adds a record, whose `reserve` bytes of buffer room are held, to its lane log's
+    /// open batch. Hands the record back when its topic is not known yet. On an error
+    /// the room is given back.
+    fn append(
+        &self,
+        record: ProducerRecord,
+        reserve: usize,
+    ) -> Result<Result<Delivery, ProducerRecord>, ProduceError> {
+        let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
+        let Accumulator {
+            open: opens,
+            closed,
+            topics,
+        } = &mut *accumulator;
+        let Some(topic) = topics.get(&*record.topic) else {
+            return Ok(Err(record));
+        };
+        // Read under the lock: a reconnection may have lowered it, and every record sees
+        // the limits in the order the sender set them.
+        let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
+        let placed = topic
+            .partition(&record, reserve, batch_bytes_max)
+            .and_then(|partition| Ok((partition, topic.lane(&record.lane)?)));
+        let (partition, lane) = match placed {
+            Ok(placed) => placed,
+            Err(error) => {
+                drop(accumulator);
+                self.shared.buffer.add_permits(reserve);
+                return Err(error);
+            }
+        };
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let headers: Vec<(&[u8], Option<&[u8]>)> = record
             .headers
             .iter()
             .map(|(k, v)| (&k[..], v.as_deref()))
             .collect();
+        let limits = BatchLimits {
+            batch_bytes_max,
+            batch_records_max: u32::MAX,
+        };
+        let abandon = &self.shared.abandon;
+        let mut wake = false;
+        // The record's own topic name becomes the key: a hit clones nothing.
         let key = LogKey {
-            topic: Arc::clone(&topic.name),
+            topic: record.topic,
             partition,
             lane,
         };
-        let (delivery, wake) = {
-            let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
-            let Accumulator { open: opens, closed } = &mut *accumulator;
-            // Read again under the lock, after the wait for buffer room: a reconnection
-            // meanwhile may have lowered it, and every record sees the limits in the
-            // order the sender set them.
-            let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
-            let limits = BatchLimits {
-                batch_bytes_max,
-                batch_records_max: u32::MAX,
-            };
-            let mut wake = false;
-            let abandon = &self.shared.abandon;
-            let open = opens.entry(key.clone()).or_insert_with(|| {
+        let open = match opens.get_mut(&key) {
+            Some(open) => open,
+            None => {
                 wake = true;
-                OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST)
-            });
-            if open.builder.limits().batch_bytes_max > batch_bytes_max {
-                // Opened before the broker told a smaller limit: sealed as it is, so that
-                // this record starts a batch of the size the broker takes now.
-                let next = OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST);
-                closed.push_back((key.clone(), std::mem::replace(open, next)));
-                wake = true;
+                opens
+                    .entry(key.clone())
+                    .or_insert_with(|| OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST))
             }
-            let mut pushed = open
+        };
+        if open.builder.limits().batch_bytes_max > batch_bytes_max {
+            // Opened before the broker told a smaller limit: sealed as it is, so that
+            // this record starts a batch of the size the broker takes now.
+            let next = OpenBatch::new(limits, abandon, BATCH_CAPACITY_FIRST);
+            closed.push_back((key.clone(), std::mem::replace(open, next)));
+            wake = true;
+        }
+        let mut pushed = open
+            .builder
+            .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
+        if let Err(BuildError::BatchFull) = pushed {
+            // Its lane log fills batches: the next one gets its full size at once
+            // rather than growing (each growth copies the batch).
+            let next = OpenBatch::new(limits, abandon, batch_bytes_max as usize);
+            closed.push_back((key.clone(), std::mem::replace(open, next)));
+            wake = true;
+            pushed = open
                 .builder
                 .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
-            if let Err(BuildError::BatchFull) = pushed {
-                // Its lane log fills batches: the next one gets its full size at once
-                // rather than growing (each growth copies the batch).
-                let next = OpenBatch::new(limits, abandon, batch_bytes_max as usize);
-                closed.push_back((key.clone(), std::mem::replace(open, next)));
-                wake = true;
-                pushed = open
-                    .builder
-                    .push(timestamp_ms, record.key.as_deref(), &record.value, &headers);
-            }
-            if let Err(error) = pushed {
-                drop(accumulator);
-                self.shared.buffer.add_permits(reserve);
-                return Err(match error {
-                    BuildError::TimestampOutOfRange(_)
-                    | BuildError::RecordTooLarge { .. }
-                    | BuildError::BatchFull => ProduceError::RecordTooLarge {
-                        record_bytes: reserve,
-                        batch_bytes_max,
-                    },
-                });
-            }
-            open.reserved += reserve;
-            let delivery = Delivery {
-                batch: Arc::clone(&open.result),
-                index: open.builder.record_count() - 1,
-                partition,
-                lane,
-            };
-            (delivery, wake)
+        }
+        if let Err(error) = pushed {
+            drop(accumulator);
+            self.shared.buffer.add_permits(reserve);
+            return Err(match error {
+                BuildError::TimestampOutOfRange(_)
+                | BuildError::RecordTooLarge { .. }
+                | BuildError::BatchFull => ProduceError::RecordTooLarge {
+                    record_bytes: reserve,
+                    batch_bytes_max,
+                },
+            });
+        }
+        open.reserved += reserve;
+        let delivery = Delivery {
+            batch: Arc::clone(&open.result),
+            index: open.builder.record_count() - 1,
+            partition,
+            lane,
         };
+        drop(accumulator);
         if wake {
             self.shared.wake.notify_one();
         }
-        Ok(delivery)
+        Ok(Ok(delivery))
     }
 
     /// Sends every buffered record now and waits until all of them are acknowledged
@@ -414,8 +485,12 @@ impl Producer {
     /// created when the config says so.
     async fn topic(&self, name: &str) -> Result<Arc<TopicInfo>, ProduceError> {
         let cached = |producer: &Producer| {
-            let topics = producer.topics.lock().expect("topics lock poisoned");
-            topics.get(name).map(Arc::clone)
+            let accumulator = producer
+                .shared
+                .accumulator
+                .lock()
+                .expect("accumulator lock poisoned");
+            accumulator.topics.get(name).map(Arc::clone)
         };
         if let Some(info) = cached(self) {
             return Ok(info);
@@ -425,10 +500,12 @@ impl Producer {
             return Ok(info);
         }
         let info = Arc::new(self.fetch_topic(name).await?);
-        self.topics
+        self.shared
+            .accumulator
             .lock()
-            .expect("topics lock poisoned")
-            .insert(name.to_owned(), Arc::clone(&info));
+            .expect("accumulator lock poisoned")
+            .topics
+            .insert(Arc::clone(&info.name), Arc::clone(&info));
         Ok(info)
     }
 

@@ -56,11 +56,13 @@ pub(crate) struct OpenBatch {
     pub(crate) reserved: usize,
 }
 
-/// Batches between `send` and the sender: open ones per lane log, and full ones.
+/// Batches between `send` and the sender: open ones per lane log, and full ones; and
+/// the topics `send` looked up, under the same lock so that a send takes only one.
 #[derive(Debug, Default)]
 pub(crate) struct Accumulator {
     pub(crate) open: foldhash::HashMap<LogKey, OpenBatch>,
     pub(crate) closed: VecDeque<(LogKey, OpenBatch)>,
+    pub(crate) topics: foldhash::HashMap<Arc<str>, Arc<crate::TopicInfo>>,
 }
 
 #[derive(Debug)]
