@@ -887,3 +887,80 @@ async fn a_consumer_outside_groups_far_behind_the_cached_tail_gets_every_record_
     }
     broker.stop().await;
 }
+
+/// A TCP proxy to `broker` that closes the connection carrying the first OffsetCommit
+/// request, without passing it on, as a broker closing an idle connection would when a
+/// commit goes out on it; it passes everything else. Returns its address and whether it
+/// has cut.
+async fn cut_first_commit_proxy(broker: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut_here = Arc::clone(&cut);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let Ok(mut upstream) = tokio::net::TcpStream::connect(broker).await else {
+                continue;
+            };
+            let cut = Arc::clone(&cut_here);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.split();
+                let (mut upstream_read, mut upstream_write) = upstream.split();
+                let responses = tokio::io::copy(&mut upstream_read, &mut client_write);
+                let requests = async {
+                    loop {
+                        let mut prefix = [0u8; 4];
+                        client_read.read_exact(&mut prefix).await?;
+                        let mut frame = prefix.to_vec();
+                        frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+                        client_read.read_exact(&mut frame[4..]).await?;
+                        let api_key = u16::from_be_bytes([frame[4], frame[5]]);
+                        if api_key == 11 && !cut.swap(true, Ordering::SeqCst) {
+                            return Ok::<(), std::io::Error>(());
+                        }
+                        upstream_write.write_all(&frame).await?;
+                    }
+                };
+                tokio::select! {
+                    _ = responses => {}
+                    _ = requests => {}
+                }
+            });
+        }
+    });
+    (address, cut)
+}
+
+/// A commit whose connection is lost with it goes out once more on a new connection
+/// (commits are idempotent), so the caller does not see the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_connection_is_lost_goes_out_once_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 1).await;
+    produce(&address, 0, 10).await;
+    let (proxy, cut) = cut_first_commit_proxy(broker.addr).await;
+    let mut consumer = Consumer::connect(ConsumerConfig::new(proxy.to_string()))
+        .await
+        .unwrap();
+    let mut group = GroupConfig::new("fulfilment", &["orders"]);
+    group.auto_commit_interval = None;
+    consumer.subscribe(group).unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = 0;
+    while seen < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "{seen} of 10 records");
+        seen += consumer
+            .poll_timeout(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len();
+    }
+    consumer.commit().await.expect("committed on a new connection");
+    assert!(cut.load(Ordering::SeqCst), "the proxy cut a commit");
+    assert_eq!(committed(&client(&address).await, 0).await, Some(Offset(10)));
+    consumer.close().await.unwrap();
+    broker.stop().await;
+}

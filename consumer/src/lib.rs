@@ -637,7 +637,8 @@ impl Consumer {
     }
 
     /// Commits the given offsets (each the offset of the next record to read) for this
-    /// member's group. Durable when this returns `Ok`.
+    /// member's group. Durable when this returns `Ok`. A commit whose connection is lost
+    /// with it goes out once more, on a new connection.
     pub async fn commit_offsets(&mut self, offsets: &[(LogKey, Offset)]) -> Result<(), ConsumeError> {
         let Some(group) = &mut self.group else {
             return Err(ConsumeError::Usage("commit needs a group: call subscribe first"));
@@ -686,11 +687,14 @@ impl Consumer {
             member_id,
             topics,
         };
-        let response = group
-            .link
-            .request(&request)
-            .await
-            .map_err(|error| group_error(&group.config, error))?;
+        // Once more after a connection lost with the commit on it: commits are
+        // idempotent, and the commit connection idles between commits, so the broker
+        // may close it (`connection_idle_ms_max`) as a commit goes out.
+        let response = match group.link.request(&request).await {
+            Err(ClientError::Closed(_)) => group.link.request(&request).await,
+            answered => answered,
+        }
+        .map_err(|error| group_error(&group.config, error))?;
         group.last_commit = Instant::now();
         let mut first_error = None;
         for topic in &response.topics {
@@ -871,11 +875,14 @@ impl Consumer {
             group: group.config.group.clone(),
             partitions: to_assignment(partitions),
         };
-        let response = group
-            .link
-            .request(&request)
-            .await
-            .map_err(|error| group_error(&group.config, error))?;
+        // Once more after a connection lost with the commit on it: commits are
+        // idempotent, and the commit connection idles between commits, so the broker
+        // may close it (`connection_idle_ms_max`) as a commit goes out.
+        let response = match group.link.request(&request).await {
+            Err(ClientError::Closed(_)) => group.link.request(&request).await,
+            answered => answered,
+        }
+        .map_err(|error| group_error(&group.config, error))?;
         let mut committed: HashMap<LogKey, Offset> = HashMap::new();
         for topic in &response.topics {
             for (name, partition, lane) in topic.lanes() {
