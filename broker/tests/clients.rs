@@ -525,14 +525,18 @@ async fn dropping_a_producer_ends_its_pending_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_refuses_what_the_topic_lacks_at_once_and_otherwise_waits_for_room() {
     use lanes_producer::ProduceError;
+    // An 8 KiB buffer, batches of 4 KiB, and no topics made on demand.
+    let small_buffer = |broker: &TestBroker| {
+        let mut config = ProducerConfig::new(broker.address());
+        config.create_topics = None;
+        config.buffer_bytes_max = 8 * 1024;
+        config.batch_bytes_max = 4 * 1024;
+        config
+    };
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     create_topic(&broker.address(), "t", 1).await;
-    let mut config = ProducerConfig::new(broker.address());
-    config.create_topics = None;
-    config.buffer_bytes_max = 8 * 1024;
-    config.batch_bytes_max = 4 * 1024;
-    let producer = Producer::connect(config).await.unwrap();
+    let producer = Producer::connect(small_buffer(&broker)).await.unwrap();
     // Records of 3,071 bytes in the buffer: more than is left once it is full below.
     let value = "x".repeat(3000);
     let refusals = async |producer: &Producer| {
@@ -582,11 +586,7 @@ async fn a_send_refuses_what_the_topic_lacks_at_once_and_otherwise_waits_for_roo
     })
     .await;
     create_topic(&broker.address(), "t", 1).await;
-    let mut config = ProducerConfig::new(broker.address());
-    config.create_topics = None;
-    config.buffer_bytes_max = 8 * 1024;
-    config.batch_bytes_max = 4 * 1024;
-    let producer = Producer::connect(config).await.unwrap();
+    let producer = Producer::connect(small_buffer(&broker)).await.unwrap();
     // 7 records of 1,071 bytes leave 695 of the 8,192.
     let mut pending = Vec::new();
     for _ in 0..7 {

@@ -5,12 +5,13 @@
 mod server_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, TopicPartition};
 use lanes_producer::{LaneSelector, Producer, ProducerConfig, ProducerRecord};
+use lanes_protocol::api::{ApiKey, encode_error_response};
 use lanes_protocol::client::{Client, ClientConfig, ClientError};
 use lanes_protocol::messages::{
     Assignment, CommitLane, DescribeGroupRequest, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
@@ -888,38 +889,65 @@ async fn a_consumer_outside_groups_far_behind_the_cached_tail_gets_every_record_
     broker.stop().await;
 }
 
-/// A TCP proxy to `broker` that closes the connection carrying the first OffsetCommit
-/// request, without passing it on, as a broker closing an idle connection would when a
-/// commit goes out on it; it passes everything else. Returns its address and whether it
-/// has cut.
-async fn cut_first_commit_proxy(broker: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// What [`request_proxy`] does with a request frame.
+enum Verdict {
+    Pass,
+    /// Close the connection, the request not passed on.
+    Cut,
+    /// Answer with this frame in the broker's place.
+    Answer(Vec<bytes::Bytes>),
+}
+
+/// A TCP proxy to `broker` that asks `decide` about every request frame (length prefix
+/// included). Answers go back whole frames at a time, so one it makes up never lands
+/// inside the broker's.
+async fn request_proxy(
+    broker: std::net::SocketAddr,
+    decide: impl Fn(&[u8]) -> Verdict + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+    async fn read_frame(from: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+        let mut prefix = [0u8; 4];
+        from.read_exact(&mut prefix).await?;
+        let mut frame = prefix.to_vec();
+        frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+        from.read_exact(&mut frame[4..]).await?;
+        Ok(frame)
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let cut = Arc::new(AtomicBool::new(false));
-    let cut_here = Arc::clone(&cut);
+    let decide = Arc::new(decide);
     tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let Ok(mut upstream) = tokio::net::TcpStream::connect(broker).await else {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else {
                 continue;
             };
-            let cut = Arc::clone(&cut_here);
+            let decide = Arc::clone(&decide);
             tokio::spawn(async move {
-                let (mut client_read, mut client_write) = client.split();
-                let (mut upstream_read, mut upstream_write) = upstream.split();
-                let responses = tokio::io::copy(&mut upstream_read, &mut client_write);
+                let (mut client_read, client_write) = client.into_split();
+                let (mut upstream_read, mut upstream_write) = upstream.into_split();
+                let client_write = tokio::sync::Mutex::new(client_write);
+                let responses = async {
+                    loop {
+                        let frame = read_frame(&mut upstream_read).await?;
+                        client_write.lock().await.write_all(&frame).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                };
                 let requests = async {
                     loop {
-                        let mut prefix = [0u8; 4];
-                        client_read.read_exact(&mut prefix).await?;
-                        let mut frame = prefix.to_vec();
-                        frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
-                        client_read.read_exact(&mut frame[4..]).await?;
-                        let api_key = u16::from_be_bytes([frame[4], frame[5]]);
-                        if api_key == 11 && !cut.swap(true, Ordering::SeqCst) {
-                            return Ok::<(), std::io::Error>(());
+                        let frame = read_frame(&mut client_read).await?;
+                        match decide(&frame) {
+                            Verdict::Pass => upstream_write.write_all(&frame).await?,
+                            Verdict::Cut => return Ok::<(), std::io::Error>(()),
+                            Verdict::Answer(answer) => {
+                                let mut client_write = client_write.lock().await;
+                                for chunk in answer {
+                                    client_write.write_all(&chunk).await?;
+                                }
+                            }
                         }
-                        upstream_write.write_all(&frame).await?;
                     }
                 };
                 tokio::select! {
@@ -929,7 +957,38 @@ async fn cut_first_commit_proxy(broker: std::net::SocketAddr) -> (std::net::Sock
             });
         }
     });
-    (address, cut)
+    address
+}
+
+/// A request frame's API key and version.
+fn api_of(frame: &[u8]) -> (u16, u16) {
+    (
+        u16::from_be_bytes([frame[4], frame[5]]),
+        u16::from_be_bytes([frame[6], frame[7]]),
+    )
+}
+
+/// A member of group `fulfilment` of topic `orders`, without auto-commit, once it has
+/// read `records` records.
+async fn member_that_read(address: &str, records: usize) -> Consumer {
+    let mut consumer = Consumer::connect(ConsumerConfig::new(address)).await.unwrap();
+    let mut group = GroupConfig::new("fulfilment", &["orders"]);
+    group.auto_commit_interval = None;
+    consumer.subscribe(group).unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = 0;
+    while seen < records {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{seen} of {records} records"
+        );
+        seen += consumer
+            .poll_timeout(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len();
+    }
+    consumer
 }
 
 /// A commit whose connection is lost with it goes out once more on a new connection
@@ -941,26 +1000,87 @@ async fn a_commit_whose_connection_is_lost_goes_out_once_more() {
     let address = broker.address();
     create_topic(&address, "orders", 1).await;
     produce(&address, 0, 10).await;
-    let (proxy, cut) = cut_first_commit_proxy(broker.addr).await;
-    let mut consumer = Consumer::connect(ConsumerConfig::new(proxy.to_string()))
-        .await
-        .unwrap();
-    let mut group = GroupConfig::new("fulfilment", &["orders"]);
-    group.auto_commit_interval = None;
-    consumer.subscribe(group).unwrap();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut seen = 0;
-    while seen < 10 {
-        assert!(tokio::time::Instant::now() < deadline, "{seen} of 10 records");
-        seen += consumer
-            .poll_timeout(Duration::from_millis(100))
-            .await
-            .unwrap()
-            .len();
-    }
+    // The connection carrying the first commit is closed, the commit not passed on, as
+    // a broker closing an idle connection would as a commit goes out on it.
+    let cut = Arc::new(AtomicBool::new(false));
+    let proxy = request_proxy(broker.addr, {
+        let cut = Arc::clone(&cut);
+        move |frame| match api_of(frame) {
+            (key, _) if key == ApiKey::OffsetCommit as u16 && !cut.swap(true, Ordering::SeqCst) => {
+                Verdict::Cut
+            }
+            _ => Verdict::Pass,
+        }
+    })
+    .await;
+    let mut consumer = member_that_read(&proxy.to_string(), 10).await;
     consumer.commit().await.expect("committed on a new connection");
     assert!(cut.load(Ordering::SeqCst), "the proxy cut a commit");
     assert_eq!(committed(&client(&address).await, 0).await, Some(Offset(10)));
+    consumer.close().await.unwrap();
+    broker.stop().await;
+}
+
+/// Against a broker without long-poll heartbeats (one that refuses Heartbeat version 1),
+/// a member falls back to version 0 and still gets and reads its partitions; after a
+/// lost connection it tries version 1 again (the broker may have been upgraded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_heartbeats_at_version_0_with_an_older_broker_and_tries_1_again_after_a_reconnection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "orders", 1).await;
+    produce(&address, 0, 10).await;
+    // An "older broker" until the third version 0 heartbeat, whose connection it cuts;
+    // from then on the broker as it is.
+    let (refused, version_0, passed_1) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let proxy = request_proxy(broker.addr, {
+        let (refused, version_0, passed_1) = (
+            Arc::clone(&refused),
+            Arc::clone(&version_0),
+            Arc::clone(&passed_1),
+        );
+        move |frame| {
+            let (key, version) = api_of(frame);
+            if key != ApiKey::Heartbeat as u16 {
+                return Verdict::Pass;
+            }
+            let older = version_0.load(Ordering::SeqCst) < 3;
+            match version {
+                1 if older => {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    let correlation_id = u32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+                    Verdict::Answer(encode_error_response(
+                        correlation_id,
+                        ErrorCode::UnsupportedVersion,
+                        "api key 9 does not support version 1",
+                    ))
+                }
+                1 => {
+                    passed_1.fetch_add(1, Ordering::SeqCst);
+                    Verdict::Pass
+                }
+                _ if version_0.fetch_add(1, Ordering::SeqCst) == 2 => Verdict::Cut,
+                _ => Verdict::Pass,
+            }
+        }
+    })
+    .await;
+    let consumer = member_that_read(&proxy.to_string(), 10).await;
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        1,
+        "version 1 refused once, then version 0"
+    );
+    wait_until("a version 1 heartbeat after the reconnection", || {
+        passed_1.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(refused.load(Ordering::SeqCst), 1);
     consumer.close().await.unwrap();
     broker.stop().await;
 }

@@ -19,7 +19,8 @@
 //! or a leave, and never queues behind a long-poll fetch; commits, offset fetches and
 //! leaves share another, besides the fetcher's. Both reconnect when the connection is
 //! lost. Against a broker from before long polls (Heartbeat version 0 only), the task
-//! heartbeats every interval as before.
+//! heartbeats every interval as before, and tries version 1 again after a lost
+//! connection.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -196,7 +197,8 @@ async fn heartbeats(
     let mut interval = config.session_timeout / 3;
     let mut last_ok = Instant::now();
     // Until a broker refuses Heartbeat version 1 (one from before long polls): then
-    // version 0 every interval, as such a broker expects, until the consumer restarts.
+    // version 0 every interval, as such a broker expects, until the connection is lost
+    // (the broker may come back upgraded).
     let mut long_polls = true;
     let notify = || changes.send_modify(|n| *n += 1);
     loop {
@@ -280,6 +282,7 @@ async fn heartbeats(
             }
             Err(error) => {
                 tracing::warn!(group = %config.group, %error, "heartbeat failed; retrying");
+                long_polls |= error.is_connection_lost();
                 // Without heartbeats the broker gives the partitions to others once the
                 // session times out; stop treating them as ours at the same time.
                 if last_ok.elapsed() >= config.session_timeout && lock(&shared).member_id.is_some() {
