@@ -213,9 +213,17 @@ async fn a_producer_keeps_its_batches_within_the_brokers_limit() {
     let config = ProducerConfig::new(broker.address());
     assert!(config.batch_bytes_max > 16 * 1024);
     let producer = Producer::connect(config).await.unwrap();
+    send_numbered_and_check(&producer, &broker, 200).await;
+    broker.stop().await;
+}
+
+/// Sends `count` numbered records of 1,000 bytes to lane log 0/0 of topic `t`, waits
+/// for their acknowledgements, closes the producer, and checks that the log holds them,
+/// in order.
+async fn send_numbered_and_check(producer: &Producer, broker: &TestBroker, count: usize) {
     let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
     let mut deliveries = Vec::new();
-    for i in 0..200 {
+    for i in 0..count {
         let value = format!("{i:05}{}", "x".repeat(995));
         deliveries.push(producer.send(record("t", 0, 0, value.clone())).await.unwrap());
         sent.entry((0, 0)).or_default().push(value);
@@ -225,7 +233,6 @@ async fn a_producer_keeps_its_batches_within_the_brokers_limit() {
     }
     producer.close().await.unwrap();
     assert_stored_as_sent(&read_all(&broker.address(), "t", None).await, &sent);
-    broker.stop().await;
 }
 
 /// Reads one response frame (its 4-byte length, then the rest) from `from`.
@@ -564,18 +571,7 @@ async fn a_send_refuses_what_the_topic_lacks_at_once_and_otherwise_waits_for_roo
     };
     refusals(&producer).await;
 
-    let mut sent: HashMap<(u32, u8), Vec<String>> = HashMap::new();
-    let mut deliveries = Vec::new();
-    for i in 0..300 {
-        let value = format!("{i:05}{}", "x".repeat(995));
-        deliveries.push(producer.send(record("t", 0, 0, value.clone())).await.unwrap());
-        sent.entry((0, 0)).or_default().push(value);
-    }
-    for delivery in deliveries {
-        delivery.wait().await.unwrap();
-    }
-    producer.close().await.unwrap();
-    assert_stored_as_sent(&read_all(&broker.address(), "t", None).await, &sent);
+    send_numbered_and_check(&producer, &broker, 300).await;
     broker.stop().await;
 
     // A buffer kept full: durable acks from a broker that does not fsync for an hour.
