@@ -363,6 +363,71 @@ async fn a_producer_keeps_to_a_smaller_batch_limit_after_the_broker_restarts() {
     broker.stop().await;
 }
 
+/// A send that waited for room while a reconnection lowered the batch limit below its
+/// record fails with `RecordTooLarge`, and the producer goes on. (It used to open an
+/// empty batch, which the sender cannot seal: a panic that stopped every delivery.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_for_room_while_the_batch_limit_drops_fails_alone() {
+    use lanes_producer::ProduceError;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    let address = broker.address();
+    create_topic(&address, "t", 1).await;
+    let mut config = ProducerConfig::new(&address);
+    config.buffer_bytes_max = 64 * 1024;
+    let producer = Arc::new(Producer::connect(config).await.unwrap());
+    let first = producer.send(record("t", 0, 0, "first")).await.unwrap();
+    first.wait().await.unwrap();
+    broker.stop().await;
+    // With the broker gone, records stay in the buffer until it is full (a send that
+    // waits 200 ms is taken for waiting for room).
+    let mut waiting = Vec::new();
+    while let Ok(delivery) = tokio::time::timeout(
+        Duration::from_millis(200),
+        producer.send(record("t", 0, 0, vec![1u8; 10_000])),
+    )
+    .await
+    {
+        waiting.push(delivery.unwrap());
+    }
+    // 30,000 bytes: within the limit `send` checks now, not within the broker's next.
+    let large = tokio::spawn({
+        let producer = Arc::clone(&producer);
+        async move {
+            producer
+                .send(record("t", 0, 0, vec![2u8; 30_000]))
+                .await
+                .map(drop)
+        }
+    });
+    let broker = TestBroker::start_on(address.parse().unwrap(), dir.path(), |settings| {
+        settings.batch_bytes_max = 16 * 1024;
+    })
+    .await;
+    let large = tokio::time::timeout(Duration::from_secs(60), large)
+        .await
+        .expect("the send ends")
+        .unwrap();
+    assert!(
+        matches!(large, Err(ProduceError::RecordTooLarge { .. })),
+        "{large:?}"
+    );
+    // A flush seals every open batch, and ends once all are answered (some of the
+    // waiting ones were built too large for the new limit, and fail).
+    tokio::time::timeout(Duration::from_secs(60), producer.flush())
+        .await
+        .expect("the flush ends")
+        .ok();
+    let after = producer.send(record("t", 0, 0, "after")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), after.wait())
+        .await
+        .expect("the producer goes on")
+        .unwrap();
+    drop(waiting);
+    drop(producer);
+    broker.stop().await;
+}
+
 /// A lane log that answers with an error is reported once, not fetched in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_lane_log_is_reported_without_spinning() {
@@ -568,6 +633,15 @@ async fn a_send_refuses_what_the_topic_lacks_at_once_and_otherwise_waits_for_roo
             matches!(large, Err(ProduceError::RecordTooLarge { .. })),
             "{large:?}"
         );
+        // Once the topic is known, with room, the partition is refused under the lock.
+        let partition = producer.send(record("t", 1, 0, value.clone())).await;
+        assert!(
+            matches!(
+                partition,
+                Err(ProduceError::UnknownPartition { partition: 1, .. })
+            ),
+            "{partition:?}"
+        );
     };
     refusals(&producer).await;
 
@@ -583,11 +657,17 @@ async fn a_send_refuses_what_the_topic_lacks_at_once_and_otherwise_waits_for_roo
     .await;
     create_topic(&broker.address(), "t", 1).await;
     let producer = Producer::connect(small_buffer(&broker)).await.unwrap();
-    // 7 records of 1,071 bytes leave 695 of the 8,192.
+    // With room, every refusal gives back the room it took: 7 records of 1,071 bytes
+    // then fit, and leave 695 of the 8,192.
+    refusals(&producer).await;
     let mut pending = Vec::new();
-    for _ in 0..7 {
-        pending.push(producer.send(record("t", 0, 0, vec![1u8; 1000])).await.unwrap());
-    }
+    tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..7 {
+            pending.push(producer.send(record("t", 0, 0, vec![1u8; 1000])).await.unwrap());
+        }
+    })
+    .await
+    .expect("room for 7 records after the refusals");
     // Their produce requests reach the broker and wait there for durability: a topic
     // lookup must not wait behind them.
     let topic = broker.broker.topics.get("t").unwrap();

@@ -889,31 +889,31 @@ async fn a_consumer_outside_groups_far_behind_the_cached_tail_gets_every_record_
     broker.stop().await;
 }
 
+/// Reads one frame, its 4-byte length prefix included.
+async fn read_frame(from: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut prefix = [0u8; 4];
+    from.read_exact(&mut prefix).await?;
+    let mut frame = prefix.to_vec();
+    frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+    from.read_exact(&mut frame[4..]).await?;
+    Ok(frame)
+}
+
 /// What [`request_proxy`] does with a request frame.
 enum Verdict {
     Pass,
     /// Close the connection, the request not passed on.
     Cut,
-    /// Answer with this frame in the broker's place.
-    Answer(Vec<bytes::Bytes>),
 }
 
 /// A TCP proxy to `broker` that asks `decide` about every request frame (length prefix
-/// included). Answers go back whole frames at a time, so one it makes up never lands
-/// inside the broker's.
+/// included).
 async fn request_proxy(
     broker: std::net::SocketAddr,
     decide: impl Fn(&[u8]) -> Verdict + Send + Sync + 'static,
 ) -> std::net::SocketAddr {
-    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-    async fn read_frame(from: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
-        let mut prefix = [0u8; 4];
-        from.read_exact(&mut prefix).await?;
-        let mut frame = prefix.to_vec();
-        frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
-        from.read_exact(&mut frame[4..]).await?;
-        Ok(frame)
-    }
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let decide = Arc::new(decide);
@@ -924,29 +924,15 @@ async fn request_proxy(
             };
             let decide = Arc::clone(&decide);
             tokio::spawn(async move {
-                let (mut client_read, client_write) = client.into_split();
+                let (mut client_read, mut client_write) = client.into_split();
                 let (mut upstream_read, mut upstream_write) = upstream.into_split();
-                let client_write = tokio::sync::Mutex::new(client_write);
-                let responses = async {
-                    loop {
-                        let frame = read_frame(&mut upstream_read).await?;
-                        client_write.lock().await.write_all(&frame).await?;
-                    }
-                    #[allow(unreachable_code)]
-                    Ok::<(), std::io::Error>(())
-                };
+                let responses = tokio::io::copy(&mut upstream_read, &mut client_write);
                 let requests = async {
                     loop {
                         let frame = read_frame(&mut client_read).await?;
                         match decide(&frame) {
                             Verdict::Pass => upstream_write.write_all(&frame).await?,
                             Verdict::Cut => return Ok::<(), std::io::Error>(()),
-                            Verdict::Answer(answer) => {
-                                let mut client_write = client_write.lock().await;
-                                for chunk in answer {
-                                    client_write.write_all(&chunk).await?;
-                                }
-                            }
                         }
                     }
                 };
@@ -1021,66 +1007,130 @@ async fn a_commit_whose_connection_is_lost_goes_out_once_more() {
     broker.stop().await;
 }
 
-/// Against a broker without long-poll heartbeats (one that refuses Heartbeat version 1),
-/// a member falls back to version 0 and still gets and reads its partitions; after a
-/// lost connection it tries version 1 again (the broker may have been upgraded).
+/// A TCP proxy to `broker` that plays a broker from before long polls on the
+/// connections it accepts until `upgrade` is set: their handshake answer lists Heartbeat
+/// version 0 only, and a version 1 heartbeat is refused. Setting `upgrade` closes those
+/// connections between requests (the "restart"); later ones pass unchanged. Returns its
+/// address and counts of the heartbeats at version 0, at version 1 passed, and refused.
+async fn older_broker_proxy(
+    broker: std::net::SocketAddr,
+    upgrade: tokio::sync::watch::Receiver<bool>,
+) -> (std::net::SocketAddr, [Arc<AtomicUsize>; 3]) {
+    use lanes_protocol::api::{decode_response_body, decode_response_header, encode_response};
+    use lanes_protocol::messages::ApiVersionsResponse;
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let counts: [Arc<AtomicUsize>; 3] = Default::default();
+    let counted = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else {
+                continue;
+            };
+            let [version_0, passed_1, refused] = counted.clone();
+            let mut upgrade = upgrade.clone();
+            let older = !*upgrade.borrow_and_update();
+            tokio::spawn(async move {
+                let (mut client_read, client_write) = client.into_split();
+                let (mut upstream_read, mut upstream_write) = upstream.into_split();
+                let client_write = tokio::sync::Mutex::new(client_write);
+                let responses = async {
+                    // The first response answers the handshake.
+                    let mut first = true;
+                    loop {
+                        let mut frame = read_frame(&mut upstream_read).await?;
+                        if std::mem::take(&mut first) && older {
+                            let (header, reader) =
+                                decode_response_header(bytes::BytesMut::from(&frame[4..])).unwrap();
+                            let mut versions: ApiVersionsResponse = decode_response_body(reader).unwrap();
+                            for api in &mut versions.apis {
+                                if api.api_key == ApiKey::Heartbeat as u16 {
+                                    api.max_version = 0;
+                                }
+                            }
+                            frame = encode_response(header.correlation_id, &versions).concat();
+                        }
+                        client_write.lock().await.write_all(&frame).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                };
+                let requests = async {
+                    loop {
+                        let frame = read_frame(&mut client_read).await?;
+                        match api_of(&frame) {
+                            (key, 1) if key == ApiKey::Heartbeat as u16 && older => {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                                let correlation_id =
+                                    u32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+                                let answer = encode_error_response(
+                                    correlation_id,
+                                    ErrorCode::UnsupportedVersion,
+                                    "api key 9 does not support version 1",
+                                );
+                                client_write.lock().await.write_all(&answer.concat()).await?;
+                                continue;
+                            }
+                            (key, 0) if key == ApiKey::Heartbeat as u16 => {
+                                version_0.fetch_add(1, Ordering::SeqCst)
+                            }
+                            (key, 1) if key == ApiKey::Heartbeat as u16 => {
+                                passed_1.fetch_add(1, Ordering::SeqCst)
+                            }
+                            _ => 0,
+                        };
+                        upstream_write.write_all(&frame).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                };
+                let upgraded = async {
+                    if older {
+                        let _ = upgrade.wait_for(|upgraded| *upgraded).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    _ = responses => {}
+                    _ = requests => {}
+                    () = upgraded => {}
+                }
+            });
+        }
+    });
+    (address, counts)
+}
+
+/// Against a broker without long-poll heartbeats (its handshake lists Heartbeat version
+/// 0 only), a member heartbeats at version 0 and gets and reads its partitions; once the
+/// broker is upgraded (its connections closed between heartbeats), it long-polls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_heartbeats_at_version_0_with_an_older_broker_and_tries_1_again_after_a_reconnection() {
+async fn a_member_heartbeats_at_version_0_with_an_older_broker_and_long_polls_once_it_is_upgraded() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     let address = broker.address();
     create_topic(&address, "orders", 1).await;
     produce(&address, 0, 10).await;
-    // An "older broker" until the third version 0 heartbeat, whose connection it cuts;
-    // from then on the broker as it is.
-    let (refused, version_0, passed_1) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let proxy = request_proxy(broker.addr, {
-        let (refused, version_0, passed_1) = (
-            Arc::clone(&refused),
-            Arc::clone(&version_0),
-            Arc::clone(&passed_1),
-        );
-        move |frame| {
-            let (key, version) = api_of(frame);
-            if key != ApiKey::Heartbeat as u16 {
-                return Verdict::Pass;
-            }
-            let older = version_0.load(Ordering::SeqCst) < 3;
-            match version {
-                1 if older => {
-                    refused.fetch_add(1, Ordering::SeqCst);
-                    let correlation_id = u32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
-                    Verdict::Answer(encode_error_response(
-                        correlation_id,
-                        ErrorCode::UnsupportedVersion,
-                        "api key 9 does not support version 1",
-                    ))
-                }
-                1 => {
-                    passed_1.fetch_add(1, Ordering::SeqCst);
-                    Verdict::Pass
-                }
-                _ if version_0.fetch_add(1, Ordering::SeqCst) == 2 => Verdict::Cut,
-                _ => Verdict::Pass,
-            }
-        }
+    let (upgrade, upgraded) = tokio::sync::watch::channel(false);
+    let (proxy, [version_0, passed_1, refused]) = older_broker_proxy(broker.addr, upgraded).await;
+    let consumer = member_that_read(&proxy.to_string(), 10).await;
+    wait_until("two version 0 heartbeats", || {
+        version_0.load(Ordering::SeqCst) >= 2
     })
     .await;
-    let consumer = member_that_read(&proxy.to_string(), 10).await;
-    assert_eq!(
-        refused.load(Ordering::SeqCst),
-        1,
-        "version 1 refused once, then version 0"
-    );
-    wait_until("a version 1 heartbeat after the reconnection", || {
+    assert_eq!(passed_1.load(Ordering::SeqCst), 0);
+    upgrade.send(true).unwrap();
+    wait_until("a version 1 heartbeat after the upgrade", || {
         passed_1.load(Ordering::SeqCst) > 0
     })
     .await;
-    assert_eq!(refused.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        0,
+        "no version 1 heartbeat to the older broker"
+    );
     consumer.close().await.unwrap();
     broker.stop().await;
 }

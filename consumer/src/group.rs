@@ -18,9 +18,9 @@
 //! Heartbeats use a connection of their own, so a held heartbeat never delays a commit
 //! or a leave, and never queues behind a long-poll fetch; commits, offset fetches and
 //! leaves share another, besides the fetcher's. Both reconnect when the connection is
-//! lost. Against a broker from before long polls (Heartbeat version 0 only), the task
-//! heartbeats every interval as before, and tries version 1 again after a lost
-//! connection.
+//! lost. Against a broker from before long polls (its handshake lists Heartbeat version
+//! 0 only), the task heartbeats every interval as before; each new connection's
+//! handshake is asked again.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +30,7 @@ use lanes_protocol::client::{ClientConfig, ClientError};
 use lanes_protocol::messages::{
     Assignment, HeartbeatRequest, HeartbeatRequestV0, JoinGroupRequest, TopicPartitions,
 };
-use lanes_protocol::{ErrorCode, PartitionId};
+use lanes_protocol::{ApiKey, ErrorCode, PartitionId};
 use tokio::sync::{Notify, watch};
 
 use crate::ConsumeError;
@@ -196,9 +196,10 @@ async fn heartbeats(
     let session_ms = u32::try_from(config.session_timeout.as_millis()).unwrap_or(u32::MAX);
     let mut interval = config.session_timeout / 3;
     let mut last_ok = Instant::now();
-    // Until a broker refuses Heartbeat version 1 (one from before long polls): then
-    // version 0 every interval, as such a broker expects, until the connection is lost
-    // (the broker may come back upgraded).
+    // Whether the latest heartbeat was a long poll: Heartbeat version 1, where the
+    // connection's handshake says the broker has it. With a broker from before long
+    // polls, version 0 every interval, as it expects; each new connection asks again, so
+    // a broker upgraded meanwhile gets long polls.
     let mut long_polls = true;
     let notify = || changes.send_modify(|n| *n += 1);
     loop {
@@ -236,10 +237,16 @@ async fn heartbeats(
                     owned,
                     wait_ms_max: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
                 };
-                let beat = if long_polls {
-                    link.request(&request).await
-                } else {
-                    link.request(&HeartbeatRequestV0(request)).await
+                let beat = match link.client().await {
+                    Ok(client) => {
+                        long_polls = client.broker_versions().common_version(ApiKey::Heartbeat) >= Some(1);
+                        if long_polls {
+                            link.request_on(&client, &request).await
+                        } else {
+                            link.request_on(&client, &HeartbeatRequestV0(request)).await
+                        }
+                    }
+                    Err(error) => Err(error),
                 };
                 beat.map(|beat| (None, beat.generation, beat.assignment, beat.pending))
             }
@@ -257,11 +264,6 @@ async fn heartbeats(
                 drop(membership);
                 notify();
                 (giving_up, pending)
-            }
-            Err(error) if long_polls && error.code() == Some(ErrorCode::UnsupportedVersion) => {
-                tracing::info!(group = %config.group, "the broker has no long-poll heartbeats; heartbeating every interval");
-                long_polls = false;
-                continue;
             }
             Err(error) if error.code() == Some(ErrorCode::UnknownMember) => {
                 tracing::warn!(group = %config.group, "the group dropped this member; joining again");
@@ -282,7 +284,6 @@ async fn heartbeats(
             }
             Err(error) => {
                 tracing::warn!(group = %config.group, %error, "heartbeat failed; retrying");
-                long_polls |= error.is_connection_lost();
                 // Without heartbeats the broker gives the partitions to others once the
                 // session times out; stop treating them as ours at the same time.
                 if last_ok.elapsed() >= config.session_timeout && lock(&shared).member_id.is_some() {

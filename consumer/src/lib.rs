@@ -875,9 +875,9 @@ impl Consumer {
             group: group.config.group.clone(),
             partitions: to_assignment(partitions),
         };
-        // Once more after a connection lost with the commit on it: commits are
-        // idempotent, and the commit connection idles between commits, so the broker
-        // may close it (`connection_idle_ms_max`) as a commit goes out.
+        // Once more after a connection lost with the fetch on it: it only reads, and its
+        // connection (the commits') idles between uses, so the broker may close it
+        // (`connection_idle_ms_max`) as the fetch goes out.
         let response = match group.link.request(&request).await {
             Err(ClientError::Closed(_)) => group.link.request(&request).await,
             answered => answered,

@@ -36,21 +36,34 @@ impl Link {
     /// Sends one request, connecting first if needed. A lost connection is dropped, so
     /// the next request connects again; the caller decides whether to retry.
     pub(crate) async fn request<R: RequestBody>(&self, request: &R) -> Result<R::Response, ClientError> {
-        let client = {
-            let mut slot = self.client.lock().await;
-            match slot.as_ref().filter(|c| !c.is_closed()) {
-                Some(client) => Arc::clone(client),
-                None => {
-                    let client = Arc::new(Client::connect(&self.broker, self.config.clone()).await?);
-                    *slot = Some(Arc::clone(&client));
-                    client
-                }
+        let client = self.client().await?;
+        self.request_on(&client, request).await
+    }
+
+    /// The connection, made first if there is none or it was lost: its handshake tells
+    /// which versions the broker speaks.
+    pub(crate) async fn client(&self) -> Result<Arc<Client>, ClientError> {
+        let mut slot = self.client.lock().await;
+        match slot.as_ref().filter(|c| !c.is_closed()) {
+            Some(client) => Ok(Arc::clone(client)),
+            None => {
+                let client = Arc::new(Client::connect(&self.broker, self.config.clone()).await?);
+                *slot = Some(Arc::clone(&client));
+                Ok(client)
             }
-        };
+        }
+    }
+
+    /// Sends one request on `client`, from [`Link::client`]; as [`Link::request`].
+    pub(crate) async fn request_on<R: RequestBody>(
+        &self,
+        client: &Arc<Client>,
+        request: &R,
+    ) -> Result<R::Response, ClientError> {
         let result = client.request(request).await;
         if result.as_ref().is_err_and(ClientError::is_connection_lost) {
             let mut slot = self.client.lock().await;
-            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
                 *slot = None;
             }
         }

@@ -179,13 +179,12 @@ impl TopicInfo {
 
     /// Fails as `send` would for a record's explicit partition or its lane.
     fn check(&self, record: &ProducerRecord) -> Result<(), ProduceError> {
-        self.lane(&record.lane)?;
         match record.partition {
             Some(partition) if partition.0 >= self.partitions => Err(ProduceError::UnknownPartition {
                 topic: self.name.to_string(),
                 partition: partition.0,
             }),
-            _ => Ok(()),
+            _ => self.lane(&record.lane).map(|_| ()),
         }
     }
 
@@ -358,6 +357,12 @@ impl Producer {
         record: ProducerRecord,
         reserve: usize,
     ) -> Result<Result<Delivery, ProducerRecord>, ProduceError> {
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let headers: Vec<(&[u8], Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (&k[..], v.as_deref()))
+            .collect();
         let mut accumulator = self.shared.accumulator.lock().expect("accumulator lock poisoned");
         let Accumulator {
             open: opens,
@@ -370,9 +375,19 @@ impl Producer {
         // Read under the lock: a reconnection may have lowered it, and every record sees
         // the limits in the order the sender set them.
         let batch_bytes_max = self.shared.batch_bytes_max.load(Ordering::Relaxed);
-        let placed = topic
-            .partition(&record, reserve, batch_bytes_max)
-            .and_then(|partition| Ok((partition, topic.lane(&record.lane)?)));
+        // Checked again here: a reconnection may have lowered the limit since `send`
+        // checked, and a record that fits no batch must not open one (an empty batch
+        // cannot be sealed).
+        let placed = if reserve + lanes_protocol::record_batch::HEADER_BYTES > batch_bytes_max as usize {
+            Err(ProduceError::RecordTooLarge {
+                record_bytes: reserve,
+                batch_bytes_max,
+            })
+        } else {
+            topic
+                .partition(&record, reserve, batch_bytes_max)
+                .and_then(|partition| Ok((partition, topic.lane(&record.lane)?)))
+        };
         let (partition, lane) = match placed {
             Ok(placed) => placed,
             Err(error) => {
@@ -381,12 +396,6 @@ impl Producer {
                 return Err(error);
             }
         };
-        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
-        let headers: Vec<(&[u8], Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (&k[..], v.as_deref()))
-            .collect();
         let limits = BatchLimits {
             batch_bytes_max,
             batch_records_max: u32::MAX,
@@ -564,7 +573,17 @@ impl Producer {
         let config = &self.shared.config;
         let deadline = tokio::time::Instant::now() + config.delivery_timeout;
         loop {
-            let client = Arc::clone(&*self.admin.lock().await);
+            let client = {
+                let mut admin = self.admin.lock().await;
+                // Idle since the last lookup, it may have been closed by the broker
+                // (`connection_idle_ms_max`): a new one at once, without the backoff.
+                if admin.is_closed()
+                    && let Ok(fresh) = Client::connect(&config.broker, client_config(config)).await
+                {
+                    *admin = Arc::new(fresh);
+                }
+                Arc::clone(&*admin)
+            };
             let error = match client.request(request).await {
                 Ok(response) => return Ok(response),
                 Err(error) if error.is_connection_lost() && tokio::time::Instant::now() < deadline => error,

@@ -249,6 +249,13 @@ impl Sender {
             ..LogState::default()
         });
         let records = open.builder.record_count();
+        // `send` opens no batch it does not push a record into. Were one left empty all
+        // the same, it is dropped here in release builds: sealing it would panic and stop
+        // every delivery.
+        debug_assert!(records > 0, "an empty batch was opened");
+        if records == 0 {
+            return;
+        }
         let stamp = match log.producer {
             Some((producer_id, producer_epoch)) => ProducerStamp {
                 producer_id,
