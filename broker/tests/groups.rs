@@ -977,22 +977,26 @@ async fn member_that_read(address: &str, records: usize) -> Consumer {
     consumer
 }
 
-/// A commit whose connection is lost with it goes out once more on a new connection
-/// (commits are idempotent), so the caller does not see the loss.
+/// A commit or a leave whose connection is lost with it goes out once more on a new
+/// connection (both are idempotent), so the caller does not see the loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_whose_connection_is_lost_goes_out_once_more() {
+async fn a_commit_or_leave_whose_connection_is_lost_goes_out_once_more() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), |_| {}).await;
     let address = broker.address();
     create_topic(&address, "orders", 1).await;
     produce(&address, 0, 10).await;
-    // The connection carrying the first commit is closed, the commit not passed on, as
-    // a broker closing an idle connection would as a commit goes out on it.
-    let cut = Arc::new(AtomicBool::new(false));
+    // The connection carrying the first commit, and the one carrying the first leave, is
+    // closed, the request not passed on, as a broker closing an idle connection would as
+    // the request goes out on it.
+    let (commit_cut, leave_cut) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let proxy = request_proxy(broker.addr, {
-        let cut = Arc::clone(&cut);
+        let (commit_cut, leave_cut) = (Arc::clone(&commit_cut), Arc::clone(&leave_cut));
         move |frame| match api_of(frame) {
-            (key, _) if key == ApiKey::OffsetCommit as u16 && !cut.swap(true, Ordering::SeqCst) => {
+            (key, _) if key == ApiKey::OffsetCommit as u16 && !commit_cut.swap(true, Ordering::SeqCst) => {
+                Verdict::Cut
+            }
+            (key, _) if key == ApiKey::LeaveGroup as u16 && !leave_cut.swap(true, Ordering::SeqCst) => {
                 Verdict::Cut
             }
             _ => Verdict::Pass,
@@ -1001,16 +1005,25 @@ async fn a_commit_whose_connection_is_lost_goes_out_once_more() {
     .await;
     let mut consumer = member_that_read(&proxy.to_string(), 10).await;
     consumer.commit().await.expect("committed on a new connection");
-    assert!(cut.load(Ordering::SeqCst), "the proxy cut a commit");
-    assert_eq!(committed(&client(&address).await, 0).await, Some(Offset(10)));
-    consumer.close().await.unwrap();
+    assert!(commit_cut.load(Ordering::SeqCst), "the proxy cut a commit");
+    let client = client(&address).await;
+    assert_eq!(committed(&client, 0).await, Some(Offset(10)));
+    consumer.close().await.expect("left on a new connection");
+    assert!(leave_cut.load(Ordering::SeqCst), "the proxy cut a leave");
+    let group = client
+        .request(&DescribeGroupRequest {
+            group: "fulfilment".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(group.state, "empty", "the member left");
     broker.stop().await;
 }
 
 /// A TCP proxy to `broker` that plays a broker from before long polls on the
 /// connections it accepts until `upgrade` is set: their handshake answer lists Heartbeat
 /// version 0 only, and a version 1 heartbeat is refused. Setting `upgrade` closes those
-/// connections between requests (the "restart"); later ones pass unchanged. Returns its
+/// connections at once (the "restart"); later ones pass unchanged. Returns its
 /// address and counts of the heartbeats at version 0, at version 1 passed, and refused.
 async fn older_broker_proxy(
     broker: std::net::SocketAddr,
@@ -1105,7 +1118,7 @@ async fn older_broker_proxy(
 
 /// Against a broker without long-poll heartbeats (its handshake lists Heartbeat version
 /// 0 only), a member heartbeats at version 0 and gets and reads its partitions; once the
-/// broker is upgraded (its connections closed between heartbeats), it long-polls.
+/// broker is upgraded (its connections closed), it long-polls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_heartbeats_at_version_0_with_an_older_broker_and_long_polls_once_it_is_upgraded() {
     let dir = tempfile::tempdir().unwrap();

@@ -213,7 +213,15 @@ async fn heartbeats(
                     topics: config.topics.clone(),
                     session_timeout_ms: session_ms,
                 };
-                link.request(&request).await.map(|joined| {
+                let joined = match link.client().await {
+                    Ok(client) => {
+                        // The delay after the join depends on it, before any heartbeat.
+                        long_polls = client.broker_versions().common_version(ApiKey::Heartbeat) >= Some(1);
+                        link.request_on(&client, &request).await
+                    }
+                    Err(error) => Err(error),
+                };
+                joined.map(|joined| {
                     interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(1)));
                     tracing::info!(group = %config.group, member = %joined.member_id,
                         generation = joined.generation, "joined the group");

@@ -740,7 +740,16 @@ impl Consumer {
                 group: group.config.group.clone(),
                 member_id,
             };
-            if let Err(error) = group.link.request(&request).await {
+            // Once more after a connection lost with it, as commits; a leave the broker
+            // took the first time is answered `UNKNOWN_MEMBER` the second.
+            let left = match group.link.request(&request).await {
+                Err(ClientError::Closed(_)) => match group.link.request(&request).await {
+                    Err(error) if error.code() == Some(ErrorCode::UnknownMember) => Ok(()),
+                    again => again.map(drop),
+                },
+                first => first.map(drop),
+            };
+            if let Err(error) = left {
                 result = result.and(Err(group_error(&group.config, error)));
             }
         }

@@ -577,10 +577,17 @@ impl Producer {
                 let mut admin = self.admin.lock().await;
                 // Idle since the last lookup, it may have been closed by the broker
                 // (`connection_idle_ms_max`): a new one at once, without the backoff.
-                if admin.is_closed()
-                    && let Ok(fresh) = Client::connect(&config.broker, client_config(config)).await
-                {
-                    *admin = Arc::new(fresh);
+                if admin.is_closed() {
+                    match Client::connect(&config.broker, client_config(config)).await {
+                        Ok(fresh) => *admin = Arc::new(fresh),
+                        Err(error) if tokio::time::Instant::now() < deadline => {
+                            drop(admin);
+                            tracing::debug!(%error, "cannot reach the broker; retrying");
+                            tokio::time::sleep(config.retry_backoff).await;
+                            continue;
+                        }
+                        Err(error) => return Err(error),
+                    }
                 }
                 Arc::clone(&*admin)
             };

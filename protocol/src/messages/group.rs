@@ -166,8 +166,8 @@ impl RequestBody for HeartbeatRequest {
     }
 }
 
-/// Heartbeat at version 0, for a broker that refuses version 1: the same request
-/// without `wait_ms_max`, answered at once.
+/// Heartbeat at version 0, for a broker whose handshake lists only version 0: the same
+/// request without `wait_ms_max`, answered at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeartbeatRequestV0(pub HeartbeatRequest);
 
