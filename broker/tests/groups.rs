@@ -19,7 +19,7 @@ use lanes_protocol::messages::{
     OffsetSpec, PartitionItems, TopicItems, TopicPartitions,
 };
 use lanes_protocol::{ErrorCode, Lane, Offset, PartitionId};
-use server_support::{TestBroker, create_topic};
+use server_support::{TestBroker, create_topic, read_frame};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -887,17 +887,6 @@ async fn a_consumer_outside_groups_far_behind_the_cached_tail_gets_every_record_
         eprintln!("not checked: the temp dir's file system keeps pages or refuses O_DIRECT");
     }
     broker.stop().await;
-}
-
-/// Reads one frame, its 4-byte length prefix included.
-async fn read_frame(from: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let mut prefix = [0u8; 4];
-    from.read_exact(&mut prefix).await?;
-    let mut frame = prefix.to_vec();
-    frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
-    from.read_exact(&mut frame[4..]).await?;
-    Ok(frame)
 }
 
 /// What [`request_proxy`] does with a request frame.

@@ -116,3 +116,14 @@ impl TestBroker {
             .unwrap();
     }
 }
+
+/// Reads one frame, its 4-byte length prefix included (for test proxies).
+pub async fn read_frame(from: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut prefix = [0u8; 4];
+    from.read_exact(&mut prefix).await?;
+    let mut frame = prefix.to_vec();
+    frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+    from.read_exact(&mut frame[4..]).await?;
+    Ok(frame)
+}
