@@ -687,14 +687,11 @@ impl Consumer {
             member_id,
             topics,
         };
-        // Once more after a connection lost with the commit on it: commits are
-        // idempotent, and the commit connection idles between commits, so the broker
-        // may close it (`connection_idle_ms_max`) as a commit goes out.
-        let response = match group.link.request(&request).await {
-            Err(ClientError::Closed(_)) => group.link.request(&request).await,
-            answered => answered,
-        }
-        .map_err(|error| group_error(&group.config, error))?;
+        let response = group
+            .link
+            .request_idempotent(&request)
+            .await
+            .map_err(|error| group_error(&group.config, error))?;
         group.last_commit = Instant::now();
         let mut first_error = None;
         for topic in &response.topics {
@@ -740,17 +737,12 @@ impl Consumer {
                 group: group.config.group.clone(),
                 member_id,
             };
-            // Once more after a connection lost with it, as commits; a leave the broker
-            // took the first time is answered `UNKNOWN_MEMBER` the second.
-            let left = match group.link.request(&request).await {
-                Err(ClientError::Closed(_)) => match group.link.request(&request).await {
-                    Err(error) if error.code() == Some(ErrorCode::UnknownMember) => Ok(()),
-                    again => again.map(drop),
-                },
-                first => first.map(drop),
-            };
-            if let Err(error) = left {
-                result = result.and(Err(group_error(&group.config, error)));
+            match group.link.request_idempotent(&request).await {
+                // Not a member (any more): nothing to leave. A leave sent again after
+                // its connection was lost with it gets this when the first went through.
+                Ok(_) => {}
+                Err(error) if error.code() == Some(ErrorCode::UnknownMember) => {}
+                Err(error) => result = result.and(Err(group_error(&group.config, error))),
             }
         }
         result
@@ -884,14 +876,11 @@ impl Consumer {
             group: group.config.group.clone(),
             partitions: to_assignment(partitions),
         };
-        // Once more after a connection lost with the fetch on it: it only reads, and its
-        // connection (the commits') idles between uses, so the broker may close it
-        // (`connection_idle_ms_max`) as the fetch goes out.
-        let response = match group.link.request(&request).await {
-            Err(ClientError::Closed(_)) => group.link.request(&request).await,
-            answered => answered,
-        }
-        .map_err(|error| group_error(&group.config, error))?;
+        let response = group
+            .link
+            .request_idempotent(&request)
+            .await
+            .map_err(|error| group_error(&group.config, error))?;
         let mut committed: HashMap<LogKey, Offset> = HashMap::new();
         for topic in &response.topics {
             for (name, partition, lane) in topic.lanes() {

@@ -40,6 +40,20 @@ impl Link {
         self.request_on(&client, request).await
     }
 
+    /// Sends a request that is safe to send twice (a commit, an offset fetch, a leave):
+    /// once more, on a new connection, if the connection is lost with it. The commit
+    /// connection idles between uses, so the broker may close it
+    /// (`connection_idle_ms_max`) just as a request goes out.
+    pub(crate) async fn request_idempotent<R: RequestBody>(
+        &self,
+        request: &R,
+    ) -> Result<R::Response, ClientError> {
+        match self.request(request).await {
+            Err(ClientError::Closed(_)) => self.request(request).await,
+            answered => answered,
+        }
+    }
+
     /// The connection, made first if there is none or it was lost: its handshake tells
     /// which versions the broker speaks.
     pub(crate) async fn client(&self) -> Result<Arc<Client>, ClientError> {
