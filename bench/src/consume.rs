@@ -1,6 +1,6 @@
-//! `consume`: fills a fresh topic, then C consumers (each its own connection, the
-//! partitions split between them, or one consumer group with `--group`) drain it;
-//! throughput from the first poll to the last record.
+//! `consume`: fills a fresh topic, then C consumers drain it; throughput from the first
+//! poll to the last record. The consumers ([`Readers`]) split the partitions between
+//! them, or form one consumer group, new to the topic or there before it filled.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,23 +8,46 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom};
-use lanes_protocol::PartitionId;
+use lanes_protocol::{LANES_MAX, Lane, PartitionId};
 
 use crate::latency::Latencies;
-use crate::machine::CpuTimes;
-
-/// How long consumers wait for anything new before counting the rest as lost.
-const IDLE: Duration = Duration::from_secs(10);
+use crate::machine::MachineWatch;
 use crate::produce;
 use crate::report::{Common, Report, progress};
 use crate::target::Target;
 
-const TOPIC: &str = "bench-consume";
+/// How long consumers wait for anything new before counting the rest as lost.
+const IDLE: Duration = Duration::from_secs(10);
 
-pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Result<Report> {
+/// How long a group that joins first may take to settle.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+
+const TOPIC: &str = "bench-consume";
+const GROUP: &str = "lanes-bench-consume";
+
+/// Who drains the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readers {
+    /// Each consumer reads its share of the partitions from the earliest offset.
+    Split,
+    /// One group, which joins once the topic is full: a new reader of history, whose
+    /// backlog the broker has left to the disk (`cached_tail_bytes`).
+    NewGroup,
+    /// One group, which joins, commits where it starts and pauses before the topic
+    /// fills: a running group that falls behind a burst. The broker keeps the pages a
+    /// subscribed group has not committed cached, so it drains from memory.
+    GroupBehind,
+}
+
+pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::Result<Report> {
     target.fresh_topic(TOPIC, common.partitions, &[]).await?;
     let Some(count) = common.count_or_default() else {
         bail!("consume drains a filled topic: give --count, not --duration-s");
+    };
+    let consumers = common.consumers.max(1) as u32;
+    let mut joined = match readers {
+        Readers::GroupBehind => join_first(target, consumers, common.partitions).await?,
+        Readers::Split | Readers::NewGroup => Vec::new(),
     };
     let total = produce::fill(target, common, TOPIC, count).await?;
 
@@ -37,13 +60,13 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
         std::collections::HashMap::<(u32, u8), u64>::new(),
     ));
     let bar = progress(Some(total), "consume");
-    let consumers = common.consumers.max(1) as u32;
     let started = Instant::now();
-    let cpu = CpuTimes::read();
+    let machine = MachineWatch::start();
     let mut tasks = Vec::new();
     for index in 0..consumers {
-        let mut config = ConsumerConfig::new(&target.address);
-        config.client_id = format!("lanes-bench-consume-{index}");
+        let config = consumer_config(target, index);
+        // Taken in order: `joined` holds the consumers in reverse.
+        let early = joined.pop();
         let (read, bar, polls) = (Arc::clone(&read), bar.clone(), Arc::clone(&polls));
         let next_offsets = Arc::clone(&next_offsets);
         let partitions: Vec<PartitionId> = (0..common.partitions)
@@ -51,17 +74,22 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
             .map(PartitionId)
             .collect();
         tasks.push(crate::spawn_scoped(async move {
-            let mut consumer = Consumer::connect(config).await?;
-            if group {
-                let mut group = GroupConfig::new("lanes-bench-consume", &[TOPIC]);
-                group.auto_commit_interval = Some(Duration::from_secs(1));
-                consumer.subscribe(group)?;
-            } else if partitions.is_empty() {
-                return Ok(());
-            } else {
-                consumer
-                    .assign(TOPIC, Some(&partitions), None, StartFrom::Earliest)
-                    .await?;
+            let mut consumer = match early {
+                Some(mut consumer) => {
+                    consumer.resume_lanes(&ALL_LANES);
+                    consumer
+                }
+                None => Consumer::connect(config).await?,
+            };
+            match readers {
+                Readers::GroupBehind => {}
+                Readers::NewGroup => consumer.subscribe(group_config())?,
+                Readers::Split if partitions.is_empty() => return Ok(()),
+                Readers::Split => {
+                    consumer
+                        .assign(TOPIC, Some(&partitions), None, StartFrom::Earliest)
+                        .await?
+                }
             }
             // Records count once: a lane log is read in offset order, so what is new is
             // what lies past the highest offset seen (a group may redeliver after a
@@ -106,7 +134,7 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
                 read.1.fetch_add(bytes, Ordering::Relaxed);
                 bar.inc(fresh);
             }
-            if group {
+            if readers != Readers::Split {
                 consumer.close().await?;
             }
             Ok::<(), anyhow::Error>(())
@@ -125,7 +153,62 @@ pub async fn run(target: &Target, common: &Common, group: bool) -> anyhow::Resul
         seconds,
         latency: Some(polls.summary()),
         lost: Some(total.saturating_sub(records)),
-        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
+        machine_cpu: machine.finish(),
         ..Report::default()
     })
+}
+
+const ALL_LANES: [Lane; LANES_MAX] = {
+    let mut lanes = [Lane(0); LANES_MAX];
+    let mut lane = 0;
+    while lane < LANES_MAX {
+        lanes[lane] = Lane(lane as u8);
+        lane += 1;
+    }
+    lanes
+};
+
+fn consumer_config(target: &Target, index: u32) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(&target.address);
+    config.client_id = format!("lanes-bench-consume-{index}");
+    config
+}
+
+fn group_config() -> GroupConfig {
+    let mut group = GroupConfig::new(GROUP, &[TOPIC]);
+    group.auto_commit_interval = Some(Duration::from_secs(1));
+    group
+}
+
+/// Joins `consumers` members to the group on the empty topic, waits until the group
+/// holds every partition, commits the start and pauses every lane: the fetchers then
+/// take at most their lane budgets (`lane_prefetch_bytes_max`) while the topic fills.
+/// The consumers are returned last first.
+async fn join_first(target: &Target, consumers: u32, partitions: u32) -> anyhow::Result<Vec<Consumer>> {
+    let mut members = Vec::new();
+    for index in 0..consumers {
+        let mut consumer = Consumer::connect(consumer_config(target, index)).await?;
+        consumer.subscribe(group_config())?;
+        members.push(consumer);
+    }
+    let deadline = Instant::now() + JOIN_WAIT;
+    loop {
+        for member in &mut members {
+            // The topic is empty: this follows the group and nothing else.
+            member.poll_timeout(Duration::from_millis(50)).await?;
+        }
+        let held: usize = members.iter().map(|m| m.assignment().len()).sum();
+        if held == partitions as usize {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the group held {held} of {partitions} partitions after {JOIN_WAIT:?}");
+        }
+    }
+    for member in &mut members {
+        member.commit().await?;
+        member.pause_lanes(&ALL_LANES);
+    }
+    members.reverse();
+    Ok(members)
 }

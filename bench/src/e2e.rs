@@ -16,7 +16,7 @@ use lanes_producer::{Producer, ProducerRecord};
 use serde_json::json;
 
 use crate::latency::Latencies;
-use crate::machine::CpuTimes;
+use crate::machine::MachineWatch;
 use crate::pace::Ticks;
 use crate::produce;
 use crate::report::{Common, Report, progress};
@@ -122,7 +122,7 @@ pub async fn run(target: &Target, common: &Common, catch_up_mb: u64) -> anyhow::
     };
 
     let started = Instant::now();
-    let cpu = CpuTimes::read();
+    let machine = MachineWatch::start();
     let producers = common.producers.max(1) as u64;
     let deadline = duration.map(|d| Instant::now() + d);
     let ticks = common.rate.map(|_| Ticks::start()).transpose()?;
@@ -170,7 +170,7 @@ pub async fn run(target: &Target, common: &Common, catch_up_mb: u64) -> anyhow::
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let machine_cpu = cpu.and_then(|cpu| cpu.shares_until_now());
+    let machine_cpu = machine.finish();
     done.store(true, Ordering::Relaxed);
     for consumer in consumers {
         consumer.await??;

@@ -24,7 +24,7 @@ use lanes_protocol::Lane;
 use serde_json::{Value, json};
 
 use crate::latency::{Latencies, Summary, round};
-use crate::machine::{CpuShares, CpuTimes};
+use crate::machine::{CpuShares, MachineWatch};
 use crate::target::Target;
 
 /// Settings of the scenario.
@@ -131,7 +131,7 @@ pub async fn run(
     progress: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<LanesReport> {
     let started = Instant::now();
-    let cpu = CpuTimes::read();
+    let machine = MachineWatch::start();
     let three = &["express", "standard", "bulk"][..];
     let phases = [
         Phase {
@@ -194,7 +194,7 @@ pub async fn run(
         bulk_weighted_share_pct: 100.0 * bulk_weight / (express_weight + bulk_weight),
         records: idle.records + backlog.records + fifo.records + saturated.records,
         seconds: started.elapsed().as_secs_f64(),
-        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
+        machine_cpu: machine.finish(),
     })
 }
 
@@ -445,8 +445,8 @@ impl LanesReport {
             },
             "errors": 0,
         });
-        if let Some(cpu) = &self.machine_cpu {
-            object["machine_cpu_percent"] = cpu.to_json();
+        if let (Some(cpu), Some(map)) = (&self.machine_cpu, object.as_object_mut()) {
+            cpu.insert_into(map);
         }
         object
     }

@@ -1,11 +1,124 @@
-//! What the machine's CPUs did during a run, from the kernel's counters in `/proc/stat`.
+//! What the machine's CPUs did during a run: the kernel's counters in `/proc/stat`, and
+//! how late a sleeping thread woke up.
 //!
 //! On a shared virtual machine the host runs other guests on our CPUs, and the guest
 //! sees that time as *steal*. A run's tail latency follows steal more than anything the
 //! broker does (docs/BENCHMARKS.md, "Time the host takes"), so every report carries
 //! the split, and figures can be read against it.
+//!
+//! Steal misses the host's other delay: a CPU with nothing to run halts, and a thread
+//! woken on it runs only once the host runs that CPU again, which on a busy host can
+//! take milliseconds. The guest counts that time as idle. A probe thread that sleeps
+//! 1 ms at a time meets the same delay, and counts it ([`LateWakeups`];
+//! docs/BENCHMARKS.md, "Late wakeups").
 
-use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+/// How long the probe sleeps at a time.
+const PROBE_SLEEP: Duration = Duration::from_millis(1);
+
+/// A wakeup later than this past its sleep counts as late.
+const LATE: Duration = Duration::from_millis(1);
+
+/// Watches the machine over a run: CPU shares, and the wakeup probe.
+#[derive(Debug)]
+pub struct MachineWatch {
+    cpu: Option<CpuTimes>,
+    probe: Option<WakeupProbe>,
+}
+
+impl MachineWatch {
+    pub fn start() -> MachineWatch {
+        MachineWatch {
+            cpu: CpuTimes::read(),
+            probe: WakeupProbe::start(),
+        }
+    }
+
+    /// What the machine did from the start to now (`None` where `/proc/stat` cannot be
+    /// read: not Linux). Stops the probe.
+    pub fn finish(self) -> Option<CpuShares> {
+        let late_wakeups = self.probe.and_then(WakeupProbe::stop);
+        let mut shares = self.cpu?.shares_until_now()?;
+        shares.late_wakeups = late_wakeups;
+        Some(shares)
+    }
+}
+
+/// The probe's wakeups over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LateWakeups {
+    pub wakeups: u64,
+    /// Wakeups more than [`LATE`] after the sleep's end.
+    pub late: u64,
+    /// The latest wakeup, past the sleep's end (ms).
+    pub late_ms_max: f64,
+    /// Time the late wakeups lost, summed (ms).
+    pub late_ms_total: f64,
+}
+
+impl LateWakeups {
+    fn count(&mut self, overslept: Duration) {
+        self.wakeups += 1;
+        if overslept > LATE {
+            let ms = overslept.as_secs_f64() * 1e3;
+            self.late += 1;
+            self.late_ms_max = self.late_ms_max.max(ms);
+            self.late_ms_total += ms;
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let round = |ms: f64| (ms * 10.0).round() / 10.0;
+        json!({
+            "wakeups": self.wakeups,
+            "late_over_1ms": self.late,
+            "late_ms_max": round(self.late_ms_max),
+            "late_ms_total": round(self.late_ms_total),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct WakeupProbe {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<LateWakeups>,
+}
+
+impl WakeupProbe {
+    fn start() -> Option<WakeupProbe> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new().name("wakeup-probe".into()).spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut wakeups = LateWakeups::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let asleep = Instant::now();
+                    std::thread::sleep(PROBE_SLEEP);
+                    wakeups.count(asleep.elapsed().saturating_sub(PROBE_SLEEP));
+                }
+                wakeups
+            }
+        });
+        match thread {
+            Ok(thread) => Some(WakeupProbe { stop, thread }),
+            Err(error) => {
+                tracing::warn!(%error, "cannot start the wakeup probe");
+                None
+            }
+        }
+    }
+
+    fn stop(self) -> Option<LateWakeups> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().ok()
+    }
+}
 
 /// The machine's CPU time so far, all CPUs summed, in the kernel's clock ticks.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +140,8 @@ pub struct CpuShares {
     pub iowait: f64,
     /// Time the host ran something else while this guest had work to run.
     pub steal: f64,
+    /// The wakeup probe's count, where it ran.
+    pub late_wakeups: Option<LateWakeups>,
 }
 
 impl CpuTimes {
@@ -55,6 +170,7 @@ impl CpuTimes {
             idle: percent(idle),
             iowait: percent(iowait),
             steal: percent(steal),
+            late_wakeups: None,
         })
     }
 }
@@ -71,7 +187,15 @@ fn parse(stat: &str) -> Option<CpuTimes> {
 }
 
 impl CpuShares {
-    pub fn to_json(&self) -> Value {
+    /// Adds `machine_cpu_percent` and `late_wakeups` to a report's JSON object.
+    pub fn insert_into(&self, object: &mut Map<String, Value>) {
+        object.insert("machine_cpu_percent".into(), self.shares_json());
+        if let Some(late) = &self.late_wakeups {
+            object.insert("late_wakeups".into(), late.to_json());
+        }
+    }
+
+    fn shares_json(&self) -> Value {
         json!({
             "user": self.user,
             "system": self.system,
@@ -82,12 +206,19 @@ impl CpuShares {
         })
     }
 
-    /// One line for the table.
+    /// Lines for the table.
     pub fn line(&self) -> String {
-        format!(
+        let mut line = format!(
             "machine CPU during the run: {}% user, {}% system, {}% interrupts, {}% idle, {}% iowait, {}% taken by the host (steal)",
             self.user, self.system, self.interrupts, self.idle, self.iowait, self.steal
-        )
+        );
+        if let Some(late) = &self.late_wakeups {
+            line += &format!(
+                "\nwakeups of a thread sleeping 1 ms: {} late by over 1 ms of {} (latest {:.1} ms, {:.1} ms lost in all)",
+                late.late, late.wakeups, late.late_ms_max, late.late_ms_total
+            );
+        }
+        line
     }
 }
 
@@ -115,6 +246,7 @@ mod tests {
                 idle: 22.2,
                 iowait: 5.6,
                 steal: 13.3,
+                late_wakeups: None,
             }
         );
     }
@@ -127,6 +259,38 @@ mod tests {
         assert_eq!(old_kernel.ticks, [1, 2, 3, 4, 0, 0, 0, 0]);
         assert!(parse("intr 1\n").is_none());
         assert!(parse("cpu  1 x 3\n").is_none());
+    }
+
+    #[test]
+    fn a_wakeup_counts_as_late_past_a_millisecond_and_adds_up() {
+        let mut late = LateWakeups::default();
+        for overslept_us in [50, 1_000, 1_500, 4_000] {
+            late.count(Duration::from_micros(overslept_us));
+        }
+        assert_eq!(
+            late,
+            LateWakeups {
+                wakeups: 4,
+                late: 2,
+                late_ms_max: 4.0,
+                late_ms_total: 5.5,
+            }
+        );
+        let json = late.to_json();
+        assert_eq!(json["late_over_1ms"], 2);
+        assert_eq!(json["late_ms_total"], 5.5);
+    }
+
+    #[test]
+    fn the_probe_counts_its_wakeups_until_stopped() {
+        let watch = MachineWatch::start();
+        std::thread::sleep(Duration::from_millis(30));
+        if cfg!(target_os = "linux") {
+            let shares = watch.finish().expect("Linux has /proc/stat");
+            let late = shares.late_wakeups.expect("the probe ran");
+            assert!(late.wakeups >= 1, "{late:?}");
+            assert!(late.late <= late.wakeups, "{late:?}");
+        }
     }
 
     #[test]

@@ -41,6 +41,12 @@ enum Scenario {
         /// Consume as one consumer group instead of splitting the partitions.
         #[arg(long)]
         group: bool,
+        /// With --group: the group joins, commits where it starts and pauses before the
+        /// topic fills, as a running group that falls behind a burst (the broker keeps
+        /// such a backlog in the page cache), rather than after it, as a new group that
+        /// reads history (from the disk).
+        #[arg(long, requires = "group")]
+        join_first: bool,
     },
     /// Producers and a consumer group at once: end-to-end latency, nothing lost or
     /// duplicated.
@@ -212,9 +218,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target.stop().await?;
             print(report?, &common);
         }
-        Scenario::Consume { common, group } => {
+        Scenario::Consume {
+            common,
+            group,
+            join_first,
+        } => {
             let target = Target::start(common.broker.clone(), common.fsync).await?;
-            let report = until_interrupted(consume::run(&target, &common, group)).await;
+            let readers = match (group, join_first) {
+                (false, _) => consume::Readers::Split,
+                (true, false) => consume::Readers::NewGroup,
+                (true, true) => consume::Readers::GroupBehind,
+            };
+            let report = until_interrupted(consume::run(&target, &common, readers)).await;
             target.stop().await?;
             print(report?, &common);
         }

@@ -25,7 +25,7 @@ use lanes_producer::{LaneSelector, Producer, ProducerRecord};
 use serde_json::json;
 
 use crate::latency::Latencies;
-use crate::machine::CpuTimes;
+use crate::machine::MachineWatch;
 use crate::report::{Common, LaneReport, Report, progress};
 use crate::target::Target;
 
@@ -181,7 +181,7 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
 
     // The shop: each producer places its share of the orders, events in order.
     let started = Instant::now();
-    let cpu = CpuTimes::read();
+    let machine = MachineWatch::start();
     let producers = common.producers.max(1) as u64;
     let mut shops = Vec::new();
     for index in 0..producers {
@@ -252,7 +252,7 @@ pub async fn run(target: &Target, common: &Common, config: &OrdersConfig) -> any
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let machine_cpu = cpu.and_then(|cpu| cpu.shares_until_now());
+    let machine_cpu = machine.finish();
     for (stop, task) in workers {
         let _ = stop.send(());
         if let Err(error) = task.await? {

@@ -13,7 +13,7 @@ use lanes_protocol::Lane;
 use tokio::sync::mpsc;
 
 use crate::latency::{Latencies, LocalLatencies};
-use crate::machine::CpuTimes;
+use crate::machine::MachineWatch;
 use crate::pace::Ticks;
 use crate::report::{AcksArg, Common, Report, progress};
 use crate::target::Target;
@@ -88,7 +88,7 @@ pub async fn run(target: &Target, common: &Common, lanes: u8) -> anyhow::Result<
     let sent = Arc::new(Sent::default());
     let bar = progress(load.count, "produce");
     let started = Instant::now();
-    let cpu = CpuTimes::read();
+    let machine = MachineWatch::start();
     send(target, common, TOPIC, load, &sent, &bar).await?;
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
@@ -99,7 +99,7 @@ pub async fn run(target: &Target, common: &Common, lanes: u8) -> anyhow::Result<
         seconds,
         latency: Some(sent.latencies.summary()),
         errors: sent.errors.load(Ordering::Relaxed),
-        machine_cpu: cpu.and_then(|cpu| cpu.shares_until_now()),
+        machine_cpu: machine.finish(),
         ..Report::default()
     };
     if common.rate.is_some() {

@@ -170,7 +170,7 @@ impl Report {
             map.insert("lanes".into(), Value::Object(lanes));
         }
         if let Some(cpu) = &self.machine_cpu {
-            map.insert("machine_cpu_percent".into(), cpu.to_json());
+            cpu.insert_into(map);
         }
         for (key, value) in &self.extra {
             map.insert(key.clone(), value.clone());

@@ -91,6 +91,25 @@ fn produce_consume_and_e2e_report_the_common_fields() {
     }
 }
 
+/// A group drains the whole topic whether it joins after the topic filled or before
+/// (`--join-first`: it joins, commits its start and pauses while the topic fills).
+#[test]
+fn consume_as_a_group_new_or_behind_reads_every_record() {
+    for extra in [&["--group"][..], &["--group", "--join-first"][..]] {
+        let mut args = vec!["consume", "--count", "20000", "--consumers", "2"];
+        args.extend(extra);
+        args.extend(SMALL_RECORDS_JSON);
+        let report = run_json(&args);
+        assert_eq!(report["records"], 20000, "{extra:?}: {report}");
+        assert_eq!(report["lost"], 0, "{extra:?}: {report}");
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_lanes-bench"))
+        .args(["consume", "--join-first", "--count", "10"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "--join-first needs --group");
+}
+
 /// The catching-up consumer reads its own topic: the e2e group still gets every record
 /// once, and nothing more.
 #[test]
@@ -121,6 +140,13 @@ fn assert_machine_cpu(report: &serde_json::Value) {
     for key in ["user", "system", "interrupts", "idle", "iowait", "steal"] {
         assert!(cpu.contains_key(key), "{key}: {report}");
     }
+    // The wakeup probe ran beside it.
+    let late = &report["late_wakeups"];
+    assert!(late["wakeups"].as_u64().is_some_and(|n| n >= 1), "{report}");
+    assert!(
+        late["late_over_1ms"].as_u64() <= late["wakeups"].as_u64(),
+        "{report}"
+    );
 }
 
 /// With `--rate`, produce also reports how late the generator sent records against
