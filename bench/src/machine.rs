@@ -54,7 +54,7 @@ impl MachineWatch {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LateWakeups {
     pub wakeups: u64,
-    /// Wakeups more than [`LATE`] after the sleep's end.
+    /// Wakeups more than 1 ms after the sleep's end.
     pub late: u64,
     /// The latest wakeup, past the sleep's end (ms).
     pub late_ms_max: f64,
