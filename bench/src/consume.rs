@@ -19,7 +19,7 @@ use crate::target::Target;
 /// How long consumers wait for anything new before counting the rest as lost.
 const IDLE: Duration = Duration::from_secs(10);
 
-/// How long a group that joins first may take to settle.
+/// How long a group that joins first may take to settle (`join_first`).
 const JOIN_WAIT: Duration = Duration::from_secs(30);
 
 const TOPIC: &str = "bench-consume";
@@ -46,9 +46,10 @@ pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::
     };
     let consumers = common.consumers.max(1) as u32;
     let mut joined = match readers {
-        Readers::GroupBehind => join_first(target, consumers, common.partitions).await?,
+        Readers::GroupBehind => join_first(target, consumers).await?,
         Readers::Split | Readers::NewGroup => Vec::new(),
-    };
+    }
+    .into_iter();
     let total = produce::fill(target, common, TOPIC, count).await?;
 
     let read = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
@@ -64,9 +65,8 @@ pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::
     let machine = MachineWatch::start();
     let mut tasks = Vec::new();
     for index in 0..consumers {
-        let config = consumer_config(target, index);
-        // Taken in order: `joined` holds the consumers in reverse.
-        let early = joined.pop();
+        // A member that joined first, or what a new consumer needs.
+        let joined_or_config = joined.next().ok_or_else(|| consumer_config(target, index));
         let (read, bar, polls) = (Arc::clone(&read), bar.clone(), Arc::clone(&polls));
         let next_offsets = Arc::clone(&next_offsets);
         let partitions: Vec<PartitionId> = (0..common.partitions)
@@ -74,12 +74,12 @@ pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::
             .map(PartitionId)
             .collect();
         tasks.push(crate::spawn_scoped(async move {
-            let mut consumer = match early {
-                Some(mut consumer) => {
-                    consumer.resume_lanes(&ALL_LANES);
+            let mut consumer = match joined_or_config {
+                Ok(mut consumer) => {
+                    consumer.resume_lanes(&all_lanes());
                     consumer
                 }
-                None => Consumer::connect(config).await?,
+                Err(config) => Consumer::connect(config).await?,
             };
             match readers {
                 Readers::GroupBehind => {}
@@ -158,15 +158,10 @@ pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::
     })
 }
 
-const ALL_LANES: [Lane; LANES_MAX] = {
-    let mut lanes = [Lane(0); LANES_MAX];
-    let mut lane = 0;
-    while lane < LANES_MAX {
-        lanes[lane] = Lane(lane as u8);
-        lane += 1;
-    }
-    lanes
-};
+/// Every lane a topic can have: what a paused member pauses.
+fn all_lanes() -> Vec<Lane> {
+    (0..LANES_MAX as u8).map(Lane).collect()
+}
 
 fn consumer_config(target: &Target, index: u32) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(&target.address);
@@ -180,35 +175,49 @@ fn group_config() -> GroupConfig {
     group
 }
 
-/// Joins `consumers` members to the group on the empty topic, waits until the group
-/// holds every partition, commits the start and pauses every lane: the fetchers then
-/// take at most their lane budgets (`lane_prefetch_bytes_max`) while the topic fills.
-/// The consumers are returned last first.
-async fn join_first(target: &Target, consumers: u32, partitions: u32) -> anyhow::Result<Vec<Consumer>> {
+/// Joins `consumers` members to the group on the empty topic and waits until the group
+/// has settled: every member joined, the partitions spread evenly (the broker's assignor
+/// keeps holdings within one of each other) with none being moved, and a position for
+/// every lane of every partition held. Then each member commits where it starts (the
+/// floor the broker keeps cached from) and pauses every lane: while the topic fills, its
+/// fetcher takes at most its lane budgets (`lane_prefetch_bytes_max`).
+async fn join_first(target: &Target, consumers: u32) -> anyhow::Result<Vec<Consumer>> {
     let mut members = Vec::new();
     for index in 0..consumers {
         let mut consumer = Consumer::connect(consumer_config(target, index)).await?;
         consumer.subscribe(group_config())?;
         members.push(consumer);
     }
+    // From the broker: `--partitions 0` takes its default.
+    let topic = members[0].topic(TOPIC).await?;
+    let (partitions, lanes) = (topic.partitions as usize, topic.lanes.len());
     let deadline = Instant::now() + JOIN_WAIT;
     loop {
         for member in &mut members {
             // The topic is empty: this follows the group and nothing else.
             member.poll_timeout(Duration::from_millis(50)).await?;
         }
-        let held: usize = members.iter().map(|m| m.assignment().len()).sum();
-        if held == partitions as usize {
+        let held: Vec<usize> = members.iter().map(|m| m.assignment().len()).collect();
+        let (fewest, most) = (held.iter().min(), held.iter().max());
+        let settled = held.iter().sum::<usize>() == partitions
+            && most.zip(fewest).is_some_and(|(most, fewest)| most - fewest <= 1)
+            && members.iter().all(|m| {
+                m.member_id().is_some()
+                    && m.revoking().is_empty()
+                    && m.positions().len() == m.assignment().len() * lanes
+            });
+        if settled {
             break;
         }
         if Instant::now() >= deadline {
-            bail!("the group held {held} of {partitions} partitions after {JOIN_WAIT:?}");
+            bail!(
+                "the group had not settled after {JOIN_WAIT:?}: members hold {held:?} of {partitions} partitions"
+            );
         }
     }
     for member in &mut members {
         member.commit().await?;
-        member.pause_lanes(&ALL_LANES);
+        member.pause_lanes(&all_lanes());
     }
-    members.reverse();
     Ok(members)
 }

@@ -491,7 +491,7 @@ impl LanesReport {
             self.bulk_share_pct, self.bulk_weighted_share_pct, self.bulk_per_s_backlog
         );
         if let Some(cpu) = &self.machine_cpu {
-            out += &cpu.line();
+            out += &cpu.lines();
             out.push('\n');
         }
         out

@@ -19,11 +19,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-/// How long the probe sleeps at a time.
+/// How long the probe sleeps at a time: a run of a few seconds wakes it thousands of
+/// times, and its wakeups (under 1,000 a second) are a small part of a produce run's
+/// (10,000 to 20,000 a second: docs/BENCHMARKS.md, "Late wakeups").
 const PROBE_SLEEP: Duration = Duration::from_millis(1);
 
-/// A wakeup later than this past its sleep counts as late.
+/// A wakeup later than this past its sleep counts as late: the scale of the p99 target
+/// at half speed, and far above the timer's slack (50 µs).
 const LATE: Duration = Duration::from_millis(1);
+
+/// Cleared by `--no-wakeup-probe`.
+static WAKEUP_PROBE: AtomicBool = AtomicBool::new(true);
+
+/// Runs from now on without the probe thread: to measure what it costs.
+pub fn leave_out_wakeup_probe() {
+    WAKEUP_PROBE.store(false, Ordering::Relaxed);
+}
 
 /// Watches the machine over a run: CPU shares, and the wakeup probe.
 #[derive(Debug)]
@@ -34,10 +45,15 @@ pub struct MachineWatch {
 
 impl MachineWatch {
     pub fn start() -> MachineWatch {
-        MachineWatch {
-            cpu: CpuTimes::read(),
-            probe: WakeupProbe::start(),
-        }
+        // Where there are no CPU times to report (not Linux), the probe's count would
+        // have nowhere to go.
+        let cpu = CpuTimes::read();
+        let probe = if cpu.is_some() && WAKEUP_PROBE.load(Ordering::Relaxed) {
+            WakeupProbe::start()
+        } else {
+            None
+        };
+        MachineWatch { cpu, probe }
     }
 
     /// What the machine did from the start to now (`None` where `/proc/stat` cannot be
@@ -54,8 +70,8 @@ impl MachineWatch {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LateWakeups {
     pub wakeups: u64,
-    /// Wakeups more than 1 ms after the sleep's end.
-    pub late: u64,
+    /// Wakeups more than 1 ms (`LATE`) after the sleep's end.
+    pub late_count: u64,
     /// The latest wakeup, past the sleep's end (ms).
     pub late_ms_max: f64,
     /// Time the late wakeups lost, summed (ms).
@@ -67,7 +83,7 @@ impl LateWakeups {
         self.wakeups += 1;
         if overslept > LATE {
             let ms = overslept.as_secs_f64() * 1e3;
-            self.late += 1;
+            self.late_count += 1;
             self.late_ms_max = self.late_ms_max.max(ms);
             self.late_ms_total += ms;
         }
@@ -77,7 +93,7 @@ impl LateWakeups {
         let round = |ms: f64| (ms * 10.0).round() / 10.0;
         json!({
             "wakeups": self.wakeups,
-            "late_over_1ms": self.late,
+            "late_over_1ms": self.late_count,
             "late_ms_max": round(self.late_ms_max),
             "late_ms_total": round(self.late_ms_total),
         })
@@ -87,7 +103,9 @@ impl LateWakeups {
 #[derive(Debug)]
 struct WakeupProbe {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<LateWakeups>,
+    /// Taken by [`WakeupProbe::stop`]; a probe dropped without it (a run that failed)
+    /// still stops its thread.
+    thread: Option<JoinHandle<LateWakeups>>,
 }
 
 impl WakeupProbe {
@@ -96,17 +114,24 @@ impl WakeupProbe {
         let thread = std::thread::Builder::new().name("wakeup-probe".into()).spawn({
             let stop = Arc::clone(&stop);
             move || {
+                // Sleeps before it looks at `stop`: a probe stopped at once still
+                // reports a wakeup.
                 let mut wakeups = LateWakeups::default();
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     let asleep = Instant::now();
                     std::thread::sleep(PROBE_SLEEP);
                     wakeups.count(asleep.elapsed().saturating_sub(PROBE_SLEEP));
+                    if stop.load(Ordering::Relaxed) {
+                        return wakeups;
+                    }
                 }
-                wakeups
             }
         });
         match thread {
-            Ok(thread) => Some(WakeupProbe { stop, thread }),
+            Ok(thread) => Some(WakeupProbe {
+                stop,
+                thread: Some(thread),
+            }),
             Err(error) => {
                 tracing::warn!(%error, "cannot start the wakeup probe");
                 None
@@ -114,9 +139,15 @@ impl WakeupProbe {
         }
     }
 
-    fn stop(self) -> Option<LateWakeups> {
+    fn stop(mut self) -> Option<LateWakeups> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().ok()
+        self.thread.take()?.join().ok()
+    }
+}
+
+impl Drop for WakeupProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -207,7 +238,7 @@ impl CpuShares {
     }
 
     /// Lines for the table.
-    pub fn line(&self) -> String {
+    pub fn lines(&self) -> String {
         let mut line = format!(
             "machine CPU during the run: {}% user, {}% system, {}% interrupts, {}% idle, {}% iowait, {}% taken by the host (steal)",
             self.user, self.system, self.interrupts, self.idle, self.iowait, self.steal
@@ -215,7 +246,7 @@ impl CpuShares {
         if let Some(late) = &self.late_wakeups {
             line += &format!(
                 "\nwakeups of a thread sleeping 1 ms: {} late by over 1 ms of {} (latest {:.1} ms, {:.1} ms lost in all)",
-                late.late, late.wakeups, late.late_ms_max, late.late_ms_total
+                late.late_count, late.wakeups, late.late_ms_max, late.late_ms_total
             );
         }
         line
@@ -271,7 +302,7 @@ mod tests {
             late,
             LateWakeups {
                 wakeups: 4,
-                late: 2,
+                late_count: 2,
                 late_ms_max: 4.0,
                 late_ms_total: 5.5,
             }
@@ -289,7 +320,7 @@ mod tests {
             let shares = watch.finish().expect("Linux has /proc/stat");
             let late = shares.late_wakeups.expect("the probe ran");
             assert!(late.wakeups >= 1, "{late:?}");
-            assert!(late.late <= late.wakeups, "{late:?}");
+            assert!(late.late_count <= late.wakeups, "{late:?}");
         }
     }
 

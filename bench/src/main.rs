@@ -21,6 +21,10 @@ use lanes_bench::{consume, e2e, produce};
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
+    /// Leave out the thread that counts late wakeups (`late_wakeups`), to see what it
+    /// costs.
+    #[arg(long, global = true)]
+    no_wakeup_probe: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +129,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if cli.no_wakeup_probe {
+        lanes_bench::machine::leave_out_wakeup_probe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

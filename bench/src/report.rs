@@ -217,7 +217,7 @@ impl Report {
             );
         }
         if let Some(cpu) = &self.machine_cpu {
-            out += &cpu.line();
+            out += &cpu.lines();
             out.push('\n');
         }
         if let Some(lost) = self.lost {

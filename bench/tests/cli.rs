@@ -92,11 +92,16 @@ fn produce_consume_and_e2e_report_the_common_fields() {
 }
 
 /// A group drains the whole topic whether it joins after the topic filled or before
-/// (`--join-first`: it joins, commits its start and pauses while the topic fills).
+/// (`--join-first`: it joins, commits its start and pauses while the topic fills), with
+/// fewer or more members than partitions (4).
 #[test]
 fn consume_as_a_group_new_or_behind_reads_every_record() {
-    for extra in [&["--group"][..], &["--group", "--join-first"][..]] {
-        let mut args = vec!["consume", "--count", "20000", "--consumers", "2"];
+    for extra in [
+        &["--group", "--consumers", "2"][..],
+        &["--group", "--join-first", "--consumers", "2"][..],
+        &["--group", "--join-first", "--consumers", "5"][..],
+    ] {
+        let mut args = vec!["consume", "--count", "20000"];
         args.extend(extra);
         args.extend(SMALL_RECORDS_JSON);
         let report = run_json(&args);
@@ -107,7 +112,9 @@ fn consume_as_a_group_new_or_behind_reads_every_record() {
         .args(["consume", "--join-first", "--count", "10"])
         .output()
         .unwrap();
-    assert!(!output.status.success(), "--join-first needs --group");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(stderr.contains("--group"), "{stderr}");
 }
 
 /// The catching-up consumer reads its own topic: the e2e group still gets every record
