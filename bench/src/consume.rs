@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom};
+use lanes_consumer::{Consumer, ConsumerConfig, GroupConfig, StartFrom, TopicInfo};
 use lanes_protocol::{LANES_MAX, Lane, PartitionId};
 
 use crate::latency::Latencies;
@@ -45,8 +45,13 @@ pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::
         bail!("consume drains a filled topic: give --count, not --duration-s");
     };
     let consumers = common.consumers.max(1) as u32;
+    // From the broker: `--partitions 0` takes its default.
+    let topic = Consumer::connect(consumer_config(target, 0))
+        .await?
+        .topic(TOPIC)
+        .await?;
     let mut joined = match readers {
-        Readers::GroupBehind => join_first(target, consumers).await?,
+        Readers::GroupBehind => join_first(target, consumers, &topic).await?,
         Readers::Split | Readers::NewGroup => Vec::new(),
     }
     .into_iter();
@@ -69,7 +74,7 @@ pub async fn run(target: &Target, common: &Common, readers: Readers) -> anyhow::
         let joined_or_config = joined.next().ok_or_else(|| consumer_config(target, index));
         let (read, bar, polls) = (Arc::clone(&read), bar.clone(), Arc::clone(&polls));
         let next_offsets = Arc::clone(&next_offsets);
-        let partitions: Vec<PartitionId> = (0..common.partitions)
+        let partitions: Vec<PartitionId> = (0..topic.partitions)
             .filter(|p| p % consumers == index)
             .map(PartitionId)
             .collect();
@@ -181,15 +186,13 @@ fn group_config() -> GroupConfig {
 /// every lane of every partition held. Then each member commits where it starts (the
 /// floor the broker keeps cached from) and pauses every lane: while the topic fills, its
 /// fetcher takes at most its lane budgets (`lane_prefetch_bytes_max`).
-async fn join_first(target: &Target, consumers: u32) -> anyhow::Result<Vec<Consumer>> {
+async fn join_first(target: &Target, consumers: u32, topic: &TopicInfo) -> anyhow::Result<Vec<Consumer>> {
     let mut members = Vec::new();
     for index in 0..consumers {
         let mut consumer = Consumer::connect(consumer_config(target, index)).await?;
         consumer.subscribe(group_config())?;
         members.push(consumer);
     }
-    // From the broker: `--partitions 0` takes its default.
-    let topic = members[0].topic(TOPIC).await?;
     let (partitions, lanes) = (topic.partitions as usize, topic.lanes.len());
     let deadline = Instant::now() + JOIN_WAIT;
     loop {

@@ -93,13 +93,15 @@ fn produce_consume_and_e2e_report_the_common_fields() {
 
 /// A group drains the whole topic whether it joins after the topic filled or before
 /// (`--join-first`: it joins, commits its start and pauses while the topic fills), with
-/// fewer or more members than partitions (4).
+/// fewer or more members than partitions (4); and split consumers find the partitions of
+/// a topic created with the broker's default count (`--partitions 0`).
 #[test]
 fn consume_as_a_group_new_or_behind_reads_every_record() {
     for extra in [
         &["--group", "--consumers", "2"][..],
         &["--group", "--join-first", "--consumers", "2"][..],
         &["--group", "--join-first", "--consumers", "5"][..],
+        &["--partitions", "0", "--consumers", "2"][..],
     ] {
         let mut args = vec!["consume", "--count", "20000"];
         args.extend(extra);
