@@ -1015,3 +1015,49 @@ fn a_producer_sending_in_a_loop_lets_other_tasks_run() {
         broker.stop().await;
     });
 }
+
+/// A send dropped where it yields its turn (its task's budget used up) holds no buffer
+/// room: after 10,000 sends dropped there, more than the buffer holds, a record of
+/// nearly half the buffer still finds room.
+#[test]
+fn a_send_dropped_where_it_yields_keeps_no_room() {
+    use futures_util::FutureExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = TestBroker::start(dir.path(), |_| {}).await;
+        create_topic(&broker.address(), "t", 1).await;
+        let mut config = ProducerConfig::new(broker.address());
+        config.acks = lanes_protocol::messages::Acks::Written;
+        config.buffer_bytes_max = 256 * 1024;
+        let producer = Producer::connect(config).await.unwrap();
+        producer.send(record("t", 0, 0, "first")).await.unwrap();
+        // Polled once each, without yielding in between: past the budget (128 a
+        // turn), each stops at its yield and is dropped there.
+        let mut dropped = 0;
+        for _ in 0..10_000 {
+            if producer
+                .send(record("t", 0, 0, "0123456789"))
+                .now_or_never()
+                .is_none()
+            {
+                dropped += 1;
+            }
+        }
+        assert!(dropped > 5_000, "only {dropped} sends stopped at their yield");
+        producer.flush().await.unwrap();
+        let last = tokio::time::timeout(
+            Duration::from_secs(10),
+            producer.send(record("t", 0, 0, vec![7u8; 100 * 1024])),
+        )
+        .await
+        .expect("room for a large send after the dropped ones")
+        .unwrap();
+        last.wait().await.unwrap();
+        producer.close().await.unwrap();
+        broker.stop().await;
+    });
+}
