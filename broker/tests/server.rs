@@ -353,3 +353,83 @@ async fn a_client_falls_back_to_version_0_with_an_older_broker() {
     assert_eq!(client.broker_versions().batch_bytes_max, None);
     assert_eq!(old_broker.await.unwrap(), vec![1, 0]);
 }
+
+/// Produce requests of hundreds of kilobytes, sent back to back in odd-sized pieces (a
+/// piece that ends one request begins the next), are each read whole: the broker
+/// makes room for a frame once its length has arrived, and reads on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_arriving_in_pieces_are_each_read_whole() {
+    use lanes_protocol::api::{decode_response_body, decode_response_header, encode_request};
+    use lanes_protocol::messages::{ApiVersionsRequest, ProduceResponse};
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), |_| {}).await;
+    server_support::create_topic(&broker.address(), "pieces", 1).await;
+    let value = |request: usize, record: usize| -> Vec<u8> {
+        let byte = u8::try_from((request * 31 + record) % 251).unwrap();
+        vec![byte; 1_000 + record % 7]
+    };
+    let requests = 4;
+    let records_per_request = 300;
+    // The handshake first, in the same stream.
+    let mut stream_bytes: Vec<u8> = encode_request(u32::MAX, "pieces", &ApiVersionsRequest)
+        .iter()
+        .flat_map(|chunk| chunk.iter().copied())
+        .collect();
+    for request in 0..requests {
+        let mut builder = RecordBatchBuilder::new(BatchLimits::default());
+        for record in 0..records_per_request {
+            builder.push(1_000, None, &value(request, record), &[]).unwrap();
+        }
+        let produce = ProduceRequest {
+            acks: Acks::Written,
+            timeout_ms: 10_000,
+            topics: one_batch("pieces", 0, 1, builder.finish(ProducerStamp::NONE)),
+        };
+        let correlation_id = u32::try_from(request).unwrap();
+        for chunk in encode_request(correlation_id, "pieces", &produce) {
+            stream_bytes.extend_from_slice(&chunk);
+        }
+    }
+    let stream = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let writing = tokio::spawn(async move {
+        for piece in stream_bytes.chunks(7_919) {
+            writer.write_all(piece).await.unwrap();
+            writer.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        writer
+    });
+    let handshake = server_support::read_frame(&mut reader).await.unwrap();
+    let (header, _) = decode_response_header(bytes::BytesMut::from(&handshake[4..])).unwrap();
+    assert_eq!(
+        (header.correlation_id, header.error_code),
+        (u32::MAX, ErrorCode::None)
+    );
+    for request in 0..requests {
+        let frame = server_support::read_frame(&mut reader).await.unwrap();
+        let (header, body) = decode_response_header(bytes::BytesMut::from(&frame[4..])).unwrap();
+        assert_eq!(
+            (header.correlation_id, header.error_code),
+            (u32::try_from(request).unwrap(), ErrorCode::None)
+        );
+        let answer: ProduceResponse = decode_response_body(body).unwrap();
+        let lane = &answer.topics[0].partitions[0].lanes[0];
+        assert_eq!(lane.error_code, ErrorCode::None, "{}", lane.error_message);
+        assert_eq!(lane.base_offset, Offset((request * records_per_request) as u64));
+    }
+    drop(writing.await.unwrap());
+
+    let log = consume_all(&broker.address(), "pieces", requests * records_per_request).await;
+    let records = &log[&(0, 1)];
+    assert_eq!(records.len(), requests * records_per_request);
+    for (index, (offset, _, record)) in records.iter().enumerate() {
+        assert_eq!(*offset, Offset(index as u64));
+        let expected = value(index / records_per_request, index % records_per_request);
+        assert_eq!(record[..], expected[..], "record {index}");
+    }
+    broker.stop().await;
+}

@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use lanes_protocol::ErrorCode;
 use lanes_protocol::api::encode_error_response;
-use lanes_protocol::codec::{FrameCodec, FrameError, write_frame};
+use lanes_protocol::codec::{FrameCodec, FrameError, LENGTH_BYTES, write_frame};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit};
@@ -35,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 use super::Broker;
 use super::dispatch::{Reply, ResponseFuture, Session, dispatch};
 
-/// How much the read buffer grows by per read.
+/// How much the read buffer grows by when no large frame is being received.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Less spare room than this in the read buffer, and it grows before the next read.
+const READ_ROOM_BYTES_MIN: usize = 1024;
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
@@ -90,6 +92,7 @@ pub(super) async fn serve(
             break;
         }
         connection.reserve_for_next_frame();
+        connection.make_room_to_read();
         let frame_bytes_max = settings.frame_bytes_max as usize;
         let can_read = !connection.closing
             && connection.in_flight.len() < in_flight_max
@@ -162,9 +165,6 @@ impl Connection {
     /// Decodes and dispatches every complete frame there is room for.
     fn take_frames(&mut self, in_flight_max: usize, shutdown: &CancellationToken) {
         while !self.closing && self.in_flight.len() < in_flight_max {
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK_BYTES);
-            }
             match self.codec.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
                     // The next frame, if it has begun, began now.
@@ -216,6 +216,23 @@ impl Connection {
         match Arc::clone(&semaphore).try_acquire_many_owned(permits) {
             Ok(permit) => self.reserved = Some(permit),
             Err(_) => self.acquiring = Some(Box::pin(semaphore.acquire_many_owned(permits))),
+        }
+    }
+
+    /// Makes room in the read buffer for the next read: for the rest of the frame being
+    /// received once its memory is reserved, else a chunk. Growing a chunk at a time
+    /// under a produce request of megabytes reallocated, and copied what had arrived of
+    /// it, at every growth; one reservation of the frame's size copies at most what had
+    /// arrived before its length was known, and reads take more at a time. The room is
+    /// what `reserve_for_next_frame` took from the broker-wide budget, so it is bounded
+    /// as the requests are.
+    fn make_room_to_read(&mut self) {
+        let frame_rest = match (FrameCodec::pending_frame_len(&self.buf), &self.reserved) {
+            (Some(length), Some(_)) => (LENGTH_BYTES + length).saturating_sub(self.buf.len()),
+            _ => 0,
+        };
+        if self.buf.capacity() - self.buf.len() < frame_rest.max(READ_ROOM_BYTES_MIN) {
+            self.buf.reserve(frame_rest.max(READ_CHUNK_BYTES));
         }
     }
 
