@@ -25,7 +25,26 @@ struct Embedded {
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    runtime: BrokerRuntime,
     _dir: tempfile::TempDir,
+}
+
+/// The embedded broker's own runtime, as `lanes-broker` has: its tasks do not share
+/// worker threads with the scenario's clients, which no deployment does. On one
+/// runtime, the broker's connection tasks ran between every few hundred records a
+/// client sent, and produce requests came out half the size they are against a broker
+/// of its own (docs/BENCHMARKS.md, "The embedded broker on a runtime of its own").
+#[derive(Debug)]
+struct BrokerRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for BrokerRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context does not allow; a run that
+        // fails part-way drops its target there.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Settings the bench sets for its embedded broker, whatever the environment says.
@@ -58,15 +77,30 @@ impl Target {
         settings
             .validate()
             .context("the embedded broker's settings (LANES_* environment variables)")?;
-        let broker = tokio::task::spawn_blocking(move || Broker::open(settings))
+        let runtime = BrokerRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("lanes-worker")
+                .build()
+                .context("starting the embedded broker's runtime")?,
+        ));
+        let handle = runtime.0.as_ref().expect("just built").handle().clone();
+        let broker = handle
+            .spawn_blocking(move || Broker::open(settings))
             .await?
             .context("opening the embedded broker")?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let address = listener.local_addr()?.to_string();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
+        let task = handle.spawn({
             let (broker, shutdown) = (Arc::clone(&broker), shutdown.clone());
-            async move { broker.serve(listener, shutdown).await }
+            async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => broker.serve(listener, shutdown).await,
+                    Err(error) => tracing::error!(%error, "the embedded broker cannot listen"),
+                }
+            }
         });
         Ok(Target {
             address,
@@ -74,6 +108,7 @@ impl Target {
                 broker,
                 shutdown,
                 task,
+                runtime,
                 _dir: dir,
             }),
         })
@@ -98,7 +133,13 @@ impl Target {
             embedded.shutdown.cancel();
             embedded.task.await?;
             let broker = embedded.broker;
-            tokio::task::spawn_blocking(move || broker.close()).await??;
+            let mut runtime = embedded.runtime;
+            tokio::task::spawn_blocking(move || {
+                let closed = broker.close();
+                drop(runtime.0.take());
+                closed
+            })
+            .await??;
         }
         Ok(())
     }
