@@ -157,6 +157,37 @@ pub(super) async fn serve(
     }
 }
 
+/// Makes room in a connection's read buffer for the next read.
+///
+/// For a frame whose memory is reserved (`frame_reserved`: the frame whose length is at
+/// the front of `buf`), room for all of its rest at once. Growing a chunk at a time
+/// under a produce request of megabytes reallocated, and copied what had arrived of it,
+/// at every growth; now only what arrived before its length was known is copied.
+///
+/// Otherwise a chunk of room, and no more: a buffer left with the room of a large frame
+/// once that frame is handled (its memory no longer counted against the broker-wide
+/// budget) is swapped for a small one, so an idle connection does not keep megabytes.
+fn make_room_to_read(buf: &mut BytesMut, frame_reserved: bool) {
+    let spare = buf.capacity() - buf.len();
+    if let (Some(length), true) = (FrameCodec::pending_frame_len(buf), frame_reserved) {
+        // Nothing more once it is whole: it waits to be handled, and growing the buffer
+        // now would copy all of it.
+        let frame_rest = (LENGTH_BYTES + length).saturating_sub(buf.len());
+        if spare < frame_rest {
+            buf.reserve(frame_rest);
+        }
+        return;
+    }
+    // What is in the buffer then is at most a read's worth, mostly far less: copying it
+    // into a smaller buffer is cheap. A large rest is left to be handled first.
+    let oversized = spare > 2 * READ_CHUNK_BYTES && buf.len() <= READ_CHUNK_BYTES;
+    if spare < READ_ROOM_BYTES_MIN || oversized {
+        let mut fresh = BytesMut::with_capacity(buf.len() + READ_CHUNK_BYTES);
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
+}
+
 async fn poll_acquire(acquiring: &mut Option<Acquire>) -> Result<OwnedSemaphorePermit, AcquireError> {
     acquiring.as_mut().expect("guarded by the select condition").await
 }
@@ -219,20 +250,9 @@ impl Connection {
         }
     }
 
-    /// Makes room in the read buffer for the next read: for the rest of the frame being
-    /// received once its memory is reserved, else a chunk. Growing a chunk at a time
-    /// under a produce request of megabytes reallocated, and copied what had arrived of
-    /// it, at every growth; one reservation of the frame's size copies at most what had
-    /// arrived before its length was known, and reads take more at a time. The room is
-    /// what `reserve_for_next_frame` took from the broker-wide budget, so it is bounded
-    /// as the requests are.
     fn make_room_to_read(&mut self) {
-        let frame_rest = match (FrameCodec::pending_frame_len(&self.buf), &self.reserved) {
-            (Some(length), Some(_)) => (LENGTH_BYTES + length).saturating_sub(self.buf.len()),
-            _ => 0,
-        };
-        if self.buf.capacity() - self.buf.len() < frame_rest.max(READ_ROOM_BYTES_MIN) {
-            self.buf.reserve(frame_rest.max(READ_CHUNK_BYTES));
+        if !self.closing {
+            make_room_to_read(&mut self.buf, self.reserved.is_some());
         }
     }
 
@@ -245,5 +265,62 @@ impl Connection {
             // Waiting on our own work (a long poll, a durable ack): no timeout here.
             Instant::now() + Duration::from_secs(24 * 3600)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_length_prefix(length: usize, body_bytes: usize) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&u32::try_from(length).unwrap().to_be_bytes());
+        buf.extend_from_slice(&vec![7; body_bytes]);
+        buf
+    }
+
+    #[test]
+    fn a_reserved_frame_gets_room_for_its_rest_at_once() {
+        let length = 1 << 20;
+        let mut buf = with_length_prefix(length, 100);
+        make_room_to_read(&mut buf, true);
+        let start = buf.as_ptr();
+        let mut arrived = 100;
+        while arrived < length {
+            let piece = (length - arrived).min(7_919);
+            assert!(
+                buf.capacity() - buf.len() >= piece,
+                "room for the rest, after {arrived} bytes"
+            );
+            buf.extend_from_slice(&vec![7; piece]);
+            arrived += piece;
+            make_room_to_read(&mut buf, true);
+            assert_eq!(buf.as_ptr(), start, "the frame moved after {arrived} bytes");
+        }
+        assert_eq!(buf.len(), LENGTH_BYTES + length);
+    }
+
+    #[test]
+    fn a_frame_without_reserved_memory_gets_only_a_chunk() {
+        let mut buf = with_length_prefix(16 << 20, 0);
+        make_room_to_read(&mut buf, false);
+        assert!(buf.capacity() >= READ_ROOM_BYTES_MIN);
+        assert!(buf.capacity() <= 2 * READ_CHUNK_BYTES, "{}", buf.capacity());
+    }
+
+    #[test]
+    fn a_buffer_left_large_by_a_handled_frame_is_swapped_for_a_small_one() {
+        let length = 4 << 20;
+        let mut buf = with_length_prefix(length, 0);
+        make_room_to_read(&mut buf, true);
+        buf.extend_from_slice(&vec![7; length]);
+        // The next frame's first bytes came with the end of this one.
+        buf.extend_from_slice(&[0, 0]);
+        let frame = buf.split_to(LENGTH_BYTES + length);
+        drop(frame);
+        make_room_to_read(&mut buf, false);
+        assert_eq!(&buf[..], &[0, 0]);
+        assert!(buf.capacity() <= 2 * READ_CHUNK_BYTES, "{}", buf.capacity());
+        assert!(buf.capacity() - buf.len() >= READ_ROOM_BYTES_MIN);
     }
 }
