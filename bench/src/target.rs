@@ -89,18 +89,13 @@ impl Target {
             .spawn_blocking(move || Broker::open(settings))
             .await?
             .context("opening the embedded broker")?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
+        // Bound on the broker's runtime, whose reactor serves it.
+        let listener = handle.spawn(TcpListener::bind("127.0.0.1:0")).await??;
         let address = listener.local_addr()?.to_string();
         let shutdown = CancellationToken::new();
         let task = handle.spawn({
             let (broker, shutdown) = (Arc::clone(&broker), shutdown.clone());
-            async move {
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => broker.serve(listener, shutdown).await,
-                    Err(error) => tracing::error!(%error, "the embedded broker cannot listen"),
-                }
-            }
+            async move { broker.serve(listener, shutdown).await }
         });
         Ok(Target {
             address,
@@ -131,7 +126,9 @@ impl Target {
     pub async fn stop(self) -> anyhow::Result<()> {
         if let Some(embedded) = self.embedded {
             embedded.shutdown.cancel();
-            embedded.task.await?;
+            // Closed even if serving failed: its fsync and reaper threads stop, and its
+            // files are closed before the temp dir goes.
+            let served = embedded.task.await;
             let broker = embedded.broker;
             let mut runtime = embedded.runtime;
             tokio::task::spawn_blocking(move || {
@@ -140,6 +137,7 @@ impl Target {
                 closed
             })
             .await??;
+            served?;
         }
         Ok(())
     }
